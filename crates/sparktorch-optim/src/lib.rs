@@ -1,0 +1,85 @@
+//! Server-side optimizers for the sparktorch parameter server.
+//!
+//! The parameter server keeps a model as one flat `f32` buffer (every tensor of the
+//! `state_dict`, in order). Every optimizer that `torch.optim` offers for this product is
+//! element-wise: the update of element `i` depends only on `params[i]`, `grads[i]`, per-element
+//! state buffers (`exp_avg[i]`, ...) and per-step scalars (step count, bias corrections). So an
+//! optimizer here works over flat slices, and large buffers are updated in parallel chunks.
+//!
+//! Two ways to step, one per training style:
+//! - [`Optimizer::step`]: exclusive access (`async` with locking, `synchronous`);
+//! - [`Optimizer::step_relaxed`]: concurrent steps over relaxed atomics (HOGWILD!): no data race
+//!   in Rust's sense, but updates may interleave element by element, as the algorithm allows.
+//!
+//! Numerics follow `torch.optim` (2.x, single-tensor "for-loop" implementation, `f32` math where
+//! torch does it in `f32`), so that one worker training through the server equals plain PyTorch.
+
+pub mod atomic;
+mod error;
+mod hyper;
+mod sgd;
+
+pub use atomic::AtomicF32;
+pub use error::OptimError;
+pub use hyper::{HyperValue, Hyperparameters};
+pub use sgd::Sgd;
+
+/// A snapshot of an optimizer's state, named as `torch.optim` names it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OptimizerState {
+    /// Number of steps taken (torch's per-parameter `step`; equal for every tensor here).
+    pub step: u64,
+    /// Scalar state beyond `step` (e.g. NAdam's `mu_product`), by torch's name.
+    pub scalars: Vec<(String, f64)>,
+    /// Per-element state buffers over the flat parameters, by torch's name (`exp_avg`, ...).
+    pub buffers: Vec<(String, Vec<f32>)>,
+}
+
+/// An optimizer over one flat `f32` parameter buffer of a fixed length.
+pub trait Optimizer: Send + Sync {
+    /// The `torch.optim` class name this optimizer matches (`"SGD"`, `"Adam"`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Every hyperparameter with defaults filled in, as torch's `param_groups[0]` shows them.
+    fn hyperparameters(&self) -> Hyperparameters;
+
+    /// Number of parameter elements this optimizer was built for.
+    fn len(&self) -> usize;
+
+    /// True when built for zero elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One step with exclusive access. `params.len() == grads.len() == self.len()`.
+    fn step(&mut self, params: &mut [f32], grads: &[f32]);
+
+    /// One step that may run concurrently with other `step_relaxed` calls (HOGWILD!).
+    /// Every element of `params` and of the state is loaded and stored with relaxed atomics.
+    fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]);
+
+    /// The state as torch names it, for checkpoints and `state_dict` export.
+    fn export_state(&self) -> OptimizerState;
+
+    /// Replace the state (from a checkpoint or a torch `state_dict`).
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), OptimError>;
+}
+
+/// Names accepted by [`build`], as `torch.optim` class names.
+pub const SUPPORTED: &[&str] = &["SGD"];
+
+/// Build the optimizer called `name` (a `torch.optim` class name, case-insensitive) for `len`
+/// parameter elements, with the given hyperparameters (missing ones take torch's defaults).
+pub fn build(
+    name: &str,
+    hyper: &Hyperparameters,
+    len: usize,
+) -> Result<Box<dyn Optimizer>, OptimError> {
+    match name.to_ascii_lowercase().as_str() {
+        "sgd" => Ok(Box::new(Sgd::new(hyper, len)?)),
+        _ => Err(OptimError::UnknownOptimizer {
+            name: name.to_string(),
+            supported: SUPPORTED.join(", "),
+        }),
+    }
+}

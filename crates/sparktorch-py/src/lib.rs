@@ -1,0 +1,15 @@
+//! Python bindings of the sparktorch engine: `sparktorch._native`.
+//!
+//! This is the only crate that links Python. It maps the engine's Rust types to Python classes,
+//! core errors to the `sparktorch.errors` hierarchy (declared once, in Python), and releases the
+//! GIL around every blocking call. Nothing here starts a thread or a runtime at import time:
+//! PySpark forks its Python workers, so runtimes are built lazily, per process.
+
+use pyo3::prelude::*;
+
+/// The module `sparktorch._native`.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+"""Typed surface of ``sparktorch._native``, the Rust engine (PyO3).
+
+This stub is the contract between the Python package and the engine. Errors raised are the
+classes of :mod:`sparktorch.errors`. Every blocking call releases the GIL and is bounded by a
+timeout. Nothing here starts a thread or a runtime at import time (PySpark forks its workers).
+"""
+
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+"""The engine's version (the crate version)."""
+
+PROTOCOL_VERSION: int
+"""The wire protocol version this engine speaks (first field of the handshake)."""
+
+Mode = Literal["hogwild", "async", "synchronous"]
+HyperValue = float | bool | tuple[float, float]
+
+class ParameterServer:
+    """A parameter server running on its own threads inside this process.
+
+    The model is one flat float32 buffer: every trainable tensor (``named_parameters()`` order)
+    back to back; ``layout`` names them. The optimizer runs here, in Rust, with torch.optim's
+    numerics.
+
+    Modes:
+      - ``"hogwild"``: lock-free; pushes apply concurrently over relaxed atomics.
+      - ``"async"``: each push applied whole, one at a time; pulls see consistent snapshots.
+      - ``"synchronous"``: a round closes when every live worker of ``num_workers`` has pushed;
+        the gradients are averaged weighted by batch size (f64 accumulation in worker order),
+        the optimizer steps once, the version is bumped, waiting pulls are answered.
+    """
+
+    def __init__(
+        self,
+        params: npt.NDArray[np.float32],
+        layout: list[tuple[str, list[int]]],
+        optimizer: str,
+        hyperparameters: dict[str, HyperValue],
+        *,
+        secret: bytes,
+        mode: Mode = "async",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        num_workers: int = 1,
+        round_timeout_s: float = 600.0,
+        lost_worker_policy: Literal["drop", "fail"] = "drop",
+        early_stop_patience: int = -1,
+        io_timeout_s: float = 60.0,
+    ) -> None:
+        """Bind ``host:port`` (0 = chosen by the OS) and start serving.
+
+        ``secret`` (at least 16 bytes) authenticates clients (HMAC over a server nonce).
+        ``num_workers``: the tasks that take part (synchronous rounds wait for each live one;
+        a task with no data registers and leaves at once). ``round_timeout_s``: how long a
+        synchronous round waits for a missing worker before ``lost_worker_policy`` applies
+        (``"drop"``: the round closes without it; ``"fail"``: the server records a
+        :class:`~sparktorch.errors.WorkerLostError` and answers every waiter with it).
+        ``early_stop_patience`` > 0 enables global early stopping (see :meth:`stats`).
+        Raises :class:`~sparktorch.errors.ParamError` for a bad argument (the message names
+        it) and ``OSError`` when the address cannot be bound (e.g. port in use).
+        """
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+
+    @property
+    def running(self) -> bool:
+        """False once stopped (or failed)."""
+
+    @property
+    def num_params(self) -> int:
+        """Number of float32 elements in the flat buffer."""
+
+    def version(self) -> int:
+        """Number of optimizer steps applied so far."""
+
+    def parameters(self) -> npt.NDArray[np.float32]:
+        """A copy of the flat parameters (a consistent snapshot except in hogwild mode)."""
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state: ``{"name": str, "hyperparameters": dict, "step": int,
+        "scalars": dict[str, float], "buffers": dict[str, ndarray]}`` (flat buffers named as
+        torch names them, e.g. ``exp_avg``)."""
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Replace the optimizer state (same form as :meth:`optimizer_state`)."""
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the server's counters, at any time:
+
+        ``version``, ``mode``, ``updates`` (pushes applied), ``duplicates`` (replayed pushes
+        acknowledged without applying), ``updates_per_worker`` (dict worker -> count),
+        ``steps_per_worker`` (dict worker -> highest step applied + 1), ``workers_live``,
+        ``workers_done``, ``workers_lost``, ``connections`` (open now), ``rejected_frames``,
+        ``auth_failures``, ``bytes_in``, ``bytes_out``, ``recent_loss`` (dict worker -> mean of
+        its last 10 losses), ``staleness_mean`` / ``staleness_max`` (versions between a worker's
+        pull and its push), ``should_stop`` (global early stop reached), ``best_loss``,
+        ``error`` (str or None: a fatal condition such as a lost worker under ``"fail"``).
+        """
+
+    def history(self) -> list[tuple[int, int, float, float]]:
+        """Every applied push as ``(worker, step, loss, val_loss)`` in the order applied
+        (``val_loss`` is NaN when none was reported)."""
+
+    def stop(self) -> None:
+        """Close the listener and every connection, and join the server threads. Idempotent."""
+
+    def __enter__(self) -> "ParameterServer": ...
+    def __exit__(self, *exc: object) -> None: ...
+
+class Client:
+    """A blocking client of a :class:`ParameterServer`, for executor tasks.
+
+    Connects, checks the protocol version, proves the secret and registers ``worker`` (the
+    partition index) with ``attempt`` (Spark's attempt number). Each call is one round trip on
+    a persistent connection; the GIL is released during I/O; every read and write is bounded by
+    ``timeout_s`` (a synchronous round may take longer: waits for a round are bounded by the
+    server's ``round_timeout_s`` plus ``timeout_s``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes,
+        *,
+        worker: int,
+        attempt: int = 0,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        """Raises :class:`~sparktorch.errors.ServerUnavailableError` (names the address) when
+        the server cannot be reached in time, :class:`~sparktorch.errors.AuthenticationError`
+        on a wrong secret or protocol version."""
+
+    @property
+    def num_params(self) -> int:
+        """Length of the server's flat parameter buffer."""
+
+    @property
+    def resume_step(self) -> int:
+        """Steps of this worker already applied by earlier attempts: continue from here."""
+
+    @property
+    def version(self) -> int:
+        """The version of the parameters last pulled."""
+
+    def pull(self, out: npt.NDArray[np.float32], newer_than: int = -1) -> int:
+        """Write the server's parameters into ``out`` (1-D float32, C-contiguous, num_params
+        long) and return their version. With ``newer_than >= 0`` the server answers once its
+        version exceeds it (synchronous mode: after the round closes), and leaves ``out`` alone
+        if it times out (raises :class:`~sparktorch.errors.EngineTimeoutError`)."""
+
+    def push(
+        self,
+        grads: npt.NDArray[np.float32],
+        *,
+        batch_size: int,
+        loss: float,
+        step: int,
+        val_loss: float = ...,
+    ) -> tuple[int, bool]:
+        """Send this worker's gradients for ``step`` (idempotent per (worker, attempt, step)).
+        Returns ``(version, should_stop)``: the server version after the push was accepted and
+        the global early-stop flag."""
+
+    def push_pull(
+        self,
+        grads: npt.NDArray[np.float32],
+        out: npt.NDArray[np.float32],
+        *,
+        batch_size: int,
+        loss: float,
+        step: int,
+        val_loss: float = ...,
+    ) -> tuple[int, bool]:
+        """:meth:`push` then :meth:`pull` (newer than this push's base version in synchronous
+        mode) in one round trip. Returns ``(version pulled, should_stop)``."""
+
+    def should_stop(self) -> bool:
+        """The global early-stop flag."""
+
+    def close(self) -> None:
+        """Tell the server this worker is done (it leaves synchronous rounds) and close."""
+
+    def __enter__(self) -> "Client": ...
+    def __exit__(self, *exc: object) -> None: ...

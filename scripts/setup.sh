@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Prepare everything the README's commands need, idempotently:
+#   1. the venv .venv (Python 3.11+), created once;
+#   2. the Python packages of requirements-dev.txt, installed again only when that file changes;
+#   3. the Rust extension sparktorch._native, built in release mode into the venv (cargo makes
+#      the rebuild incremental: a second run with no Rust change takes seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+stamp="$VENV/.requirements.sha256"
+want=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing Python packages (requirements-dev.txt)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+  echo "$want" > "$stamp"
+fi
+
+# Build the extension only when a Rust or build file is newer than the installed module.
+so=$(ls python/sparktorch/_native*.so 2>/dev/null | head -n1 || true)
+if [ -z "$so" ] || [ -n "$(find crates Cargo.toml Cargo.lock pyproject.toml -newer "$so" -type f 2>/dev/null | head -n1)" ]; then
+  echo "setup: building the Rust extension (release)"
+  VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" \
+    "$VENV/bin/maturin" develop --release -q --skip-install 2>&1 | grep -v '^📦\|^🔗\|^🐍\|^⚠️  Warning: .* use-pep517' || true
+  so=$(ls python/sparktorch/_native*.so 2>/dev/null | head -n1 || true)
+  [ -n "$so" ] || { echo "setup: the extension did not build" >&2; exit 1; }
+fi
+
+# The package itself is found through a .pth file pointing at python/ (an editable install
+# without pip's overhead); written once.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/python" > "$site/sparktorch-dev.pth"
