@@ -11,6 +11,12 @@ import pytest
 # on PATH; set before any SparkContext exists.
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+# Spark's Python workers import test helper modules (tests/nets.py) by name: put tests/ on their
+# path. The JVM, and the workers it forks, inherit this environment when the session starts.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 # Keep torch from oversubscribing the 2-core test machines (Spark runs several tasks at once).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

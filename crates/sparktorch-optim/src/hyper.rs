@@ -104,3 +104,20 @@ impl<'a> HyperReader<'a> {
         }
     }
 }
+
+impl HyperReader<'_> {
+    /// `value >= 0` (NaN refused), as torch's `if not 0.0 <= value` checks.
+    pub(crate) fn nonneg(&self, name: &str, value: f64) -> Result<(), OptimError> {
+        self.check(value >= 0.0, name, value, "must be >= 0")
+    }
+
+    /// A finite number.
+    pub(crate) fn finite(&self, name: &str, value: f64) -> Result<(), OptimError> {
+        self.check(value.is_finite(), name, value, "must be finite")
+    }
+
+    /// `0 <= value < 1`, as torch checks each of `betas`.
+    pub(crate) fn beta(&self, name: &str, value: f64) -> Result<(), OptimError> {
+        self.check((0.0..1.0).contains(&value), name, value, "must be in [0, 1)")
+    }
+}

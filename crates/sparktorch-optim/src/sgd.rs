@@ -1,71 +1,118 @@
-//! `torch.optim.SGD` (plain form; momentum and the rest come with the optimizers issue).
+//! `torch.optim.SGD`: momentum, dampening, Nesterov, weight decay, maximize.
 
 use crate::hyper::HyperReader;
-use crate::{AtomicF32, HyperValue, Hyperparameters, OptimError, Optimizer, OptimizerState};
+use crate::kernel::{Algorithm, Driver, Elementwise, StepState};
+use crate::{HyperValue, Hyperparameters, OptimError};
 
-const ACCEPTED: &[&str] = &["lr"];
+const ACCEPTED: &[&str] = &["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"];
 
-/// Stochastic gradient descent: `p -= lr * g`.
-pub struct Sgd {
-    lr: f32,
-    len: usize,
-    step: std::sync::atomic::AtomicU64,
+/// `torch.optim.SGD` over flat buffers.
+pub type Sgd = Elementwise<SgdAlgo>;
+
+/// SGD's hyperparameters (torch's `_single_tensor_sgd`).
+#[derive(Debug, Clone)]
+pub struct SgdAlgo {
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
 }
 
-impl Sgd {
-    /// Build from hyperparameters (torch defaults: `lr=1e-3`).
-    pub fn new(hyper: &Hyperparameters, len: usize) -> Result<Self, OptimError> {
+/// Per-step scalars of SGD.
+#[derive(Debug, Clone, Copy)]
+pub struct SgdScalars {
+    /// The first step with momentum: the buffer becomes a copy of the gradient.
+    first: bool,
+}
+
+impl Algorithm for SgdAlgo {
+    type Scalars = SgdScalars;
+
+    fn from_hyper(hyper: &Hyperparameters) -> Result<Self, OptimError> {
         let r = HyperReader::new("SGD", hyper, ACCEPTED)?;
-        let lr = r.float("lr", 1e-3)?;
-        r.check(lr >= 0.0, "lr", lr, "must be >= 0")?;
-        Ok(Self {
-            lr: lr as f32,
-            len,
-            step: Default::default(),
-        })
+        let a = SgdAlgo {
+            lr: r.float("lr", 1e-3)?,
+            momentum: r.float("momentum", 0.0)?,
+            dampening: r.float("dampening", 0.0)?,
+            weight_decay: r.float("weight_decay", 0.0)?,
+            nesterov: r.flag("nesterov", false)?,
+            maximize: r.flag("maximize", false)?,
+        };
+        r.nonneg("lr", a.lr)?;
+        r.nonneg("momentum", a.momentum)?;
+        r.nonneg("weight_decay", a.weight_decay)?;
+        r.finite("dampening", a.dampening)?;
+        if a.nesterov && (a.momentum <= 0.0 || a.dampening != 0.0) {
+            r.check(false, "nesterov", 1.0, "Nesterov momentum requires a momentum and zero dampening")?;
+        }
+        Ok(a)
     }
-}
 
-impl Optimizer for Sgd {
     fn name(&self) -> &'static str {
         "SGD"
     }
 
     fn hyperparameters(&self) -> Hyperparameters {
-        vec![("lr".into(), HyperValue::Float(self.lr as f64))]
+        vec![
+            ("lr".into(), HyperValue::Float(self.lr)),
+            ("momentum".into(), HyperValue::Float(self.momentum)),
+            ("dampening".into(), HyperValue::Float(self.dampening)),
+            ("weight_decay".into(), HyperValue::Float(self.weight_decay)),
+            ("nesterov".into(), HyperValue::Bool(self.nesterov)),
+            ("maximize".into(), HyperValue::Bool(self.maximize)),
+        ]
     }
 
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn step(&mut self, params: &mut [f32], grads: &[f32]) {
-        assert_eq!(params.len(), grads.len(), "params and grads differ in length");
-        *self.step.get_mut() += 1;
-        let lr = self.lr;
-        for (p, g) in params.iter_mut().zip(grads) {
-            *p += -lr * g;
+    fn buffers(&self) -> Vec<(&'static str, f32)> {
+        if self.momentum != 0.0 {
+            vec![("momentum_buffer", 0.0)]
+        } else {
+            Vec::new()
         }
     }
 
-    fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {
-        assert_eq!(params.len(), grads.len(), "params and grads differ in length");
-        self.step.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let lr = self.lr;
-        for (p, g) in params.iter().zip(grads) {
-            p.store(p.load() + -lr * g);
-        }
+    fn buffers_live(&self, st: &StepState) -> bool {
+        st.initialized
     }
 
-    fn export_state(&self) -> OptimizerState {
-        OptimizerState {
-            step: self.step.load(std::sync::atomic::Ordering::Relaxed),
-            ..Default::default()
-        }
+    fn lazy_buffers(&self) -> bool {
+        true
     }
 
-    fn import_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
-        *self.step.get_mut() = state.step;
-        Ok(())
+    fn begin_step(&self, st: &mut StepState) -> SgdScalars {
+        st.step += 1;
+        let first = !st.initialized;
+        st.initialized = true;
+        SgdScalars { first }
+    }
+
+    fn apply<D: Driver>(&self, sc: SgdScalars, d: D) {
+        let neg_lr = (-self.lr) as f32;
+        let wd = self.weight_decay as f32;
+        let use_wd = self.weight_decay != 0.0;
+        let maximize = self.maximize;
+        let grad = move |p: f32, g: f32| {
+            let g = if maximize { -g } else { g };
+            if use_wd {
+                g + wd * p
+            } else {
+                g
+            }
+        };
+        if self.momentum == 0.0 {
+            d.run(move |p, g, []: [f32; 0]| (p + neg_lr * grad(p, g), []));
+        } else {
+            let m = self.momentum as f32;
+            let keep = (1.0 - self.dampening) as f32;
+            let (first, nesterov) = (sc.first, self.nesterov);
+            d.run(move |p, g, [b]| {
+                let g = grad(p, g);
+                let b = if first { g } else { b * m + keep * g };
+                let u = if nesterov { g + m * b } else { b };
+                (p + neg_lr * u, [b])
+            });
+        }
     }
 }

@@ -1,0 +1,384 @@
+"""The driver side of a fit: validate, start the parameter server, run the Spark job, collect.
+
+Order of events in :func:`fit`:
+
+1. every param is checked and the torch object is loaded and tried on the driver (a forward pass
+   on a zero batch of the feature size when known) — no Spark job has started yet;
+2. a :class:`sparktorch._native.ParameterServer` starts on the driver's address with a fresh
+   per-fit secret (it travels to the tasks inside the Spark closure);
+3. one Spark job per partition shuffle runs :func:`sparktorch._task.train_partition` on every
+   partition, while a driver thread turns the server's stats into a progress bar;
+4. the server's final parameters are loaded into the model, the server is stopped (on success,
+   failure and Ctrl-C alike) and a :class:`~sparktorch.SparkTorchModel` is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import (
+    DataError,
+    EngineError,
+    ParamError,
+    SparkTorchError,
+)
+
+log = logging.getLogger("sparktorch")
+
+_ENGINE_MODES = {("hogwild", False): "hogwild", ("hogwild", True): "async", ("async", True): "async", ("async", False): "async"}
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """The validated settings of one fit."""
+
+    engine_mode: str
+    iters: int
+    partitions: int
+    shuffles: int
+    mini_batch: int
+    validation_pct: float
+    patience: int
+    device: str
+    compile_mode: str | None
+    port: int
+    verbose: int
+
+
+def engine_mode(mode: str, acquire_lock: bool) -> str:
+    """The engine's mode for the user's ``mode`` + ``acquireLock``."""
+    if mode == "synchronous":
+        return "synchronous"
+    return _ENGINE_MODES[(mode, bool(acquire_lock))]
+
+
+def validate(est: Any) -> FitPlan:
+    """Check every param of the estimator; raise :class:`ParamError` naming the first bad one."""
+    from .estimator import COMPILE_MODES, LOST_WORKER_POLICIES, MODES
+
+    mode = est.getMode()
+    if mode not in MODES:
+        raise ParamError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+    iters = est.getIters()
+    if iters <= 0:
+        raise ParamError(f"iters={iters}: must be a positive number of optimizer steps per partition")
+    shuffles = est.getPartitionShuffles()
+    if shuffles <= 0:
+        raise ParamError(f"partitionShuffles={shuffles}: must be >= 1")
+    pct = est.getValidationPct()
+    if not (0.0 <= pct < 1.0) or math.isnan(pct):
+        raise ParamError(f"validationPct={pct}: must be in [0, 1)")
+    port = est.getPort()
+    if not (0 <= port <= 65535):
+        raise ParamError(f"port={port}: must be 0 (chosen by the OS) or a TCP port 1-65535")
+    device = est.getDevice()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ParamError(f"device={device!r}: expected 'cpu' or 'cuda' (or 'cuda:N')")
+    compile_mode = est.getCompileMode()
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ParamError(f"compileMode={compile_mode!r}: expected None or one of {', '.join(COMPILE_MODES)}")
+    policy = est.getLostWorkerPolicy()
+    if policy not in LOST_WORKER_POLICIES:
+        raise ParamError(f"lostWorkerPolicy={policy!r}: expected one of {', '.join(LOST_WORKER_POLICIES)}")
+    for name in ("ioTimeout", "roundTimeout"):
+        value = est.getOrDefault(name)
+        if not value > 0:
+            raise ParamError(f"{name}={value}: must be a positive number of seconds")
+    if not est.getTorchObj():
+        raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
+    return FitPlan(
+        engine_mode=engine_mode(mode, est.getAcquireLock()),
+        iters=iters,
+        partitions=est.getPartitions(),
+        shuffles=shuffles,
+        mini_batch=est.getMiniBatch(),
+        validation_pct=pct,
+        patience=est.getEarlyStopPatience(),
+        device=device,
+        compile_mode=compile_mode,
+        port=port,
+        verbose=est.getVerbose(),
+    )
+
+
+def cluster_slots(sc: Any) -> int:
+    """How many tasks the cluster can run at once (what a barrier or synchronous stage needs)."""
+    master = sc.master
+    task_cpus = int(sc.getConf().get("spark.task.cpus", "1"))
+    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master)
+    if m:
+        n = m.group(1)
+        if n is None:
+            cores = 1
+        elif n == "*":
+            cores = os.cpu_count() or 1
+        else:
+            cores = int(n)
+        return max(1, cores // task_cpus)
+    m = re.fullmatch(r"local-cluster\[(\d+),\s*(\d+),\s*\d+\]", master)
+    if m:
+        return max(1, int(m.group(1)) * int(m.group(2)) // task_cpus)
+    return max(1, sc.defaultParallelism // task_cpus)
+
+
+def server_host(sc: Any) -> tuple[str, str]:
+    """(address to bind, address tasks connect to) for the parameter server.
+
+    In local mode every task runs on this machine: loopback. On a cluster: the driver's
+    ``spark.driver.bindAddress`` (bind) and ``spark.driver.host`` (connect).
+    """
+    conf = sc.getConf()
+    if sc.master.startswith("local") and not sc.master.startswith("local-cluster"):
+        return "127.0.0.1", "127.0.0.1"
+    connect = conf.get("spark.driver.host", "127.0.0.1")
+    bind = conf.get("spark.driver.bindAddress", connect)
+    return bind, connect
+
+
+def _trainable_layout(model: Any) -> tuple[Any, list[tuple[str, list[int]]]]:
+    import numpy as np
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ParamError("torchObj: the model has no trainable parameters")
+    flat = torch.cat([p.detach().reshape(-1).to(torch.float32).cpu() for _, p in named]).numpy()
+    return np.ascontiguousarray(flat), [(n, list(p.shape)) for n, p in named]
+
+
+def _dry_run(model: Any, criterion: Any, feature_dim: int | None, label_kind: str, input_col: str) -> None:
+    """A forward pass on a zero batch of the known feature size: catch a size mismatch early."""
+    import torch
+
+    if feature_dim is None:
+        return
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                model(torch.zeros(2, feature_dim))
+            finally:
+                model.train(was_training)
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
+        raise DataError(
+            f"inputCol {input_col!r}: the model cannot take vectors of {feature_dim} features "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+_TASK_ERROR = re.compile(r"sparktorch\.errors\.(\w+): (.*)")
+
+
+def translate_job_error(exc: BaseException) -> BaseException | None:
+    """The sparktorch error a failed task raised, re-created on the driver, or None."""
+    from . import errors
+
+    text = str(exc)
+    m = _TASK_ERROR.search(text)
+    if not m:
+        # Plain Python builtins from the task keep their type name but not their class.
+        return None
+    cls = getattr(errors, m.group(1), None)
+    if isinstance(cls, type) and issubclass(cls, SparkTorchError):
+        return cls(m.group(2).strip())
+    return None
+
+
+class _Progress:
+    """Polls the server's stats and shows a progress bar (``verbose >= 1``)."""
+
+    def __init__(self, server: Any, total: int, verbose: int) -> None:
+        self._server = server
+        self._total = total
+        self._verbose = verbose
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = 0
+
+    def start(self, base_updates: int) -> None:
+        self._base = base_updates
+        if self._verbose < 1:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="sparktorch-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from tqdm.auto import tqdm
+
+        t0 = time.monotonic()
+        with tqdm(total=self._total, desc="sparktorch", unit="step", leave=True) as bar:
+            done = 0
+            while True:
+                stopping = self._stop.wait(0.5)
+                try:
+                    st = self._server.stats()
+                except Exception:  # noqa: BLE001 - the server is gone: the fit reports why
+                    break
+                now = self._base + int(sum(st.get("updates_per_worker", {}).values()))
+                steps = min(now, self._total)
+                bar.update(steps - done)
+                done = steps
+                losses = [v for v in st.get("recent_loss", {}).values() if v == v]
+                rate = st.get("updates", 0) / max(time.monotonic() - t0, 1e-9)
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}" if losses else "-", upd_s=f"{rate:.1f}")
+                if stopping:
+                    break
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def fit(est: Any, dataset: Any) -> Any:
+    """Train ``est`` on ``dataset``; see the module docstring for the order of events."""
+    import numpy as np
+    import torch
+
+    from . import _native
+    from ._data import training_frame
+    from ._optim import resolve_optimizer
+    from ._task import RESULT_SCHEMA, TaskConfig, make_task
+    from .model import SparkTorchModel
+    from .util import load_torch_obj
+
+    plan = validate(est)
+    obj = load_torch_obj(est.getTorchObj())
+    opt_name, hyper = resolve_optimizer(obj.optimizer, obj.optimizer_params)
+    if plan.device.startswith("cuda") and not torch.cuda.is_available() and dataset.sparkSession.sparkContext.master.startswith("local"):
+        raise ParamError(f"device={plan.device!r}: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+
+    frame, info = training_frame(dataset, est.getInputCol(), est.getLabelCol())
+    model = obj.model
+    _dry_run(model, obj.criterion, info.feature_dim, info.label_kind, est.getInputCol())
+    flat, layout = _trainable_layout(model)
+
+    spark = dataset.sparkSession
+    sc = spark.sparkContext
+    if plan.partitions > 0:
+        frame = frame.repartition(plan.partitions)
+    num_parts = frame.rdd.getNumPartitions() if plan.partitions <= 0 else plan.partitions
+    slots = cluster_slots(sc)
+    needs_all = est.getUseBarrier() or plan.engine_mode == "synchronous"
+    if needs_all and num_parts > slots:
+        why = "useBarrier=True" if est.getUseBarrier() else "mode='synchronous'"
+        raise ParamError(
+            f"partitions: {num_parts} partitions but the cluster runs only {slots} tasks at once; "
+            f"{why} needs every partition's task running together. Set partitions<={slots} "
+            "(or coalesce the DataFrame)"
+        )
+
+    secret = os.urandom(32)
+    bind, connect = server_host(sc)
+    server = _native.ParameterServer(
+        flat,
+        layout,
+        opt_name,
+        hyper,
+        secret=secret,
+        mode=plan.engine_mode,
+        host=bind,
+        port=plan.port,
+        num_workers=num_parts,
+        round_timeout_s=est.getRoundTimeout(),
+        lost_worker_policy=est.getLostWorkerPolicy(),
+        early_stop_patience=plan.patience if plan.patience > 0 else -1,
+        io_timeout_s=est.getIoTimeout(),
+    )
+    host, port = server.address
+    log.info("parameter server (%s) listening on %s:%d for %d workers", plan.engine_mode, host, port, num_parts)
+    total = plan.iters * num_parts * plan.shuffles
+    progress = _Progress(server, total, plan.verbose)
+    group = f"sparktorch-{uuid.uuid4().hex[:12]}"
+    results: list[Any] = []
+    try:
+        for shuffle in range(plan.shuffles):
+            if shuffle > 0:
+                if server.stats().get("should_stop"):
+                    break
+                frame = frame.repartition(num_parts)
+            cfg = TaskConfig(
+                host=connect,
+                port=port,
+                secret=secret,
+                torch_obj=est.getTorchObj(),
+                iters=plan.iters,
+                step_offset=shuffle * plan.iters,
+                label_kind=info.label_kind,
+                mini_batch=plan.mini_batch,
+                validation_pct=plan.validation_pct,
+                device=plan.device,
+                compile_mode=plan.compile_mode,
+                seed=est.getSeed() + shuffle,
+                io_timeout_s=est.getIoTimeout(),
+                connect_timeout_s=min(60.0, est.getIoTimeout()),
+            )
+            trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
+            sc.setJobGroup(group, f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}", interruptOnCancel=True)
+            progress.start(0)
+            try:
+                results.extend(trained.collect())
+            except KeyboardInterrupt:
+                sc.cancelJobGroup(group)
+                raise
+            except Exception as e:
+                err = server.stats().get("error")
+                if err:
+                    raise EngineError(f"training failed: {err}") from e
+                translated = translate_job_error(e)
+                if translated is not None:
+                    raise translated from e
+                raise
+            finally:
+                progress.stop()
+        if sum(r["rows"] for r in results) == 0:
+            raise DataError("the DataFrame has zero rows: nothing to train on")
+        err = server.stats().get("error")
+        if err:
+            raise EngineError(f"training failed: {err}")
+        final = server.parameters()
+        history = [
+            {"worker": int(w), "step": int(s), "loss": float(loss), "val_loss": None if vl != vl else float(vl)}
+            for (w, s, loss, vl) in server.history()
+        ]
+        opt_state = server.optimizer_state()
+    finally:
+        server.stop()
+
+    _load_flat(model, np.asarray(final))
+    log.info("fit done: %d steps over %d workers", len(history), num_parts)
+    out = SparkTorchModel._from_module(
+        model,
+        model_spec=obj.model_spec,
+        inputCol=est.getInputCol(),
+        predictionCol=est.getPredictionCol(),
+        useVectorOut=est.getUseVectorOut(),
+        device=plan.device,
+        history=history,
+    )
+    out._optimizer_state = opt_state  # type: ignore[attr-defined]
+    return out
+
+
+def _load_flat(model: Any, flat: Any) -> None:
+    import torch
+
+    offset = 0
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            n = p.numel()
+            p.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
+            offset += n

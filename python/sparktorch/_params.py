@@ -1,0 +1,97 @@
+"""Params shared by :class:`~sparktorch.SparkTorchModel` and the ``SparkTorch`` estimator.
+
+Names and defaults follow sparktorch 0.2.0 (see ``UPSTREAM.md``): ``inputCol='features'``,
+``predictionCol='predicted'``, ``modStr=''``, ``useVectorOut=False``, ``device='cpu'``; plus
+``inferenceBatchSize`` (rows per forward pass in ``transform``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import HasInputCol, HasPredictionCol
+
+from sparktorch.errors import ParamError
+
+__all__ = ["_SparkTorchModelParams", "validate_device"]
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def validate_device(device: str) -> str:
+    """Return ``device`` if it is ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; else ParamError."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ParamError(f"param 'device' must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    return device
+
+
+class _SparkTorchModelParams(HasInputCol, HasPredictionCol):
+    """Private params mixin: typed Params, defaults and getters of the torch stages."""
+
+    modStr: Param[str] = Param(
+        Params._dummy(),
+        "modStr",
+        "the serialized model (sparktorch.util.serialize_model)",
+        typeConverter=TypeConverters.toString,
+    )
+    useVectorOut: Param[bool] = Param(
+        Params._dummy(),
+        "useVectorOut",
+        "output the whole network output as a Vector instead of a Double",
+        typeConverter=TypeConverters.toBoolean,
+    )
+    inferenceBatchSize: Param[int] = Param(
+        Params._dummy(),
+        "inferenceBatchSize",
+        "rows per forward pass in transform (> 0)",
+        typeConverter=TypeConverters.toInt,
+    )
+    device: Param[str] = Param(
+        Params._dummy(),
+        "device",
+        "torch device: 'cpu', 'cuda' (the task's GPU) or 'cuda:N'",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(
+            inputCol="features",
+            predictionCol="predicted",
+            modStr="",
+            useVectorOut=False,
+            inferenceBatchSize=1024,
+            device="cpu",
+        )
+
+    def getModStr(self) -> str:
+        """The serialized model."""
+        return self.getOrDefault(self.modStr)
+
+    def getUseVectorOut(self) -> bool:
+        """Whether ``transform`` outputs a Vector instead of a Double."""
+        return self.getOrDefault(self.useVectorOut)
+
+    def getVectorOut(self) -> bool:
+        """Alias of :meth:`getUseVectorOut` (the upstream getter name)."""
+        return self.getUseVectorOut()
+
+    def getInferenceBatchSize(self) -> int:
+        """Rows per forward pass in ``transform``."""
+        return self.getOrDefault(self.inferenceBatchSize)
+
+    def getDevice(self) -> str:
+        """The torch device ``transform`` runs on."""
+        return self.getOrDefault(self.device)
+
+    def _validate_model_params(self) -> None:
+        """Check the params ``transform`` needs; ParamError naming the param."""
+        batch = self.getInferenceBatchSize()
+        if batch <= 0:
+            raise ParamError(f"param 'inferenceBatchSize' must be > 0, got {batch}")
+        validate_device(self.getDevice())
+        for name in ("inputCol", "predictionCol"):
+            value = self.getOrDefault(name)
+            if not isinstance(value, str) or not value:
+                raise ParamError(f"param '{name}' must be a non-empty column name, got {value!r}")

@@ -1,0 +1,649 @@
+"""Serialization of the torch object (``torchObj``) and of a trained model (``modStr``).
+
+Two string formats, both versioned and recognisable by their prefix:
+
+``torchObj`` (what :func:`serialize_torch_obj` / :func:`serialize_torch_obj_lazy` return)::
+
+    sparktorch-torchobj/1;json;{...}        lazy, importable classes, JSON-able kwargs
+    sparktorch-torchobj/1;pickle;<base64>   anything else (cloudpickle, by value)
+
+The JSON form names classes by import path (``package.module.Class``) and carries their
+constructor kwargs; reading it imports those modules but never unpickles anything.
+
+``modStr`` (the serialized model a :class:`~sparktorch.model.SparkTorchModel` carries)::
+
+    sparktorch-model/1;<base64 of container>
+
+where the container is ``b"STMD"`` + a little-endian ``u32`` header length + a JSON header +
+a payload. With header ``{"kind": "spec", "spec": {...}}`` the payload is the weights as
+``safetensors`` bytes and the model is rebuilt from its import path and kwargs (no pickle);
+with ``{"kind": "pickle"}`` the payload is the cloudpickled module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import math
+import struct
+from typing import Any, Mapping
+
+import cloudpickle
+import torch
+import torch.nn as nn
+
+from sparktorch.errors import SerializationError
+
+__all__ = [
+    "TorchObj",
+    "serialize_torch_obj",
+    "serialize_torch_obj_lazy",
+    "load_torch_obj",
+    "serialize_model",
+    "deserialize_model",
+    "model_string_key",
+]
+
+_log = logging.getLogger("sparktorch")
+
+TORCHOBJ_PREFIX = "sparktorch-torchobj/"
+TORCHOBJ_VERSION = 1
+MODEL_PREFIX = "sparktorch-model/"
+MODEL_VERSION = 1
+_CONTAINER_MAGIC = b"STMD"
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+_RESERIALIZE_HINT = (
+    "re-serialize the model with sparktorch.serialize_torch_obj(model, criterion, optimizer, "
+    "**optimizer_kwargs) or sparktorch.serialize_torch_obj_lazy(...) from this version of "
+    "sparktorch"
+)
+_RECREATE_MODEL_HINT = (
+    "rebuild the model with sparktorch.create_spark_torch_model(network) (or refit the "
+    "SparkTorch estimator) with this version of sparktorch"
+)
+
+ModelSpec = tuple[str, dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchObj:
+    """A loaded ``torchObj``: everything one training worker needs.
+
+    Attributes:
+        model: the network, built (for lazy objects, built from ``model_spec``).
+        criterion: the loss, an instance.
+        optimizer: the ``torch.optim.Optimizer`` subclass (not an instance).
+        optimizer_params: the optimizer's keyword arguments (``lr``, ...).
+        model_spec: ``(import path, constructor kwargs)`` of the model when it was serialized
+            lazily from an importable class with JSON-able kwargs, else ``None``. A model with a
+            spec is persisted without pickle.
+    """
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: type
+    optimizer_params: dict[str, Any]
+    model_spec: ModelSpec | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# JSON values with tuples (optimizer betas, model kwargs) kept as tuples
+
+
+def _to_json_value(value: Any) -> Any:
+    """Return ``value`` as a JSON-able structure (tuples tagged); raise TypeError if not."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError("non-finite float")
+        return value
+    if isinstance(value, list):
+        return [_to_json_value(v) for v in value]
+    if isinstance(value, tuple):
+        return {"$tuple": [_to_json_value(v) for v in value]}
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("$"):
+                raise TypeError(f"dict key {key!r}")
+            out[key] = _to_json_value(item)
+        return out
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json_value(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"$tuple"}:
+            return tuple(_from_json_value(v) for v in value["$tuple"])
+        return {k: _from_json_value(v) for k, v in value.items()}
+    return value
+
+
+def _json_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Tagged-JSON form of ``kwargs``, or None when some value is not JSON-able."""
+    try:
+        return _to_json_value(dict(kwargs or {}))
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# classes by import path
+
+
+def import_path(cls: type) -> str | None:
+    """``module.QualName`` of ``cls`` when importing that path gives ``cls`` back, else None."""
+    module = getattr(cls, "__module__", None)
+    qualname = getattr(cls, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<locals>" in qualname:
+        return None
+    try:
+        found = _resolve(module, qualname)
+    except Exception:  # noqa: BLE001 - any failure means "not importable"
+        return None
+    return f"{module}:{qualname}" if found is cls else None
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def import_class(path: str, *, what: str) -> type:
+    """Import the class named ``module:QualName`` (or ``module.Class``); SerializationError if not."""
+    if not isinstance(path, str) or not path:
+        raise SerializationError(f"{what}: invalid class path {path!r}")
+    if ":" in path:
+        module, _, qualname = path.partition(":")
+    else:
+        module, _, qualname = path.rpartition(".")
+    try:
+        obj = _resolve(module, qualname)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(
+            f"{what}: cannot import {path!r} ({type(exc).__name__}: {exc}); install the package "
+            "that defines it on the driver and on every executor"
+        ) from exc
+    if not isinstance(obj, type):
+        raise SerializationError(f"{what}: {path!r} is not a class")
+    return obj
+
+
+def _criterion_spec(criterion: Any) -> dict[str, Any] | None:
+    """JSON spec of a criterion class or instance, or None if it cannot be rebuilt from one.
+
+    For an instance, the constructor kwargs are read back from attributes of the same name and
+    the rebuilt instance is compared with the original; only an exact match is accepted.
+    """
+    if isinstance(criterion, type):
+        path = import_path(criterion)
+        return {"class": path, "kwargs": {}} if path else None
+    cls = type(criterion)
+    path = import_path(cls)
+    if path is None or not isinstance(criterion, nn.Module):
+        return None
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None
+    kwargs: dict[str, Any] = {}
+    for name, param in list(sig.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name in ("size_average", "reduce"):  # deprecated aliases of `reduction`
+            continue
+        if hasattr(criterion, name):
+            value = getattr(criterion, name)
+            if isinstance(value, torch.Tensor):
+                return None
+            kwargs[name] = value
+    encoded = _json_kwargs(kwargs)
+    if encoded is None:
+        return None
+    try:
+        rebuilt = cls(**kwargs)
+    except Exception:  # noqa: BLE001
+        return None
+    return {"class": path, "kwargs": encoded} if _modules_equal(rebuilt, criterion) else None
+
+
+def _modules_equal(a: nn.Module, b: nn.Module) -> bool:
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    for key in sa:
+        if not (isinstance(sa[key], torch.Tensor) and torch.equal(sa[key], sb[key])):
+            return False
+    da = {k: v for k, v in vars(a).items() if not k.startswith("_")}
+    db = {k: v for k, v in vars(b).items() if not k.startswith("_")}
+    try:
+        return bool(da == db)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# torchObj
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        raise SerializationError(
+            f"optimizer must be a torch.optim.Optimizer subclass (e.g. torch.optim.Adam), "
+            f"got {optimizer!r}"
+        )
+
+
+def _encode_pickle_torchobj(payload: dict[str, Any]) -> str:
+    try:
+        data = cloudpickle.dumps(payload)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(f"cannot pickle the torch object: {exc}") from exc
+    return f"{TORCHOBJ_PREFIX}{TORCHOBJ_VERSION};pickle;{base64.b64encode(data).decode('ascii')}"
+
+
+def serialize_torch_obj(
+    model: nn.Module,
+    criterion: Any,
+    optimizer: type,
+    **optimizer_kwargs: Any,
+) -> str:
+    """Serialize a model instance, a criterion instance and an optimizer class for ``SparkTorch``.
+
+    Args:
+        model: the network to train (an instance; its current weights are the starting point).
+        criterion: the loss, an instance such as ``nn.CrossEntropyLoss()``.
+        optimizer: the optimizer class, such as ``torch.optim.Adam``.
+        **optimizer_kwargs: keyword arguments for the optimizer (``lr=...``).
+
+    Returns:
+        The ``torchObj`` string for ``SparkTorch(torchObj=...)``. The objects are stored with
+        cloudpickle by value; prefer :func:`serialize_torch_obj_lazy` with importable classes
+        for a model that later loads without unpickling.
+
+    Raises:
+        SerializationError: a wrong argument type, or an object that cannot be pickled.
+    """
+    if not isinstance(model, nn.Module):
+        raise SerializationError(f"model must be a torch.nn.Module instance, got {type(model)!r}")
+    if isinstance(criterion, type) or not callable(criterion):
+        raise SerializationError(
+            f"criterion must be a loss instance such as nn.CrossEntropyLoss(), got {criterion!r}"
+        )
+    _check_optimizer(optimizer)
+    return _encode_pickle_torchobj(
+        {
+            "model": model,
+            "criterion": criterion,
+            "optimizer": optimizer,
+            "optimizer_params": dict(optimizer_kwargs),
+        }
+    )
+
+
+def serialize_torch_obj_lazy(
+    model: type,
+    criterion: Any,
+    optimizer: type,
+    optimizer_params: dict[str, Any] | None = None,
+    model_parameters: dict[str, Any] | None = None,
+) -> str:
+    """Serialize classes for ``SparkTorch``; the model is built on each worker.
+
+    Args:
+        model: the model class; it is built as ``model(**model_parameters)``.
+        criterion: the loss class (built with no arguments) or an instance.
+        optimizer: the optimizer class, such as ``torch.optim.Adam``.
+        optimizer_params: keyword arguments for the optimizer.
+        model_parameters: keyword arguments for the model's constructor.
+
+    Returns:
+        The ``torchObj`` string. When the classes can be imported (they are not defined in
+        ``__main__`` or inside a function) and the kwargs are JSON-able, the string is JSON
+        (import paths + kwargs) and neither it nor a model saved from it is ever unpickled;
+        otherwise the classes are stored with cloudpickle by value.
+
+    Raises:
+        SerializationError: a wrong argument type, or an object that cannot be pickled.
+    """
+    if not (isinstance(model, type) and issubclass(model, nn.Module)):
+        raise SerializationError(
+            f"model must be a torch.nn.Module subclass (the class, not an instance), got {model!r}"
+        )
+    if not callable(criterion):
+        raise SerializationError(f"criterion must be a loss class or instance, got {criterion!r}")
+    _check_optimizer(optimizer)
+    if optimizer_params is not None and not isinstance(optimizer_params, dict):
+        raise SerializationError("optimizer_params must be a dict or None")
+    if model_parameters is not None and not isinstance(model_parameters, dict):
+        raise SerializationError("model_parameters must be a dict or None")
+    model_path = import_path(model)
+    optimizer_path = import_path(optimizer)
+    model_kwargs = _json_kwargs(model_parameters)
+    opt_kwargs = _json_kwargs(optimizer_params)
+    crit = _criterion_spec(criterion)
+    if None not in (model_path, optimizer_path, model_kwargs, opt_kwargs, crit):
+        doc = {
+            "model": {"class": model_path, "kwargs": model_kwargs},
+            "criterion": crit,
+            "optimizer": {"class": optimizer_path, "kwargs": opt_kwargs},
+        }
+        return f"{TORCHOBJ_PREFIX}{TORCHOBJ_VERSION};json;{json.dumps(doc, sort_keys=True)}"
+    _log.info(
+        "serialize_torch_obj_lazy: classes or kwargs are not importable/JSON-able; "
+        "storing them with cloudpickle"
+    )
+    return _encode_pickle_torchobj(
+        {
+            "model_class": model,
+            "model_parameters": dict(model_parameters or {}),
+            "criterion": criterion,
+            "optimizer": optimizer,
+            "optimizer_params": dict(optimizer_params or {}),
+        }
+    )
+
+
+def _looks_like_upstream(text: str) -> bool:
+    """Heuristic: a string from sparktorch 0.2.0 (``base64(dill.dumps(...))``, maybe in JSON)."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            doc = json.loads(stripped)
+        except ValueError:
+            return False
+        return isinstance(doc, dict) and "torch_obj" in doc
+    try:
+        head = base64.b64decode("".join(stripped[:400].split())[:320], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return head[:1] == b"\x80"  # pickle protocol >= 2 opcode
+
+
+def _split_prefixed(text: Any, prefix: str, supported: int, what: str, hint: str) -> str:
+    """Check the versioned prefix of ``text`` and return what follows ``prefix<version>;``."""
+    if not isinstance(text, str) or not text:
+        raise SerializationError(f"{what} must be a non-empty string made by sparktorch; {hint}")
+    if not text.startswith(prefix):
+        if _looks_like_upstream(text):
+            raise SerializationError(
+                f"this {what} was made by sparktorch 0.2.0 (a dill pickle); it is not loaded "
+                f"because unpickling it would run arbitrary code: {hint}"
+            )
+        raise SerializationError(f"this {what} was not made by sparktorch; {hint}")
+    version_text, sep, rest = text[len(prefix) :].partition(";")
+    if not sep or not version_text.isdigit():
+        raise SerializationError(f"malformed {what} header; {hint}")
+    version = int(version_text)
+    if version > supported:
+        raise SerializationError(
+            f"this {what} has format version {version}, newer than this sparktorch reads "
+            f"({supported}); upgrade sparktorch"
+        )
+    return rest
+
+
+def _build(cls: type, kwargs: dict[str, Any], what: str) -> Any:
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(
+            f"{what}: {cls.__module__}.{cls.__qualname__}(**{kwargs!r}) failed: {exc}"
+        ) from exc
+
+
+def load_torch_obj(torch_obj: str) -> TorchObj:
+    """Read a ``torchObj`` string made by :func:`serialize_torch_obj` or its lazy variant.
+
+    A lazy object's model is built here. The JSON form imports the named classes and never
+    unpickles; the pickle form is unpickled (it trusts whoever made the string).
+
+    Raises:
+        SerializationError: a string not made by sparktorch (including sparktorch 0.2.0's dill
+            strings, which are refused rather than unpickled), a newer format version, or a
+            class that cannot be imported or built.
+    """
+    rest = _split_prefixed(
+        torch_obj, TORCHOBJ_PREFIX, TORCHOBJ_VERSION, "torchObj string", _RESERIALIZE_HINT
+    )
+    kind, sep, body = rest.partition(";")
+    if kind == "json" and sep:
+        try:
+            doc = json.loads(body)
+            model_cls = import_class(doc["model"]["class"], what="torchObj model")
+            model_kwargs = _from_json_value(doc["model"]["kwargs"] or {})
+            crit_cls = import_class(doc["criterion"]["class"], what="torchObj criterion")
+            crit_kwargs = _from_json_value(doc["criterion"]["kwargs"] or {})
+            opt_cls = import_class(doc["optimizer"]["class"], what="torchObj optimizer")
+            opt_kwargs = _from_json_value(doc["optimizer"]["kwargs"] or {})
+        except SerializationError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SerializationError(f"corrupt torchObj JSON ({exc}); {_RESERIALIZE_HINT}") from exc
+        _check_optimizer(opt_cls)
+        model = _build(model_cls, model_kwargs, "torchObj model")
+        if not isinstance(model, nn.Module):
+            raise SerializationError("torchObj model class did not build a torch.nn.Module")
+        path = import_path(model_cls) or doc["model"]["class"]
+        return TorchObj(
+            model=model,
+            criterion=_build(crit_cls, crit_kwargs, "torchObj criterion"),
+            optimizer=opt_cls,
+            optimizer_params=opt_kwargs,
+            model_spec=(path, model_kwargs),
+        )
+    if kind == "pickle" and sep:
+        try:
+            payload = cloudpickle.loads(base64.b64decode(body, validate=True))
+        except Exception as exc:  # noqa: BLE001
+            raise SerializationError(
+                f"corrupt torchObj pickle ({type(exc).__name__}: {exc}); {_RESERIALIZE_HINT}"
+            ) from exc
+        if not isinstance(payload, dict):
+            raise SerializationError(f"corrupt torchObj pickle; {_RESERIALIZE_HINT}")
+        _check_optimizer(payload.get("optimizer"))
+        if "model_class" in payload:
+            model = _build(payload["model_class"], payload["model_parameters"], "torchObj model")
+        else:
+            model = payload["model"]
+        criterion = payload["criterion"]
+        if isinstance(criterion, type):
+            criterion = _build(criterion, {}, "torchObj criterion")
+        return TorchObj(
+            model=model,
+            criterion=criterion,
+            optimizer=payload["optimizer"],
+            optimizer_params=dict(payload["optimizer_params"]),
+            model_spec=None,
+        )
+    raise SerializationError(f"unknown torchObj encoding {kind!r}; {_RESERIALIZE_HINT}")
+
+
+# --------------------------------------------------------------------------------------------
+# modStr: a trained model
+
+
+def state_dict_to_safetensors(module: nn.Module) -> bytes | None:
+    """The module's state dict as safetensors bytes; None if it holds non-tensor entries."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            return None
+        # clone: safetensors refuses tensors that share storage (tied weights)
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+    return save(tensors)
+
+
+def load_safetensors_into(module: nn.Module, data: bytes, *, what: str) -> None:
+    """Load safetensors ``data`` into ``module`` (strict); SerializationError when it does not fit."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(f"{what}: corrupt safetensors weights ({exc})") from exc
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(f"{what}: weights do not fit the model ({exc})") from exc
+
+
+def build_from_spec(spec: ModelSpec, *, what: str) -> nn.Module:
+    """Build a module from ``(import path, kwargs)``."""
+    path, kwargs = spec
+    cls = import_class(path, what=what)
+    module = _build(cls, dict(kwargs), what)
+    if not isinstance(module, nn.Module):
+        raise SerializationError(f"{what}: {path!r} did not build a torch.nn.Module")
+    return module
+
+
+def normalize_spec(module: nn.Module, model_spec: Any) -> ModelSpec | None:
+    """Return a usable spec for ``module`` or None (then the module is pickled).
+
+    Accepts ``(path, kwargs)`` or ``(class, kwargs)``; the class must be importable, the kwargs
+    JSON-able, and the spec must build a module with the same state-dict keys and shapes
+    (checked on the ``meta`` device, so nothing is allocated).
+    """
+    if model_spec is None:
+        return None
+    try:
+        target, kwargs = model_spec
+    except (TypeError, ValueError) as exc:
+        raise SerializationError("model_spec must be (import path or class, kwargs)") from exc
+    cls = target if isinstance(target, type) else import_class(target, what="model_spec")
+    path = import_path(cls)
+    if path is None or _json_kwargs(kwargs) is None or type(module) is not cls:
+        _log.info("model_spec of %s is not usable; the model is stored with cloudpickle", cls)
+        return None
+    try:
+        with torch.device("meta"):
+            probe = cls(**dict(kwargs or {}))
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+        if want != got:
+            _log.info("model_spec of %s builds other weights; storing with cloudpickle", cls)
+            return None
+    except Exception:  # noqa: BLE001 - cannot probe on meta: trust the spec, weights load strict
+        pass
+    return (path, dict(kwargs or {}))
+
+
+def _container(header: dict[str, Any], payload: bytes) -> bytes:
+    head = json.dumps(header, sort_keys=True).encode("utf-8")
+    return _CONTAINER_MAGIC + struct.pack("<I", len(head)) + head + payload
+
+
+def serialize_model(module: nn.Module, model_spec: Any = None) -> str:
+    """Serialize a trained module into a ``modStr`` string.
+
+    Args:
+        module: the network (its current weights are stored).
+        model_spec: ``(import path or class, constructor kwargs)`` that rebuilds ``module``'s
+            architecture; when usable, the string holds the spec and the weights (safetensors)
+            and reading it never unpickles. Otherwise the module is cloudpickled.
+
+    Raises:
+        SerializationError: ``module`` is not an ``nn.Module`` or cannot be pickled.
+    """
+    if not isinstance(module, nn.Module):
+        raise SerializationError(f"expected a torch.nn.Module, got {type(module)!r}")
+    spec = normalize_spec(module, model_spec)
+    weights = state_dict_to_safetensors(module) if spec is not None else None
+    if spec is not None and weights is not None:
+        header = {"kind": "spec", "spec": {"class": spec[0], "kwargs": _to_json_value(spec[1])}}
+        blob = _container(header, weights)
+    else:
+        try:
+            pickled = cloudpickle.dumps(module)
+        except Exception as exc:  # noqa: BLE001
+            raise SerializationError(f"cannot pickle the model: {exc}") from exc
+        blob = _container({"kind": "pickle"}, pickled)
+    return f"{MODEL_PREFIX}{MODEL_VERSION};{base64.b64encode(blob).decode('ascii')}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """A ``modStr`` taken apart without building anything."""
+
+    kind: str  # "spec" or "pickle"
+    spec: ModelSpec | None
+    payload: bytes  # safetensors weights (spec) or the cloudpickled module (pickle)
+
+
+def split_model_string(mod_str: str) -> ModelParts:
+    """Parse a ``modStr`` into its parts (no import, no unpickling)."""
+    rest = _split_prefixed(mod_str, MODEL_PREFIX, MODEL_VERSION, "modStr", _RECREATE_MODEL_HINT)
+    try:
+        blob = base64.b64decode(rest, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SerializationError(f"corrupt modStr (bad base64: {exc})") from exc
+    if len(blob) < 8 or blob[:4] != _CONTAINER_MAGIC:
+        raise SerializationError("corrupt modStr (bad container header)")
+    (head_len,) = struct.unpack("<I", blob[4:8])
+    if head_len > _MAX_HEADER_BYTES or 8 + head_len > len(blob):
+        raise SerializationError("corrupt modStr (truncated header)")
+    try:
+        header = json.loads(blob[8 : 8 + head_len])
+        kind = header["kind"]
+        spec = None
+        if kind == "spec":
+            spec = (header["spec"]["class"], _from_json_value(header["spec"]["kwargs"] or {}))
+        elif kind != "pickle":
+            raise ValueError(f"unknown kind {kind!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SerializationError(f"corrupt modStr header ({exc})") from exc
+    return ModelParts(kind=kind, spec=spec, payload=blob[8 + head_len :])
+
+
+def deserialize_model(mod_str: str) -> nn.Module:
+    """Rebuild the module of a ``modStr`` made by :func:`serialize_model`.
+
+    Raises:
+        SerializationError: a foreign or upstream (dill) string, a newer format version, a
+            corrupt string, or a model class that cannot be imported.
+    """
+    parts = split_model_string(mod_str)
+    return model_from_parts(parts)
+
+
+def model_from_parts(parts: ModelParts) -> nn.Module:
+    """Build the module described by ``parts``."""
+    if parts.kind == "spec":
+        assert parts.spec is not None
+        module = build_from_spec(parts.spec, what="modStr model")
+        load_safetensors_into(module, parts.payload, what="modStr model")
+        return module
+    try:
+        module = cloudpickle.loads(parts.payload)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(
+            f"cannot unpickle the model ({type(exc).__name__}: {exc}); is the package that "
+            "defines it installed?"
+        ) from exc
+    if not isinstance(module, nn.Module):
+        raise SerializationError("modStr did not hold a torch.nn.Module")
+    return module
+
+
+def model_string_key(mod_str: str) -> str:
+    """A content hash of a ``modStr`` (the key of the per-worker model cache)."""
+    return hashlib.sha256(mod_str.encode("utf-8")).hexdigest()

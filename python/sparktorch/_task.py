@@ -1,0 +1,298 @@
+"""The executor task body: one Spark task trains one partition against the parameter server.
+
+Each task reads its partition's Arrow batches into one matrix, builds the model from the
+``torchObj`` string, connects to the driver's parameter server (authenticated with the per-fit
+secret that travels inside this closure) and loops: forward, backward, push the gradients and
+pull the new parameters in one round trip. The model's parameters are views into one flat
+buffer, so a pull lands in the model with no extra copy and the gradients are pushed from one
+flat buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import DataError, ParamError
+
+log = logging.getLogger("sparktorch")
+
+RESULT_SCHEMA = "partition int, attempt int, rows long, steps int, last_loss double"
+
+# Losses whose targets are class indices (int64) when the label column is a scalar.
+_CLASS_INDEX_LOSSES = ("CrossEntropyLoss", "NLLLoss", "MultiMarginLoss", "MultiLabelMarginLoss")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything a task needs; pickled into the Spark closure (no model weights: tasks pull)."""
+
+    host: str
+    port: int
+    secret: bytes
+    torch_obj: str
+    iters: int
+    step_offset: int
+    label_kind: str
+    mini_batch: int
+    validation_pct: float
+    device: str
+    compile_mode: str | None
+    seed: int
+    io_timeout_s: float
+    connect_timeout_s: float
+
+
+class FlatModel:
+    """A module whose trainable parameters and gradients are views of two flat float32 buffers.
+
+    ``params_np`` / ``grads_np`` are numpy views of the CPU buffers the engine reads and writes.
+    On a CUDA device the module's parameters live on the GPU and are copied from/to the CPU
+    buffers once per step.
+    """
+
+    def __init__(self, module: object, device: object) -> None:
+        import torch
+
+        self.module = module
+        self.device = device
+        params = [p for p in module.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        self.numel = sum(p.numel() for p in params)
+        self.params_cpu = torch.zeros(self.numel, dtype=torch.float32)
+        self.grads_cpu = torch.zeros(self.numel, dtype=torch.float32)
+        on_cpu = torch.device(device).type == "cpu"
+        if on_cpu:
+            self.params_dev, self.grads_dev = self.params_cpu, self.grads_cpu
+        else:
+            self.params_dev = torch.zeros(self.numel, dtype=torch.float32, device=device)
+            self.grads_dev = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                n = p.numel()
+                self.params_dev[offset : offset + n].copy_(p.detach().reshape(-1))
+                p.data = self.params_dev[offset : offset + n].view_as(p)
+                p.grad = self.grads_dev[offset : offset + n].view_as(p)
+                offset += n
+        if on_cpu:
+            self.params_cpu.copy_(self.params_dev)
+        self.params_np = self.params_cpu.numpy()
+        self.grads_np = self.grads_cpu.numpy()
+        self._on_cpu = on_cpu
+
+    def zero_grad(self) -> None:
+        """Zero the flat gradient buffer in place (the parameters keep their ``.grad`` views)."""
+        self.grads_dev.zero_()
+
+    def params_pulled(self) -> None:
+        """Make freshly pulled CPU parameters visible to the module."""
+        if not self._on_cpu:
+            self.params_dev.copy_(self.params_cpu, non_blocking=False)
+
+    def grads_ready(self) -> None:
+        """Make the module's gradients visible in the CPU buffer the engine pushes from."""
+        if not self._on_cpu:
+            self.grads_cpu.copy_(self.grads_dev)
+
+
+def task_device(requested: str) -> str:
+    """The torch device of this task: ``cpu``, or the task's own GPU for ``cuda``."""
+    import torch
+
+    if not requested.startswith("cuda"):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ParamError(f"device={requested!r}: CUDA is not available on this executor")
+    if ":" in requested:
+        return requested
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    resources = ctx.resources() if ctx is not None else {}
+    if "gpu" in resources and resources["gpu"].addresses:
+        return f"cuda:{int(resources['gpu'].addresses[0])}"
+    partition = ctx.partitionId() if ctx is not None else 0
+    return f"cuda:{partition % torch.cuda.device_count()}"
+
+
+def uses_class_indices(criterion: object) -> bool:
+    """True when the loss expects class indices (int64) as targets."""
+    return type(criterion).__name__ in _CLASS_INDEX_LOSSES
+
+
+def prepare_targets(criterion: object, y: np.ndarray | None, x: np.ndarray, label_kind: str) -> np.ndarray:
+    """Targets as the loss expects them: class indices, floats, vectors, or the features."""
+    if label_kind == "none" or y is None:
+        return x
+    if label_kind == "scalar" and uses_class_indices(criterion):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            bad = int(np.count_nonzero(np.mod(y, 1)))
+            raise DataError(f"labelCol: {bad} label(s) are not whole numbers, but {type(criterion).__name__} needs class indices")
+        return y.astype(np.int64)
+    return y.astype(np.float32, copy=False)
+
+
+def _loss(criterion: object, out: object, target: object) -> object:
+    # A scalar float target against an (n, 1) output: match shapes instead of broadcasting.
+    if getattr(out, "dim", lambda: 0)() == 2 and out.shape[1] == 1 and target.dim() == 1 and target.is_floating_point():  # type: ignore[attr-defined]
+        target = target.unsqueeze(1)  # type: ignore[attr-defined]
+    return criterion(out, target)  # type: ignore[operator]
+
+
+def check_class_range(criterion: object, out: object, y: np.ndarray) -> None:
+    """Class-index labels must lie in ``[0, classes)`` of the model's output."""
+    if y.dtype != np.int64 or not uses_class_indices(criterion) or y.size == 0:
+        return
+    classes = out.shape[1] if getattr(out, "dim", lambda: 0)() >= 2 else None  # type: ignore[attr-defined]
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or (classes is not None and hi >= classes):
+        bad = int(np.count_nonzero((y < 0) | ((y >= classes) if classes else False)))
+        raise DataError(
+            f"labelCol: {bad} label(s) outside [0, {classes}) (seen {lo}..{hi}); "
+            f"{type(criterion).__name__} needs class indices below the model's {classes} outputs"
+        )
+
+
+def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The body of one Spark task (``mapInArrow``): train on this partition, yield one result row."""
+    import torch
+    from pyspark import TaskContext
+
+    from . import _native
+    from ._data import batches_to_numpy, check_finite
+    from .util import load_torch_obj
+
+    ctx = TaskContext.get()
+    partition = ctx.partitionId() if ctx is not None else 0
+    attempt = ctx.attemptNumber() if ctx is not None else 0
+
+    x_np, y_np = batches_to_numpy(batches, cfg.label_kind)
+    rows = len(x_np)
+    steps_done = 0
+    last_loss = math.nan
+
+    client = _native.Client(
+        cfg.host,
+        cfg.port,
+        cfg.secret,
+        worker=partition,
+        attempt=attempt,
+        timeout_s=cfg.io_timeout_s,
+        connect_timeout_s=cfg.connect_timeout_s,
+    )
+    try:
+        if rows == 0:
+            log.info("partition %d is empty: leaving the fit", partition)
+            yield _result(partition, attempt, 0, 0, last_loss)
+            return
+
+        check_finite(x_np, "inputCol (features)")
+        if y_np is not None:
+            check_finite(y_np, "labelCol")
+
+        obj = load_torch_obj(cfg.torch_obj)
+        device = task_device(cfg.device)
+        model = obj.model.to(device)
+        model.train()
+        criterion = obj.criterion
+        flat = FlatModel(model, device)
+        if flat.numel != client.num_params:
+            raise ParamError(f"torchObj: the model has {flat.numel} trainable values but the server holds {client.num_params}")
+        forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
+
+        y_t = prepare_targets(criterion, y_np, x_np, cfg.label_kind)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + partition)
+        x_all = torch.from_numpy(x_np)
+        t_all = torch.from_numpy(y_t) if y_t is not x_np else x_all
+
+        # Validation holdout: a random share of this partition, never trained on.
+        val_x = val_t = None
+        if cfg.validation_pct > 0:
+            perm = torch.randperm(rows, generator=gen)
+            n_val = int(rows * cfg.validation_pct)
+            if 0 < n_val < rows:
+                val_idx, train_idx = perm[:n_val], perm[n_val:]
+                val_x, val_t = x_all[val_idx].to(device), t_all[val_idx].to(device)
+                x_all, t_all = x_all[train_idx], t_all[train_idx]
+        n_train = len(x_all)
+        if cfg.mini_batch > n_train:
+            raise ParamError(
+                f"miniBatch={cfg.mini_batch} is larger than partition {partition}'s {n_train} training rows; "
+                "lower miniBatch or use fewer partitions"
+            )
+        x_dev, t_dev = x_all.to(device), t_all.to(device)
+
+        start = max(client.resume_step, cfg.step_offset)
+        end = cfg.step_offset + cfg.iters
+        client.pull(flat.params_np)
+        flat.params_pulled()
+        checked = False
+        for step in range(start, end):
+            if cfg.mini_batch > 0:
+                idx = torch.randperm(n_train, generator=gen)[: cfg.mini_batch].to(device)
+                xb, tb = x_dev[idx], t_dev[idx]
+            else:
+                xb, tb = x_dev, t_dev
+            flat.zero_grad()
+            if not checked:
+                try:
+                    out = forward(xb)
+                except RuntimeError as e:
+                    raise DataError(
+                        f"inputCol: the model cannot take this partition's vectors of {x_np.shape[1]} features "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})"
+                    ) from e
+                check_class_range(criterion, out, y_t)
+                checked = True
+            else:
+                out = forward(xb)
+            loss = _loss(criterion, out, tb)
+            loss.backward()
+            flat.grads_ready()
+            val_loss = math.nan
+            if val_x is not None:
+                with torch.no_grad():
+                    val_loss = float(_loss(criterion, forward(val_x), val_t))
+            last_loss = float(loss.detach())
+            _, stop = client.push_pull(
+                flat.grads_np,
+                flat.params_np,
+                batch_size=len(xb),
+                loss=last_loss,
+                step=step,
+                val_loss=val_loss,
+            )
+            flat.params_pulled()
+            steps_done += 1
+            if stop:
+                log.info("partition %d: global early stop after step %d", partition, step)
+                break
+        yield _result(partition, attempt, rows, steps_done, last_loss)
+    finally:
+        client.close()
+
+
+def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: float) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {
+            "partition": pa.array([partition], pa.int32()),
+            "attempt": pa.array([attempt], pa.int32()),
+            "rows": pa.array([rows], pa.int64()),
+            "steps": pa.array([steps], pa.int32()),
+            "last_loss": pa.array([last_loss], pa.float64()),
+        }
+    )
+
+
+def make_task(cfg: TaskConfig):  # noqa: ANN201 - a closure for mapInArrow
+    """The function handed to ``DataFrame.mapInArrow`` (a closure over ``cfg`` only)."""
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        yield from train_partition(cfg, batches)
+
+    return run

@@ -1,0 +1,264 @@
+"""``SparkTorch``: the Spark ML Estimator that trains a torch model through the parameter server.
+
+Every param, getter and default of the ``sparktorch`` 0.2.0 package is kept (see
+``docs/api.md``); the differences are deliberate fixes: ``port`` defaults to 0 (chosen by the
+OS), the default mode is the parameter server's async-with-locking style, and every param is
+validated before any Spark job starts, with an error that names it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyspark import keyword_only
+from pyspark.ml import Estimator
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+
+MODES = ("hogwild", "async", "synchronous")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+LOST_WORKER_POLICIES = ("drop", "fail")
+
+
+def _to_optional_string(value: Any) -> str | None:
+    return None if value is None else TypeConverters.toString(value)
+
+
+class _SparkTorchParams(Params):
+    """The params of :class:`SparkTorch` (upstream's names and meanings), with getters."""
+
+    inputCol = Param(Params._dummy(), "inputCol", "input column: a Spark ML Vector (or array of numbers)", typeConverter=TypeConverters.toString)
+    labelCol = Param(
+        Params._dummy(),
+        "labelCol",
+        "label column: a number, a Vector or an array; None means the features are the target (autoencoder)",
+        typeConverter=_to_optional_string,
+    )
+    predictionCol = Param(Params._dummy(), "predictionCol", "prediction column of the fitted model", typeConverter=TypeConverters.toString)
+    torchObj = Param(Params._dummy(), "torchObj", "the string made by serialize_torch_obj or serialize_torch_obj_lazy", typeConverter=TypeConverters.toString)
+    iters = Param(Params._dummy(), "iters", "optimizer steps per partition (not epochs)", typeConverter=TypeConverters.toInt)
+    partitions = Param(Params._dummy(), "partitions", "repartition to this many partitions (= workers) when > 0", typeConverter=TypeConverters.toInt)
+    mode = Param(
+        Params._dummy(),
+        "mode",
+        "training style: 'hogwild' (lock-free when acquireLock=False, else async with locking), 'async', or 'synchronous'",
+        typeConverter=TypeConverters.toString,
+    )
+    acquireLock = Param(Params._dummy(), "acquireLock", "in hogwild mode, apply each update whole, one at a time", typeConverter=TypeConverters.toBoolean)
+    useBarrier = Param(Params._dummy(), "useBarrier", "run the training stage in barrier execution mode", typeConverter=TypeConverters.toBoolean)
+    partitionShuffles = Param(Params._dummy(), "partitionShuffles", "repartition and train again this many times", typeConverter=TypeConverters.toInt)
+    port = Param(Params._dummy(), "port", "parameter server port; 0 lets the OS choose", typeConverter=TypeConverters.toInt)
+    verbose = Param(Params._dummy(), "verbose", "0: quiet; 1: progress bar on the driver; 2: also a log line per worker step", typeConverter=TypeConverters.toInt)
+    useVectorOut = Param(Params._dummy(), "useVectorOut", "transform outputs the whole network output as a Vector", typeConverter=TypeConverters.toBoolean)
+    earlyStopPatience = Param(Params._dummy(), "earlyStopPatience", "> 0: stop all workers after this many evaluations without improvement", typeConverter=TypeConverters.toInt)
+    miniBatch = Param(Params._dummy(), "miniBatch", "> 0: rows sampled (without replacement) per step; else the whole partition", typeConverter=TypeConverters.toInt)
+    validationPct = Param(Params._dummy(), "validationPct", "share of each partition held out for validation loss, in [0, 1)", typeConverter=TypeConverters.toFloat)
+    device = Param(Params._dummy(), "device", "'cpu' or 'cuda' (each task uses its own GPU)", typeConverter=TypeConverters.toString)
+    compileMode = Param(Params._dummy(), "compileMode", "torch.compile mode, or None for eager execution", typeConverter=_to_optional_string)
+    seed = Param(Params._dummy(), "seed", "seed of mini-batch sampling and validation splits", typeConverter=TypeConverters.toInt)
+    ioTimeout = Param(Params._dummy(), "ioTimeout", "seconds a task waits on one network read or write of the parameter server", typeConverter=TypeConverters.toFloat)
+    roundTimeout = Param(Params._dummy(), "roundTimeout", "synchronous mode: seconds a round waits for a missing worker", typeConverter=TypeConverters.toFloat)
+    lostWorkerPolicy = Param(
+        Params._dummy(),
+        "lostWorkerPolicy",
+        "synchronous mode, a worker missing past roundTimeout: 'drop' it from the round, or 'fail' the fit",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._setDefault(
+            inputCol="features",
+            labelCol=None,
+            predictionCol="predicted",
+            torchObj="",
+            iters=10,
+            partitions=-1,
+            mode="hogwild",
+            acquireLock=True,
+            useBarrier=False,
+            partitionShuffles=1,
+            port=0,
+            verbose=0,
+            useVectorOut=False,
+            earlyStopPatience=-1,
+            miniBatch=-1,
+            validationPct=0.0,
+            device="cpu",
+            compileMode=None,
+            seed=0,
+            ioTimeout=120.0,
+            roundTimeout=600.0,
+            lostWorkerPolicy="drop",
+        )
+
+    def getInputCol(self) -> str:
+        """The input (features) column."""
+        return self.getOrDefault(self.inputCol)
+
+    def getLabelCol(self) -> str | None:
+        """The label column, or None (autoencoder)."""
+        return self.getOrDefault(self.labelCol)
+
+    def getPredictionCol(self) -> str:
+        """The prediction column of the fitted model."""
+        return self.getOrDefault(self.predictionCol)
+
+    def getTorchObj(self) -> str:
+        """The serialized torch object."""
+        return self.getOrDefault(self.torchObj)
+
+    def getIters(self) -> int:
+        """Optimizer steps per partition."""
+        return self.getOrDefault(self.iters)
+
+    def getPartitions(self) -> int:
+        """Partitions (workers) to repartition to; <= 0 keeps the DataFrame's."""
+        return self.getOrDefault(self.partitions)
+
+    def getMode(self) -> str:
+        """The training style."""
+        return self.getOrDefault(self.mode)
+
+    def getAcquireLock(self) -> bool:
+        """Whether hogwild mode applies updates one at a time."""
+        return self.getOrDefault(self.acquireLock)
+
+    def getUseBarrier(self) -> bool:
+        """Whether the training stage runs in barrier mode."""
+        return self.getOrDefault(self.useBarrier)
+
+    def getPartitionShuffles(self) -> int:
+        """How many times the data is repartitioned and trained on again."""
+        return self.getOrDefault(self.partitionShuffles)
+
+    def getPort(self) -> int:
+        """The parameter server port (0: chosen by the OS)."""
+        return self.getOrDefault(self.port)
+
+    def getVerbose(self) -> int:
+        """The verbosity level."""
+        return self.getOrDefault(self.verbose)
+
+    def getUseVectorOut(self) -> bool:
+        """Whether the fitted model outputs Vectors."""
+        return self.getOrDefault(self.useVectorOut)
+
+    def getEarlyStopPatience(self) -> int:
+        """Early-stopping patience (<= 0: off)."""
+        return self.getOrDefault(self.earlyStopPatience)
+
+    def getMiniBatch(self) -> int:
+        """Rows per step (<= 0: the whole partition)."""
+        return self.getOrDefault(self.miniBatch)
+
+    def getValidationPct(self) -> float:
+        """Share of each partition held out for validation."""
+        return self.getOrDefault(self.validationPct)
+
+    def getDevice(self) -> str:
+        """The torch device of the tasks."""
+        return self.getOrDefault(self.device)
+
+    def getCompileMode(self) -> str | None:
+        """The torch.compile mode, or None."""
+        return self.getOrDefault(self.compileMode)
+
+    def getSeed(self) -> int:
+        """The sampling seed."""
+        return self.getOrDefault(self.seed)
+
+    def getIoTimeout(self) -> float:
+        """Seconds a task waits on one read or write of the parameter server."""
+        return self.getOrDefault(self.ioTimeout)
+
+    def getRoundTimeout(self) -> float:
+        """Synchronous mode: seconds a round waits for a missing worker."""
+        return self.getOrDefault(self.roundTimeout)
+
+    def getLostWorkerPolicy(self) -> str:
+        """Synchronous mode: 'drop' or 'fail' a worker missing past the round timeout."""
+        return self.getOrDefault(self.lostWorkerPolicy)
+
+
+class SparkTorch(Estimator, _SparkTorchParams, DefaultParamsReadable, DefaultParamsWritable):
+    """Train a PyTorch model on a DataFrame across the Spark cluster.
+
+    Example::
+
+        torch_obj = serialize_torch_obj(model=net, criterion=nn.CrossEntropyLoss(),
+                                        optimizer=torch.optim.Adam, lr=1e-3)
+        model = SparkTorch(inputCol="features", labelCol="label", torchObj=torch_obj,
+                           iters=50, partitions=4).fit(df)
+        model.transform(df)
+
+    ``fit`` starts a parameter server in the driver process (bound to the driver's address, port
+    chosen by the OS unless ``port`` is set), runs one Spark task per partition, and returns a
+    :class:`~sparktorch.SparkTorchModel` with the trained parameters and the training history.
+    """
+
+    @keyword_only
+    def __init__(
+        self,
+        inputCol: str | None = None,
+        labelCol: str | None = None,
+        torchObj: str | None = None,
+        iters: int | None = None,
+        predictionCol: str | None = None,
+        partitions: int | None = None,
+        acquireLock: bool | None = None,
+        verbose: int | None = None,
+        mode: str | None = None,
+        device: str | None = None,
+        useBarrier: bool | None = None,
+        useVectorOut: bool | None = None,
+        earlyStopPatience: int | None = None,
+        miniBatch: int | None = None,
+        validationPct: float | None = None,
+        partitionShuffles: int | None = None,
+        port: int | None = None,
+        compileMode: str | None = None,
+        seed: int | None = None,
+        ioTimeout: float | None = None,
+        roundTimeout: float | None = None,
+        lostWorkerPolicy: str | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs = self._input_kwargs
+        self.setParams(**kwargs)
+
+    @keyword_only
+    def setParams(
+        self,
+        inputCol: str | None = None,
+        labelCol: str | None = None,
+        torchObj: str | None = None,
+        iters: int | None = None,
+        predictionCol: str | None = None,
+        partitions: int | None = None,
+        acquireLock: bool | None = None,
+        verbose: int | None = None,
+        mode: str | None = None,
+        device: str | None = None,
+        useBarrier: bool | None = None,
+        useVectorOut: bool | None = None,
+        earlyStopPatience: int | None = None,
+        miniBatch: int | None = None,
+        validationPct: float | None = None,
+        partitionShuffles: int | None = None,
+        port: int | None = None,
+        compileMode: str | None = None,
+        seed: int | None = None,
+        ioTimeout: float | None = None,
+        roundTimeout: float | None = None,
+        lostWorkerPolicy: str | None = None,
+    ) -> "SparkTorch":
+        """Set any of the params by keyword; returns ``self``."""
+        kwargs = self._input_kwargs
+        # An explicit labelCol=None means "no label" (autoencoder), as upstream.
+        return self._set(**kwargs)
+
+    def _fit(self, dataset: Any) -> Any:
+        from ._driver import fit
+
+        return fit(self, dataset)

@@ -1,0 +1,30 @@
+"""Small torch modules for the tests, importable by name on Spark's Python workers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class TwoLayer(nn.Module):
+    """A non-Sequential classifier: two linear layers with a ReLU between."""
+
+    def __init__(self, n_in: int = 5, hidden: int = 8, n_out: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(n_in, hidden)
+        self.fc2 = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class AutoEncoder(nn.Module):
+    """An autoencoder whose target is its input."""
+
+    def __init__(self, n_in: int = 5, code: int = 2) -> None:
+        super().__init__()
+        self.enc = nn.Linear(n_in, code)
+        self.dec = nn.Linear(code, n_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.tanh(self.enc(x)))
