@@ -146,7 +146,8 @@ impl Algorithm for AdamAlgo {
             }
             (p, lerp(m, g, w1), v * b2 + w2 * g * g)
         };
-        let update = move |p: f32, m: f32, v: f32| p + sc.neg_step_size * m / (v.sqrt() / sc.bc2_sqrt + eps);
+        let update =
+            move |p: f32, m: f32, v: f32| p + sc.neg_step_size * m / (v.sqrt() / sc.bc2_sqrt + eps);
         if self.amsgrad {
             d.run(move |p, g, [m, v, vmax]| {
                 let (p, m, v) = moments(p, g, m, v);

@@ -46,7 +46,11 @@ impl<'a> HyperReader<'a> {
 
     fn get(&self, name: &str) -> Option<HyperValue> {
         debug_assert!(self.accepted.contains(&name));
-        self.given.iter().rev().find(|(n, _)| n == name).map(|(_, v)| *v)
+        self.given
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
     }
 
     /// A float, `default` when absent. Bools are refused; integers arrive as floats.
@@ -118,6 +122,11 @@ impl HyperReader<'_> {
 
     /// `0 <= value < 1`, as torch checks each of `betas`.
     pub(crate) fn beta(&self, name: &str, value: f64) -> Result<(), OptimError> {
-        self.check((0.0..1.0).contains(&value), name, value, "must be in [0, 1)")
+        self.check(
+            (0.0..1.0).contains(&value),
+            name,
+            value,
+            "must be in [0, 1)",
+        )
     }
 }

@@ -115,7 +115,11 @@ pub trait Algorithm: Send + Sync + Sized + 'static {
     }
 
     /// Restore scalar state beyond `step` (`st.step` is already set).
-    fn import_scalars(&self, st: &mut StepState, scalars: &[(String, f64)]) -> Result<(), OptimError> {
+    fn import_scalars(
+        &self,
+        st: &mut StepState,
+        scalars: &[(String, f64)],
+    ) -> Result<(), OptimError> {
         let _ = st;
         match scalars.first() {
             None => Ok(()),
@@ -203,11 +207,13 @@ impl Driver for Exclusive<'_> {
                     .map(|(pc, gc)| {
                         // Every buffer has params' length (checked in `Elementwise::step`), so
                         // each iterator yields a chunk here; the empty default is never used.
-                        let bc: [&mut [f32]; N] = its.each_mut().map(|it| it.next().unwrap_or_default());
+                        let bc: [&mut [f32]; N] =
+                            its.each_mut().map(|it| it.next().unwrap_or_default());
                         (pc, gc, bc)
                     })
                     .collect();
-                jobs.into_par_iter().for_each(|(pc, gc, bc)| sequential(pc, gc, bc, &f));
+                jobs.into_par_iter()
+                    .for_each(|(pc, gc, bc)| sequential(pc, gc, bc, &f));
             }
         }
     }
@@ -274,7 +280,10 @@ impl<A: Algorithm> Elementwise<A> {
     pub fn new(hyper: &Hyperparameters, len: usize) -> Result<Self, OptimError> {
         let algo = A::from_hyper(hyper)?;
         let layout = algo.buffers();
-        let bufs = layout.iter().map(|&(_, v)| AtomicF32::vec_filled(v, len)).collect();
+        let bufs = layout
+            .iter()
+            .map(|&(_, v)| AtomicF32::vec_filled(v, len))
+            .collect();
         Ok(Self {
             algo,
             len,
@@ -321,9 +330,16 @@ impl<A: Algorithm> Optimizer for Elementwise<A> {
 
     fn step(&mut self, params: &mut [f32], grads: &[f32]) {
         self.check_lengths(params.len(), grads.len());
-        let st = self.scalars.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let st = self
+            .scalars
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
         let sc = self.algo.begin_step(st);
-        let bufs = self.bufs.iter_mut().map(|b| AtomicF32::as_mut_f32(b)).collect();
+        let bufs = self
+            .bufs
+            .iter_mut()
+            .map(|b| AtomicF32::as_mut_f32(b))
+            .collect();
         self.algo.apply(
             sc,
             Exclusive {
@@ -396,7 +412,11 @@ impl<A: Algorithm> Optimizer for Elementwise<A> {
         };
         self.algo.import_scalars(&mut st, &state.scalars)?;
         let found = |name: &str| state.buffers.iter().rev().find(|(n, _)| n == name);
-        let present = self.layout.iter().filter(|(n, _)| found(n).is_some()).count();
+        let present = self
+            .layout
+            .iter()
+            .filter(|(n, _)| found(n).is_some())
+            .count();
         // All buffers, or none: none is a fresh state (step 0), or SGD before its first step.
         if present == 0 {
             st.initialized = false;
@@ -425,7 +445,10 @@ impl<A: Algorithm> Optimizer for Elementwise<A> {
                 }
             }
         }
-        *self.scalars.get_mut().unwrap_or_else(PoisonError::into_inner) = st;
+        *self
+            .scalars
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = st;
         Ok(())
     }
 }

@@ -14,15 +14,25 @@
 //! Numerics follow `torch.optim` (2.x, single-tensor "for-loop" implementation, `f32` math where
 //! torch does it in `f32`), so that one worker training through the server equals plain PyTorch.
 
+mod adam;
+mod adam_family;
+mod adaptive;
 pub mod atomic;
 mod error;
 mod hyper;
+pub mod kernel;
 mod sgd;
+#[cfg(test)]
+mod tests;
 
+pub use adam::{Adam, AdamAlgo, AdamW, AdamWAlgo};
+pub use adam_family::{Adamax, AdamaxAlgo, NAdam, NAdamAlgo, RAdam, RAdamAlgo};
+pub use adaptive::{Adadelta, AdadeltaAlgo, Adagrad, AdagradAlgo, RmsProp, RmsPropAlgo};
 pub use atomic::AtomicF32;
 pub use error::OptimError;
 pub use hyper::{HyperValue, Hyperparameters};
-pub use sgd::Sgd;
+pub use kernel::{Elementwise, Parallelism};
+pub use sgd::{Sgd, SgdAlgo};
 
 /// A snapshot of an optimizer's state, named as `torch.optim` names it.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -51,6 +61,12 @@ pub trait Optimizer: Send + Sync {
         self.len() == 0
     }
 
+    /// How large steps are split into parallel chunks (default: [`Parallelism::default`]).
+    /// Results do not depend on it: every element's update is independent of the others.
+    fn set_parallelism(&mut self, par: Parallelism) {
+        let _ = par;
+    }
+
     /// One step with exclusive access. `params.len() == grads.len() == self.len()`.
     fn step(&mut self, params: &mut [f32], grads: &[f32]);
 
@@ -66,7 +82,9 @@ pub trait Optimizer: Send + Sync {
 }
 
 /// Names accepted by [`build`], as `torch.optim` class names.
-pub const SUPPORTED: &[&str] = &["SGD"];
+pub const SUPPORTED: &[&str] = &[
+    "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
+];
 
 /// Build the optimizer called `name` (a `torch.optim` class name, case-insensitive) for `len`
 /// parameter elements, with the given hyperparameters (missing ones take torch's defaults).
@@ -77,6 +95,14 @@ pub fn build(
 ) -> Result<Box<dyn Optimizer>, OptimError> {
     match name.to_ascii_lowercase().as_str() {
         "sgd" => Ok(Box::new(Sgd::new(hyper, len)?)),
+        "adam" => Ok(Box::new(Adam::new(hyper, len)?)),
+        "adamw" => Ok(Box::new(AdamW::new(hyper, len)?)),
+        "adagrad" => Ok(Box::new(Adagrad::new(hyper, len)?)),
+        "rmsprop" => Ok(Box::new(RmsProp::new(hyper, len)?)),
+        "adadelta" => Ok(Box::new(Adadelta::new(hyper, len)?)),
+        "adamax" => Ok(Box::new(Adamax::new(hyper, len)?)),
+        "nadam" => Ok(Box::new(NAdam::new(hyper, len)?)),
+        "radam" => Ok(Box::new(RAdam::new(hyper, len)?)),
         _ => Err(OptimError::UnknownOptimizer {
             name: name.to_string(),
             supported: SUPPORTED.join(", "),

@@ -4,7 +4,14 @@ use crate::hyper::HyperReader;
 use crate::kernel::{Algorithm, Driver, Elementwise, StepState};
 use crate::{HyperValue, Hyperparameters, OptimError};
 
-const ACCEPTED: &[&str] = &["lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"];
+const ACCEPTED: &[&str] = &[
+    "lr",
+    "momentum",
+    "dampening",
+    "weight_decay",
+    "nesterov",
+    "maximize",
+];
 
 /// `torch.optim.SGD` over flat buffers.
 pub type Sgd = Elementwise<SgdAlgo>;
@@ -45,7 +52,12 @@ impl Algorithm for SgdAlgo {
         r.nonneg("weight_decay", a.weight_decay)?;
         r.finite("dampening", a.dampening)?;
         if a.nesterov && (a.momentum <= 0.0 || a.dampening != 0.0) {
-            r.check(false, "nesterov", 1.0, "Nesterov momentum requires a momentum and zero dampening")?;
+            r.check(
+                false,
+                "nesterov",
+                1.0,
+                "Nesterov momentum requires a momentum and zero dampening",
+            )?;
         }
         Ok(a)
     }
