@@ -122,7 +122,10 @@ def _forward(model: nn.Module, dev: torch.device, x: np.ndarray, batch: int) -> 
     outs = []
     with torch.inference_mode():
         for start in range(0, x.shape[0], batch):
-            chunk = torch.from_numpy(x[start : start + batch]).to(dev, non_blocking=True)
+            part = x[start : start + batch]
+            if not part.flags.writeable:  # Arrow memory is read-only; an in-place layer
+                part = part.copy()  # (ReLU(inplace=True)) must not write into it
+            chunk = torch.from_numpy(part).to(dev, non_blocking=True)
             out = model(chunk)
             if isinstance(out, (tuple, list)):
                 out = out[0]

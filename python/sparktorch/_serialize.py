@@ -572,6 +572,10 @@ def serialize_model(module: nn.Module, model_spec: Any = None) -> str:
         header = {"kind": "spec", "spec": {"class": spec[0], "kwargs": _to_json_value(spec[1])}}
         blob = _container(header, weights)
     else:
+        if any(t.device.type != "cpu" for t in module.state_dict().values() if isinstance(t, torch.Tensor)):
+            import copy
+
+            module = copy.deepcopy(module).to("cpu")  # loadable on hosts without that device
         try:
             pickled = cloudpickle.dumps(module)
         except Exception as exc:  # noqa: BLE001

@@ -45,7 +45,7 @@ def _make_udf(predict: Any, vector_out: bool) -> Any:
     """Wrap ``predict`` (``pa.Array -> pa.Array``) as a scalar Arrow UDF (pandas UDF on 3.5)."""
     return_type = ArrayType(DoubleType(), containsNull=False) if vector_out else DoubleType()
     try:
-        from pyspark.sql.pandas.functions import ArrowUDFType, arrow_udf
+        from pyspark.sql.pandas.functions import arrow_udf
     except ImportError:  # PySpark < 4.1: a pandas UDF over the same function
         import pandas as pd
         import pyarrow as pa
@@ -56,7 +56,7 @@ def _make_udf(predict: Any, vector_out: bool) -> Any:
             return predict(arr).to_pandas()
 
         return pandas_udf(via_pandas, return_type)  # type: ignore[call-overload]
-    return arrow_udf(predict, return_type, ArrowUDFType.SCALAR)
+    return arrow_udf(predict, return_type)  # scalar: inferred from the pa.Array type hints
 
 
 class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel"], MLWritable):
@@ -277,7 +277,10 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
         if is_vector:
             from pyspark.ml.functions import vector_to_array
 
-            features = vector_to_array(F.col(in_col), "float32")
+            # vector_to_array refuses nulls: keep them null, the UDF predicts null for them
+            features = F.when(
+                F.col(in_col).isNotNull(), vector_to_array(F.col(in_col), "float32")
+            )
         else:
             features = F.col(in_col).cast("array<float>")
         result = udf(features)
