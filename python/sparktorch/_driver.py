@@ -269,6 +269,8 @@ def fit(est: Any, dataset: Any) -> Any:
     if plan.partitions > 0:
         frame = frame.repartition(plan.partitions)
     num_parts = frame.rdd.getNumPartitions() if plan.partitions <= 0 else plan.partitions
+    if num_parts == 0:
+        raise DataError("the DataFrame has zero rows (and no partitions): nothing to train on")
     slots = cluster_slots(sc)
     needs_all = est.getUseBarrier() or plan.engine_mode == "synchronous"
     if needs_all and num_parts > slots:

@@ -13,7 +13,8 @@ from typing import Any
 from pyspark import keyword_only
 from pyspark.ml import Estimator
 from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+
+from ._persist import SparkTorchParamsReadable, SparkTorchParamsWritable
 
 MODES = ("hogwild", "async", "synchronous")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -181,7 +182,7 @@ class _SparkTorchParams(Params):
         return self.getOrDefault(self.lostWorkerPolicy)
 
 
-class SparkTorch(Estimator, _SparkTorchParams, DefaultParamsReadable, DefaultParamsWritable):
+class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTorchParamsWritable):
     """Train a PyTorch model on a DataFrame across the Spark cluster.
 
     Example::

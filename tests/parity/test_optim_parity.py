@@ -1,9 +1,8 @@
 """Server-side optimizers against torch.optim.
 
 Validation and state-conversion tests run everywhere. The trajectory tests drive the real engine
-(``sparktorch._native.ParameterServer`` in mode ``"async"`` with one ``Client``) and need the
-binding built (``scripts/setup.sh``); until it exposes ``ParameterServer`` they are skipped with
-that reason, so the gap shows in pytest's summary (``-rs``).
+(``sparktorch._native.ParameterServer`` in mode ``"async"`` with one ``Client``) and run through
+the Python binding exactly as the estimator does.
 """
 
 from __future__ import annotations
@@ -22,16 +21,7 @@ from sparktorch.errors import ParamError
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from cases import CASES, gradient_scale  # noqa: E402
 
-try:
-    from sparktorch import _native
-
-    HAVE_SERVER = hasattr(_native, "ParameterServer") and hasattr(_native, "Client")
-except ImportError:  # pragma: no cover - the extension is not built at all
-    HAVE_SERVER = False
-
-needs_server = pytest.mark.skipif(
-    not HAVE_SERVER, reason="sparktorch._native.ParameterServer/Client not built yet (binding pending)"
-)
+from sparktorch import _native  # noqa: E402
 
 STEPS = 200
 CONTINUE = 10
@@ -196,7 +186,6 @@ def start_server(name: str, hyper: dict, model: torch.nn.Module):
     return server, client
 
 
-@needs_server
 @pytest.mark.parametrize("case,name,kwargs", CASES, ids=IDS)
 def test_server_matches_torch(case: str, name: str, kwargs: dict) -> None:
     model = make_model()

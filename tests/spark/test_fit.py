@@ -51,7 +51,7 @@ def torch_reference(model, criterion, opt_cls, opt_kwargs, x, target, iters):
 
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:
-    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -131,7 +131,7 @@ def test_regression_with_mse(spark):
     )
     lin = fitted.getPytorchModel()
     np.testing.assert_allclose(lin.weight.detach().numpy().ravel(), w, atol=1e-2)
-    np.testing.assert_allclose(float(lin.bias), 0.5, atol=1e-2)
+    np.testing.assert_allclose(float(lin.bias.detach()), 0.5, atol=1e-2)
 
 
 def test_autoencoder_without_label(spark):

@@ -1,0 +1,94 @@
+"""Bad input gets a clear error naming the param or column at fault; nothing hangs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.linalg import Vectors
+
+from nets import TwoLayer
+from sparktorch import SparkTorch, serialize_torch_obj
+from sparktorch.errors import DataError, ParamError, SerializationError
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _obj(lr: float = 0.05) -> str:
+    torch.manual_seed(0)
+    return serialize_torch_obj(TwoLayer(5, 8, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=lr)
+
+
+def _rows(n: int = 20, nan_rows: int = 0, label_max: int = 2):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 5))
+    x[:nan_rows, 0] = math.nan
+    y = rng.integers(0, label_max + 1, size=n)
+    y[0] = label_max
+    return [(Vectors.dense(r.tolist()), float(v)) for r, v in zip(x, y)]
+
+
+def _fit(df, **kwargs):
+    args = {"inputCol": "features", "labelCol": "label", "torchObj": _obj(), "iters": 3, **kwargs}
+    return SparkTorch(**args).fit(df)
+
+
+def test_nan_in_features_reports_the_row_count(spark):
+    df = spark.sparkContext.parallelize(_rows(20, nan_rows=3), 1).toDF(["features", "label"])
+    with pytest.raises(DataError, match=r"3 row\(s\) contain NaN"):
+        _fit(df)
+
+
+def test_nan_in_labels(spark):
+    rows = [(f, math.nan if i < 2 else y) for i, (f, y) in enumerate(_rows(20))]
+    df = spark.sparkContext.parallelize(rows, 1).toDF(["features", "label"])
+    with pytest.raises(DataError, match="labelCol"):
+        _fit(df)
+
+
+def test_labels_out_of_range_for_cross_entropy(spark):
+    df = spark.sparkContext.parallelize(_rows(20, label_max=7), 1).toDF(["features", "label"])
+    with pytest.raises(DataError, match=r"labelCol.*outside \[0, 3\)"):
+        _fit(df)
+
+
+def test_zero_rows(spark):
+    df = spark.sparkContext.parallelize(_rows(4), 2).toDF(["features", "label"]).limit(0)
+    with pytest.raises(DataError, match="zero rows"):
+        _fit(df)
+
+
+def test_feature_size_mismatch_known_from_metadata_fails_before_the_job(spark):
+    pdf = spark.createDataFrame([(1.0, 2.0, 3.0, 0.0)], ["a", "b", "c", "label"])
+    df = VectorAssembler(inputCols=["a", "b", "c"], outputCol="features").transform(pdf)
+    with pytest.raises(DataError, match=r"inputCol 'features'.*3 features"):
+        _fit(df)
+
+
+def test_feature_size_mismatch_without_metadata(spark):
+    rows = [(Vectors.dense([1.0, 2.0, 3.0]), 0.0)] * 4
+    df = spark.sparkContext.parallelize(rows, 1).toDF(["features", "label"])
+    with pytest.raises(DataError, match="inputCol"):
+        _fit(df)
+
+
+def test_minibatch_larger_than_a_partition(spark):
+    df = spark.sparkContext.parallelize(_rows(20), 2).toDF(["features", "label"])
+    with pytest.raises(ParamError, match="miniBatch=50"):
+        _fit(df, miniBatch=50)
+
+
+def test_foreign_torch_obj_string(spark):
+    df = spark.sparkContext.parallelize(_rows(4), 1).toDF(["features", "label"])
+    with pytest.raises(SerializationError):
+        _fit(df, torchObj="definitely not a sparktorch object")
+
+
+def test_non_vector_features_column(spark):
+    df = spark.createDataFrame([("x", 1.0)], ["features", "label"])
+    with pytest.raises(DataError, match="inputCol: column 'features' has type string"):
+        _fit(df)
