@@ -28,6 +28,10 @@ CONTINUE = 10
 # |server - torch| / max(1, |torch|) after every step. torch's vectorised CPU kernels fuse
 # multiply-adds where the server rounds twice: differences are a few ulps (see docs/optimizers.md).
 TOL = 1e-6
+# SGD with a momentum buffer: the buffer carries each step's one-ulp FMA difference forward
+# (torch: buf = fma(grad, 1 - dampening, buf * momentum); p = fma(buf, -lr, p)), so over 200 steps
+# the differences add up to a few ulps of |p| ~ 10 (measured: 2.2e-6). See docs/optimizers.md.
+TOL_BY_CASE = {"sgd_momentum": 4e-6, "sgd_dampening_wd": 4e-6, "sgd_nesterov_max": 4e-6}
 SECRET = b"parity-test-secret-0123456789"
 IDS = [c[0] for c in CASES]
 
@@ -202,7 +206,8 @@ def test_server_matches_torch(case: str, name: str, kwargs: dict) -> None:
             client.pull(out)
             worst = max(worst, rel_diff(out, flat(trainable(model))))
         assert server.version() == STEPS
-        assert worst <= TOL, f"{case}: max relative diff {worst:.3e}"
+        tol = TOL_BY_CASE.get(case, TOL)
+        assert worst <= tol, f"{case}: max relative diff {worst:.3e}"
 
         # Export the server's state into torch; continuing in torch equals continuing on the server.
         state = server.optimizer_state()
@@ -216,7 +221,7 @@ def test_server_matches_torch(case: str, name: str, kwargs: dict) -> None:
             client.push(flat(g), batch_size=1, loss=0.0, step=step)
         client.pull(out)
         cont = rel_diff(out, flat(trainable(twin)))
-        assert cont <= TOL, f"{case}: continuing in torch differs by {cont:.3e}"
+        assert cont <= tol, f"{case}: continuing in torch differs by {cont:.3e}"
 
         # And back: torch's state loads into the server.
         server.load_optimizer_state(from_torch_optimizer(twin_opt))
