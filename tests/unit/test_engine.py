@@ -3,6 +3,7 @@ modes, errors. Loopback only, ports chosen by the OS, no Spark."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -338,3 +339,21 @@ def test_engine_logs_reach_python_logging(caplog):
             time.sleep(0.01)
     records = [r for r in caplog.records if r.name == "sparktorch.engine"]
     assert any(r.levelname == "WARNING" and "authentication failed" in r.getMessage() for r in records)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_gets_its_own_runtime():
+    # PySpark forks Python workers from a parent that may already run engine threads.
+    with make_server() as parent_ps:
+        pid = os.fork()
+        if pid == 0:  # the child: a fresh server and client must work
+            code = 1
+            try:
+                with make_server(n=3) as ps, client(ps) as c:
+                    c.push(np.ones(3, np.float32), batch_size=1, loss=0.0, step=0)
+                    code = 0 if ps.version() == 1 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        assert parent_ps.running

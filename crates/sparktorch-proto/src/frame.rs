@@ -455,7 +455,7 @@ pub fn decode_header(
                 found: meta_len,
             })
         }
-        None if meta_len < 4 || meta_len > 4 + MAX_ERROR_MESSAGE_BYTES => {
+        None if !(4..=4 + MAX_ERROR_MESSAGE_BYTES).contains(&meta_len) => {
             return Err(ProtoError::InvalidField {
                 kind,
                 field: "meta_len",
@@ -477,7 +477,7 @@ pub fn decode_header(
             max,
         });
     }
-    if payload_len % 4 != 0 {
+    if !payload_len.is_multiple_of(4) {
         return Err(ProtoError::PayloadMisaligned { len: payload_len });
     }
     Ok(FrameHeader {
@@ -656,7 +656,7 @@ pub fn encode_head(msg: &Message, payload_len: usize, out: &mut Vec<u8>) -> Resu
             reason: "this kind carries no payload",
         });
     }
-    if payload_len > MAX_PAYLOAD_BYTES || payload_len % 4 != 0 {
+    if payload_len > MAX_PAYLOAD_BYTES || !payload_len.is_multiple_of(4) {
         return Err(ProtoError::Unencodable {
             kind,
             reason: "payload over MAX_PAYLOAD_BYTES or not whole f32 values",
@@ -845,9 +845,7 @@ impl Decoder {
             return Err(ProtoError::BadMagic { found });
         }
         let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-            return Ok(Decoded::NeedMore {
-                needed: HEADER_LEN,
-            });
+            return Ok(Decoded::NeedMore { needed: HEADER_LEN });
         };
         let header = decode_header(head, self.max_payload)?;
         let total = header.frame_len();

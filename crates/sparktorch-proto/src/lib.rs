@@ -72,5 +72,15 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// How long each side waits for the other's next handshake frame before closing.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Upper bound on the extra time a `Pull` with `newer_than` waits beyond the round timeout, so
+/// that a round closed by its own timeout (lost worker) still answers the pulls waiting for it.
+pub const PULL_WAIT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a server lets a `Pull` with `newer_than` wait: the round timeout plus a grace of
+/// `min(PULL_WAIT_GRACE, round_timeout)`.
+pub fn pull_wait(round_timeout: Duration) -> Duration {
+    round_timeout.saturating_add(round_timeout.min(PULL_WAIT_GRACE))
+}
+
 /// Default bound on every read and write of an established connection.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);

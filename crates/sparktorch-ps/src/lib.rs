@@ -1,1 +1,46 @@
-//! placeholder
+//! The sparktorch parameter server: a tokio server, a blocking client, the parameter store, the
+//! three training modes, and the server's counters.
+//!
+//! Modules:
+//! - [`config`]: what a server is started with ([`ServerConfig`]) and its validation;
+//! - [`store`]: the flat `f32` parameters and the optimizer, stored per mode (atomics for
+//!   hogwild, a versioned copy-on-write snapshot for async and synchronous);
+//! - [`server`]: [`Server`] and its `run(listener, shutdown)`: handshake, requests, rounds,
+//!   early stopping, stats;
+//! - [`client`]: [`Client`], a blocking client over `std::net::TcpStream` for executor tasks;
+//! - [`stats`]: [`Stats`], the snapshot of the counters;
+//! - [`error`]: [`PsError`] (server side) and [`ClientError`].
+//!
+//! Threading, modes and the protocol are described in `docs/engine.md` and `docs/protocol.md`.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod stats;
+pub mod store;
+mod wire;
+
+pub use client::{Client, ClientOptions, PushOutcome};
+pub use config::{LostWorkerPolicy, ServerConfig};
+pub use error::{ClientError, PsError};
+pub use server::Server;
+pub use sparktorch_proto::{Mode, PROTOCOL_VERSION};
+pub use stats::Stats;
+pub use store::Layout;
+
+/// Lock a std mutex, recovering the data if a panicking thread poisoned it (the state it
+/// protects is kept consistent by each critical section, which never panics midway by design).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read-lock a std RwLock, recovering from poison (see [`lock`]).
+pub(crate) fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write-lock a std RwLock, recovering from poison (see [`lock`]).
+pub(crate) fn write<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}

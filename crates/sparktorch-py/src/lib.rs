@@ -4,12 +4,25 @@
 //! core errors to the `sparktorch.errors` hierarchy (declared once, in Python), and releases the
 //! GIL around every blocking call. Nothing here starts a thread or a runtime at import time:
 //! PySpark forks its Python workers, so runtimes are built lazily, per process.
+//!
+//! Modules: [`errors`] (the error mapping), [`runtime`] (the lazy per-process tokio runtime and
+//! log setup), [`server`] (`ParameterServer`), [`client`] (`Client`), [`convert`] (dicts and
+//! arrays to engine types and back).
 
 use pyo3::prelude::*;
+
+mod client;
+mod convert;
+mod errors;
+mod runtime;
+mod server;
 
 /// The module `sparktorch._native`.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PROTOCOL_VERSION", sparktorch_proto::PROTOCOL_VERSION)?;
+    m.add_class::<server::ParameterServer>()?;
+    m.add_class::<client::Client>()?;
     Ok(())
 }

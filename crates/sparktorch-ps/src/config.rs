@@ -1,0 +1,121 @@
+//! What a server is started with.
+
+use std::time::Duration;
+
+use sparktorch_proto::{Mode, MIN_SECRET_LEN};
+
+use crate::PsError;
+
+/// What a synchronous round does about a worker that has not pushed within the round timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostWorkerPolicy {
+    /// Close the round without it; it is counted as lost (it may re-register later).
+    Drop,
+    /// Record a fatal `WorkerLost` error and answer every waiter (and every later request)
+    /// with it.
+    Fail,
+}
+
+impl LostWorkerPolicy {
+    /// Parse the Python API name (`"drop"`, `"fail"`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "drop" => Some(Self::Drop),
+            "fail" => Some(Self::Fail),
+            _ => None,
+        }
+    }
+}
+
+/// How a server behaves. Build with [`ServerConfig::new`] and adjust fields.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The per-server secret clients prove with HMAC (at least [`MIN_SECRET_LEN`] bytes).
+    pub secret: Vec<u8>,
+    /// Training style.
+    pub mode: Mode,
+    /// Worker ids are `0..num_workers`; synchronous rounds and early-stop evaluations wait for
+    /// every one of them that is neither done nor lost.
+    pub num_workers: u32,
+    /// How long a synchronous round (or a pull waiting for a newer version) waits.
+    pub round_timeout: Duration,
+    /// What happens to a worker missing at the round timeout.
+    pub lost_worker_policy: LostWorkerPolicy,
+    /// Evaluations without strict improvement before `should_stop`; `None` disables.
+    pub early_stop_patience: Option<u32>,
+    /// Bound on every read and write of an established connection. The wait for the first
+    /// byte of the next request (a worker computing) is bounded by the larger of this and
+    /// `round_timeout`.
+    pub io_timeout: Duration,
+    /// Bound on each handshake step.
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("secret", &"<redacted>")
+            .field("mode", &self.mode)
+            .field("num_workers", &self.num_workers)
+            .field("round_timeout", &self.round_timeout)
+            .field("lost_worker_policy", &self.lost_worker_policy)
+            .field("early_stop_patience", &self.early_stop_patience)
+            .field("io_timeout", &self.io_timeout)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// Defaults of the Python API: one worker, 600 s rounds, drop policy, no early stop, 60 s
+    /// I/O timeout.
+    pub fn new(secret: impl Into<Vec<u8>>, mode: Mode) -> Self {
+        Self {
+            secret: secret.into(),
+            mode,
+            num_workers: 1,
+            round_timeout: Duration::from_secs(600),
+            lost_worker_policy: LostWorkerPolicy::Drop,
+            early_stop_patience: None,
+            io_timeout: sparktorch_proto::DEFAULT_IO_TIMEOUT,
+            handshake_timeout: sparktorch_proto::HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    /// Check every field; the error names the offending one.
+    pub fn validate(&self) -> Result<(), PsError> {
+        let bad = |param, reason: String| Err(PsError::InvalidConfig { param, reason });
+        if self.secret.len() < MIN_SECRET_LEN {
+            return bad(
+                "secret",
+                format!(
+                    "must be at least {MIN_SECRET_LEN} bytes, got {}",
+                    self.secret.len()
+                ),
+            );
+        }
+        if self.num_workers == 0 {
+            return bad("num_workers", "must be >= 1".into());
+        }
+        if self.round_timeout.is_zero() {
+            return bad("round_timeout_s", "must be > 0".into());
+        }
+        if self.io_timeout.is_zero() {
+            return bad("io_timeout_s", "must be > 0".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake_timeout", "must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// A positive, finite number of seconds as a `Duration`, or an error naming `param`.
+pub fn seconds(param: &'static str, s: f64) -> Result<Duration, PsError> {
+    if !(s.is_finite() && s > 0.0 && s < 1e9) {
+        return Err(PsError::InvalidConfig {
+            param,
+            reason: format!("must be a positive number of seconds, got {s}"),
+        });
+    }
+    Ok(Duration::from_secs_f64(s))
+}
