@@ -313,6 +313,7 @@ def fit(est: Any, dataset: Any) -> Any:
             cfg = TaskConfig(
                 host=connect,
                 port=port,
+                synchronous=plan.engine_mode == "synchronous",
                 secret=secret,
                 torch_obj=est.getTorchObj(),
                 iters=plan.iters,
@@ -327,6 +328,10 @@ def fit(est: Any, dataset: Any) -> Any:
                 connect_timeout_s=min(60.0, est.getIoTimeout()),
             )
             trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
+            if est.getUseBarrier():
+                # Spark retries a failed barrier stage as a whole only when it is a shuffle-map
+                # stage (a failed barrier *result* stage aborts the job): end it with a shuffle.
+                trained = trained.repartition(1)
             sc.setJobGroup(group, f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}", interruptOnCancel=True)
             progress.start(0)
             try:

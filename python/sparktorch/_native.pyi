@@ -3,6 +3,8 @@
 This stub is the contract between the Python package and the engine. Errors raised are the
 classes of :mod:`sparktorch.errors`. Every blocking call releases the GIL and is bounded by a
 timeout. Nothing here starts a thread or a runtime at import time (PySpark forks its workers).
+Engine logs go to the :mod:`logging` logger ``"sparktorch.engine"``, pre-filtered by the
+environment variable ``SPARKTORCH_LOG`` (default ``info``). Wire format: ``docs/protocol.md``.
 """
 
 from typing import Any, Literal

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class TaskConfig:
 
     host: str
     port: int
+    synchronous: bool
     secret: bytes
     torch_obj: str
     iters: int
@@ -175,6 +177,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
     rows = len(x_np)
     steps_done = 0
     last_loss = math.nan
+    finished = False
 
     client = _native.Client(
         cfg.host,
@@ -188,6 +191,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
     try:
         if rows == 0:
             log.info("partition %d is empty: leaving the fit", partition)
+            finished = True
             yield _result(partition, attempt, 0, 0, last_loss)
             return
 
@@ -207,8 +211,11 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
 
         y_t = prepare_targets(criterion, y_np, x_np, cfg.label_kind)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + partition)
-        x_all = torch.from_numpy(x_np)
-        t_all = torch.from_numpy(y_t) if y_t is not x_np else x_all
+        with warnings.catch_warnings():
+            # Arrow's buffers are read-only; the tensors over them are only ever read.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x_all = torch.from_numpy(x_np)
+            t_all = torch.from_numpy(y_t) if y_t is not x_np else x_all
 
         # Validation holdout: a random share of this partition, never trained on.
         val_x = val_t = None
@@ -229,7 +236,13 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
 
         start = max(client.resume_step, cfg.step_offset)
         end = cfg.step_offset + cfg.iters
-        client.pull(flat.params_np)
+        if start > 0 and cfg.synchronous:
+            # A restarted synchronous worker may have pushed step start-1 into a round that is
+            # still open: step `start` must see that round's result (version `start`), not the
+            # parameters the round began with.
+            client.pull(flat.params_np, newer_than=start - 1)
+        else:
+            client.pull(flat.params_np)
         flat.params_pulled()
         checked = False
         for step in range(start, end):
@@ -272,9 +285,14 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
             if stop:
                 log.info("partition %d: global early stop after step %d", partition, step)
                 break
+        finished = True
         yield _result(partition, attempt, rows, steps_done, last_loss)
     finally:
-        client.close()
+        # Bye only when done (an empty partition is done at once). A task that fails is not
+        # done: the server keeps its place (a synchronous round waits for its retry, up to
+        # roundTimeout), and dropping the Client closes the socket without a Bye.
+        if finished:
+            client.close()
 
 
 def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: float) -> pa.RecordBatch:

@@ -357,3 +357,26 @@ def test_a_forked_child_gets_its_own_runtime():
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0
         assert parent_ps.running
+
+
+def test_stop_wakes_waiting_clients_with_server_unavailable():
+    ps = make_server(n=2, mode="synchronous", num_workers=2, round_timeout_s=30.0)
+    c = client(ps, worker=0)
+    c.push(np.ones(2, np.float32), batch_size=1, loss=1.0, step=0)
+    caught = []
+
+    def wait():
+        try:
+            c.pull(np.zeros(2, np.float32), newer_than=0)
+        except errors.EngineError as e:
+            caught.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.1)  # let the pull reach the server and wait there
+    t0 = time.monotonic()
+    ps.stop()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 5
+    assert isinstance(caught[0], errors.ServerUnavailableError)
+    assert not ps.running and ps.version() == 0

@@ -225,13 +225,13 @@ mod tests {
     use super::*;
     use sparktorch_optim::{build, HyperValue};
 
-    fn sgd(len: usize) -> Box<dyn Optimizer> {
-        build("SGD", &vec![("lr".into(), HyperValue::Float(1.0))], len).unwrap()
+    fn sgd(len: usize) -> Result<Box<dyn Optimizer>, sparktorch_optim::OptimError> {
+        build("SGD", &vec![("lr".into(), HyperValue::Float(1.0))], len)
     }
 
     #[test]
-    fn locked_store_steps_in_place_and_copy_on_write() {
-        let store = Store::new(vec![0.0; 4], sgd(4), Mode::Async);
+    fn locked_store_steps_in_place_and_copy_on_write() -> Result<(), sparktorch_optim::OptimError> {
+        let store = Store::new(vec![0.0; 4], sgd(4)?, Mode::Async);
         assert_eq!(store.apply(&[1.0; 4]), 1);
         let mut scratch = Vec::new();
         let held = store.view(&mut scratch);
@@ -240,14 +240,16 @@ mod tests {
         assert_eq!(held.version(), 1);
         assert_eq!(held.data(), &[-1.0; 4]);
         assert_eq!(store.snapshot(), (2, vec![-2.0; 4]));
+        Ok(())
     }
 
     #[test]
-    fn hogwild_store_steps() {
-        let store = Store::new(vec![1.0; 3], sgd(3), Mode::Hogwild);
+    fn hogwild_store_steps() -> Result<(), sparktorch_optim::OptimError> {
+        let store = Store::new(vec![1.0; 3], sgd(3)?, Mode::Hogwild);
         store.apply(&[0.5; 3]);
         let mut out = [0.0; 3];
         assert_eq!(store.copy_into(&mut out), 1);
         assert_eq!(out, [0.5; 3]);
+        Ok(())
     }
 }

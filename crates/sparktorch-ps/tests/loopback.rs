@@ -703,3 +703,55 @@ fn a_worker_that_leaves_no_longer_holds_up_synchronous_rounds() {
     let s = r.server.stats();
     assert_eq!((s.workers_done, s.workers_live, s.workers_lost), (2, 1, 0));
 }
+
+#[test]
+fn random_retries_and_replays_never_apply_a_step_twice() {
+    let r = Running::start(server(Mode::Async, vec![0.0; 8], 2, |_| {}));
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut rand = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut attempts = [0u32; 2];
+    let mut clients: Vec<Option<Client>> = vec![None, None];
+    for _ in 0..300 {
+        let w = rand(2) as usize;
+        if clients[w].is_none() || rand(10) == 0 {
+            // A retried task: a newer attempt, continuing from the server's resume step.
+            if rand(2) == 0 {
+                attempts[w] += 1;
+            }
+            clients[w] = Some(r.client(w as u32, attempts[w]).unwrap());
+        }
+        let c = clients[w].as_mut().unwrap();
+        // Mostly the next step; sometimes a replay of an earlier one.
+        let next = r
+            .server
+            .stats()
+            .steps_per_worker
+            .get(&(w as u32))
+            .copied()
+            .unwrap_or(0);
+        let step = if next > 0 && rand(3) == 0 {
+            rand(next)
+        } else {
+            next
+        };
+        let ack = c.push(&[1.0; 8], step, 1, 0.0, None).unwrap();
+        assert_eq!(ack.duplicate, step < next);
+    }
+    let history = r.server.history();
+    let mut seen = std::collections::HashSet::new();
+    for (w, step, _, _) in &history {
+        assert!(
+            seen.insert((*w, *step)),
+            "step {step} of worker {w} applied twice"
+        );
+    }
+    let s = r.server.stats();
+    assert_eq!(s.version as usize, history.len());
+    assert_eq!(s.updates + s.duplicates, 300);
+    assert_eq!(r.server.parameters().1, vec![-(history.len() as f32); 8]);
+}

@@ -1,0 +1,209 @@
+//! Workers, idempotence, early stopping, history and staleness: the small state every
+//! connection updates, under one short-held mutex.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use sparktorch_proto::{ErrorCode, PushMeta};
+use tracing::info;
+
+use super::conn::Refusal;
+
+/// Number of recent losses averaged per worker in [`crate::Stats::recent_loss`].
+const RECENT_LOSSES: usize = 10;
+
+/// Where a worker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Status {
+    /// Registered and expected (or not yet registered).
+    Live,
+    /// Said `Bye`.
+    Done,
+    /// Missed a synchronous round (drop policy).
+    Lost,
+}
+
+/// What the server remembers per worker.
+#[derive(Debug)]
+pub(super) struct Worker {
+    /// The newest attempt registered; older ones are refused.
+    pub(super) attempt: u32,
+    /// Highest step applied (or accepted into a round) + 1: the resume step.
+    pub(super) next_step: u64,
+    /// Where the worker is.
+    pub(super) status: Status,
+    /// Pushes applied.
+    pub(super) updates: u64,
+    /// Version of the parameters last sent to it (for staleness).
+    pub(super) last_pulled: Option<u64>,
+    /// Its last few training losses.
+    pub(super) recent: VecDeque<f64>,
+}
+
+impl Worker {
+    /// A worker seen for the first time (live, nothing applied).
+    pub(super) fn new(attempt: u32) -> Self {
+        Self {
+            attempt,
+            next_step: 0,
+            status: Status::Live,
+            updates: 0,
+            last_pulled: None,
+            recent: VecDeque::new(),
+        }
+    }
+}
+
+/// Workers, early stopping, history: small state under one short-held mutex.
+#[derive(Default)]
+pub(super) struct Coord {
+    /// Every worker that ever registered.
+    pub(super) workers: BTreeMap<u32, Worker>,
+    /// Latest loss (validation loss when reported) per worker since the last evaluation.
+    pub(super) pending_losses: BTreeMap<u32, f64>,
+    /// Best evaluated mean loss.
+    pub(super) best_loss: Option<f64>,
+    /// Evaluations since the last strict improvement.
+    pub(super) bad_evaluations: u32,
+    /// Global early stop reached.
+    pub(super) should_stop: bool,
+    /// `(worker, step, loss, val_loss)` per applied push.
+    pub(super) history: Vec<(u32, u64, f64, f64)>,
+    /// Sum of staleness over applied pushes.
+    pub(super) staleness_sum: u64,
+    /// Largest staleness.
+    pub(super) staleness_max: u64,
+    /// Number of staleness samples.
+    pub(super) staleness_count: u64,
+    /// A fatal condition; every later request is answered with it.
+    pub(super) fatal: Option<String>,
+}
+
+impl Coord {
+    pub(super) fn is_live(&self, w: u32) -> bool {
+        self.workers
+            .get(&w)
+            .is_none_or(|x| x.status == Status::Live)
+    }
+
+    pub(super) fn live(&self, num_workers: u32) -> Vec<u32> {
+        (0..num_workers).filter(|&w| self.is_live(w)).collect()
+    }
+
+    /// Judge a push. `Ok(None)`: a duplicate. `Ok(Some(staleness))`: accept (the step is
+    /// reserved).
+    pub(super) fn check_push(
+        &mut self,
+        p: &PushMeta,
+        version: u64,
+    ) -> Result<Option<u64>, Refusal> {
+        if let Some(f) = &self.fatal {
+            return Err((ErrorCode::WorkerLost, f.clone()));
+        }
+        let Some(w) = self.workers.get_mut(&p.worker) else {
+            return Err((
+                ErrorCode::NotRegistered,
+                format!("worker {} is not registered", p.worker),
+            ));
+        };
+        if p.attempt < w.attempt {
+            return Err((
+                ErrorCode::StaleAttempt,
+                format!(
+                    "worker {} attempt {} is stale: attempt {} has registered",
+                    p.worker, p.attempt, w.attempt
+                ),
+            ));
+        }
+        if p.step < w.next_step {
+            return Ok(None);
+        }
+        if w.status != Status::Live {
+            // A worker dropped for missing a round (it was slow, not dead), or one that said
+            // Bye and pushes again: it takes part again from this push on.
+            info!(worker = p.worker, attempt = p.attempt, "worker rejoined");
+            w.status = Status::Live;
+        }
+        w.next_step = p.step + 1;
+        let base = w.last_pulled.unwrap_or(p.base_version);
+        Ok(Some(version.saturating_sub(base)))
+    }
+
+    /// Book an applied (or round-accepted) push.
+    pub(super) fn record(&mut self, p: &PushMeta, staleness: u64) {
+        self.history.push((p.worker, p.step, p.loss, p.val_loss));
+        if let Some(w) = self.workers.get_mut(&p.worker) {
+            w.updates += 1;
+            if w.recent.len() == RECENT_LOSSES {
+                w.recent.pop_front();
+            }
+            w.recent.push_back(p.loss);
+        }
+        self.staleness_sum += staleness;
+        self.staleness_count += 1;
+        self.staleness_max = self.staleness_max.max(staleness);
+    }
+
+    /// One early-stopping evaluation of a mean loss.
+    pub(super) fn evaluate(&mut self, mean: f64, patience: Option<u32>) {
+        // Only a strict improvement counts (a NaN loss never improves).
+        let improved = self.best_loss.is_none_or(|best| mean < best) && !mean.is_nan();
+        if improved {
+            self.best_loss = Some(mean);
+            self.bad_evaluations = 0;
+        } else {
+            self.bad_evaluations += 1;
+        }
+        if let Some(p) = patience {
+            if self.bad_evaluations >= p {
+                self.should_stop = true;
+            }
+        }
+    }
+
+    /// Async/hogwild: evaluate once every live worker has reported since the last evaluation.
+    pub(super) fn maybe_evaluate(&mut self, num_workers: u32, patience: Option<u32>) {
+        let live = self.live(num_workers);
+        if self.pending_losses.is_empty()
+            || !live.iter().all(|w| self.pending_losses.contains_key(w))
+        {
+            return;
+        }
+        let n = self.pending_losses.len() as f64;
+        let mean = self.pending_losses.values().sum::<f64>() / n;
+        self.pending_losses.clear();
+        self.evaluate(mean, patience);
+    }
+}
+
+/// The loss early stopping looks at: the validation loss when reported.
+pub(super) fn eval_loss(p: &PushMeta) -> f64 {
+    if p.val_loss.is_nan() {
+        p.loss
+    } else {
+        p.val_loss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_stopping_counts_non_improvements() {
+        let mut c = Coord::default();
+        c.evaluate(1.0, Some(2));
+        c.evaluate(0.5, Some(2));
+        c.evaluate(0.5, Some(2)); // not a strict improvement
+        assert!(!c.should_stop);
+        c.evaluate(0.7, Some(2));
+        assert!(c.should_stop);
+        assert_eq!(c.best_loss, Some(0.5));
+        // Async evaluation waits for every live worker.
+        c.pending_losses.insert(0, 0.1);
+        c.maybe_evaluate(2, None);
+        assert_eq!(c.best_loss, Some(0.5));
+        c.pending_losses.insert(1, 0.3);
+        c.maybe_evaluate(2, None);
+        assert_eq!(c.best_loss, Some(0.2));
+    }
+}
