@@ -28,3 +28,16 @@ class AutoEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dec(torch.tanh(self.enc(x)))
+
+
+class CompileProbe(nn.Module):
+    """Learns only when compiled: in eager mode its output is multiplied by zero (no gradient),
+    under ``torch.compile`` tracing it is a plain linear layer."""
+
+    def __init__(self, n_in: int = 5, n_out: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if torch.compiler.is_compiling() else 0.0
+        return self.fc(x) * scale

@@ -194,7 +194,13 @@ def translate_job_error(exc: BaseException) -> BaseException | None:
 
 
 class _Progress:
-    """Polls the server's stats and shows a progress bar (``verbose >= 1``)."""
+    """Turns the server's stats into driver-side progress while a fit runs.
+
+    ``verbose >= 1``: a progress bar (steps done / total, mean recent loss, updates/s).
+    ``verbose >= 2``: also one log line per applied step (worker, step, loss, validation loss).
+    """
+
+    POLL_S = 0.5
 
     def __init__(self, server: Any, total: int, verbose: int) -> None:
         self._server = server
@@ -202,43 +208,100 @@ class _Progress:
         self._verbose = verbose
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._base = 0
 
-    def start(self, base_updates: int) -> None:
-        self._base = base_updates
-        if self._verbose < 1:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="sparktorch-progress", daemon=True)
-        self._thread.start()
+    def __enter__(self) -> "_Progress":
+        if self._verbose >= 1:
+            self._thread = threading.Thread(target=self._run, name="sparktorch-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
     def _run(self) -> None:
         from tqdm.auto import tqdm
 
         t0 = time.monotonic()
+        logged = 0
         with tqdm(total=self._total, desc="sparktorch", unit="step", leave=True) as bar:
-            done = 0
             while True:
-                stopping = self._stop.wait(0.5)
+                stopping = self._stop.wait(self.POLL_S)
                 try:
                     st = self._server.stats()
+                    history = self._server.history() if self._verbose >= 2 else []
                 except Exception:  # noqa: BLE001 - the server is gone: the fit reports why
                     break
-                now = self._base + int(sum(st.get("updates_per_worker", {}).values()))
-                steps = min(now, self._total)
-                bar.update(steps - done)
-                done = steps
+                for worker, step, loss, val_loss in history[logged:]:
+                    log.info("worker %d step %d: loss %.5f, validation loss %.5f", worker, step, loss, val_loss)
+                logged = max(logged, len(history))
+                done = min(int(st.get("updates", 0)), self._total)
+                bar.update(done - bar.n)
                 losses = [v for v in st.get("recent_loss", {}).values() if v == v]
-                rate = st.get("updates", 0) / max(time.monotonic() - t0, 1e-9)
+                rate = done / max(time.monotonic() - t0, 1e-9)
                 bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}" if losses else "-", upd_s=f"{rate:.1f}")
                 if stopping:
                     break
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+
+def _run_jobs(
+    est: Any, plan: FitPlan, frame: Any, label_kind: str, server: Any, connect: str, secret: bytes, num_parts: int
+) -> list[Any]:
+    """Run one Spark job per partition shuffle; return the tasks' result rows.
+
+    A failed job is re-raised as the server's fatal error when it has one, else as the
+    sparktorch error the task raised (re-created on the driver), else as Spark raised it.
+    """
+    from ._task import RESULT_SCHEMA, TaskConfig, make_task
+
+    sc = frame.sparkSession.sparkContext
+    port = server.address[1]
+    group = f"sparktorch-{uuid.uuid4().hex[:12]}"
+    results: list[Any] = []
+    for shuffle in range(plan.shuffles):
+        if shuffle > 0:
+            if server.stats().get("should_stop"):
+                break
+            frame = frame.repartition(num_parts)
+        cfg = TaskConfig(
+            host=connect,
+            port=port,
+            synchronous=plan.engine_mode == "synchronous",
+            secret=secret,
+            torch_obj=est.getTorchObj(),
+            iters=plan.iters,
+            step_offset=shuffle * plan.iters,
+            label_kind=label_kind,
+            mini_batch=plan.mini_batch,
+            validation_pct=plan.validation_pct,
+            device=plan.device,
+            compile_mode=plan.compile_mode,
+            seed=est.getSeed() + shuffle,
+            io_timeout_s=est.getIoTimeout(),
+            connect_timeout_s=min(60.0, est.getIoTimeout()),
+        )
+        trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
+        if est.getUseBarrier():
+            # Spark retries a failed barrier stage as a whole only when it is a shuffle-map
+            # stage (a failed barrier *result* stage aborts the job): end it with a shuffle.
+            trained = trained.repartition(1)
+        sc.setJobGroup(group, f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}", interruptOnCancel=True)
+        try:
+            results.extend(trained.collect())
+        except KeyboardInterrupt:
+            sc.cancelJobGroup(group)
+            raise
+        except Exception as e:
+            err = server.stats().get("error")
+            if err:
+                raise EngineError(f"training failed: {err}") from e
+            translated = translate_job_error(e)
+            if translated is not None:
+                raise translated from e
+            raise
+    return results
 
 
 def fit(est: Any, dataset: Any) -> Any:
@@ -249,7 +312,6 @@ def fit(est: Any, dataset: Any) -> Any:
     from . import _native
     from ._data import training_frame
     from ._optim import resolve_optimizer
-    from ._task import RESULT_SCHEMA, TaskConfig, make_task
     from .model import SparkTorchModel
     from .util import load_torch_obj
 
@@ -301,54 +363,9 @@ def fit(est: Any, dataset: Any) -> Any:
     host, port = server.address
     log.info("parameter server (%s) listening on %s:%d for %d workers", plan.engine_mode, host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles
-    progress = _Progress(server, total, plan.verbose)
-    group = f"sparktorch-{uuid.uuid4().hex[:12]}"
-    results: list[Any] = []
     try:
-        for shuffle in range(plan.shuffles):
-            if shuffle > 0:
-                if server.stats().get("should_stop"):
-                    break
-                frame = frame.repartition(num_parts)
-            cfg = TaskConfig(
-                host=connect,
-                port=port,
-                synchronous=plan.engine_mode == "synchronous",
-                secret=secret,
-                torch_obj=est.getTorchObj(),
-                iters=plan.iters,
-                step_offset=shuffle * plan.iters,
-                label_kind=info.label_kind,
-                mini_batch=plan.mini_batch,
-                validation_pct=plan.validation_pct,
-                device=plan.device,
-                compile_mode=plan.compile_mode,
-                seed=est.getSeed() + shuffle,
-                io_timeout_s=est.getIoTimeout(),
-                connect_timeout_s=min(60.0, est.getIoTimeout()),
-            )
-            trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
-            if est.getUseBarrier():
-                # Spark retries a failed barrier stage as a whole only when it is a shuffle-map
-                # stage (a failed barrier *result* stage aborts the job): end it with a shuffle.
-                trained = trained.repartition(1)
-            sc.setJobGroup(group, f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}", interruptOnCancel=True)
-            progress.start(0)
-            try:
-                results.extend(trained.collect())
-            except KeyboardInterrupt:
-                sc.cancelJobGroup(group)
-                raise
-            except Exception as e:
-                err = server.stats().get("error")
-                if err:
-                    raise EngineError(f"training failed: {err}") from e
-                translated = translate_job_error(e)
-                if translated is not None:
-                    raise translated from e
-                raise
-            finally:
-                progress.stop()
+        with _Progress(server, total, plan.verbose):
+            results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts)
         if sum(r["rows"] for r in results) == 0:
             raise DataError("the DataFrame has zero rows: nothing to train on")
         err = server.stats().get("error")

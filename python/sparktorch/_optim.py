@@ -376,7 +376,7 @@ def from_torch_optimizer(optimizer: Any) -> dict[str, Any]:
     if states and all(s for s in states):
         for k in names:
             parts = []
-            for p, s in zip(params, states):
+            for s in states:
                 v = s.get(k)
                 if v is None:
                     raise ParamError(f"{name}: state {k!r} is missing for some parameters")

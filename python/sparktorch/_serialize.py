@@ -250,11 +250,52 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
+def _local_modules(objects: list[Any]) -> list[Any]:
+    """The user's own modules among those defining ``objects`` (and their submodules).
+
+    A class from a module next to the driver script (or in the working directory) is usually
+    not importable on the executors: such modules are pickled by value. Installed packages
+    (site-packages), the standard library, torch and sparktorch are pickled by reference.
+    """
+    import os
+    import sys
+    import sysconfig
+
+    installed = {os.path.realpath(p) for k in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_paths().get(k))}
+    roots = {os.path.realpath(p) for p in (sys.path[0] if sys.path and sys.path[0] else None, os.getcwd()) if p}
+    classes: list[type] = []
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            classes.extend(type(m) for m in obj.modules())
+        elif isinstance(obj, type):
+            classes.append(obj)
+        elif obj is not None:
+            classes.append(type(obj))
+    found: dict[str, Any] = {}
+    for cls in classes:
+        name = getattr(cls, "__module__", "") or ""
+        if name == "__main__" or name.split(".")[0] in ("torch", "sparktorch", "builtins") or name in found:
+            continue
+        module = sys.modules.get(name)
+        path = os.path.realpath(getattr(module, "__file__", None) or "")
+        if not path or any(path.startswith(p + os.sep) for p in installed):
+            continue
+        if any(path.startswith(r + os.sep) for r in roots):
+            found[name] = module
+    return list(found.values())
+
+
 def _encode_pickle_torchobj(payload: dict[str, Any]) -> str:
+    local = _local_modules([payload.get("model"), payload.get("model_class"), payload.get("criterion")])
+    for module in local:
+        cloudpickle.register_pickle_by_value(module)
     try:
         data = cloudpickle.dumps(payload)
     except Exception as exc:  # noqa: BLE001
         raise SerializationError(f"cannot pickle the torch object: {exc}") from exc
+    finally:
+        for module in local:
+            cloudpickle.unregister_pickle_by_value(module)
     return f"{TORCHOBJ_PREFIX}{TORCHOBJ_VERSION};pickle;{base64.b64encode(data).decode('ascii')}"
 
 
@@ -451,6 +492,12 @@ def load_torch_obj(torch_obj: str) -> TorchObj:
     if kind == "pickle" and sep:
         try:
             payload = cloudpickle.loads(base64.b64decode(body, validate=True))
+        except ModuleNotFoundError as exc:
+            raise SerializationError(
+                f"the torchObj refers to module {exc.name!r}, which this Python process cannot "
+                "import: install it on every executor, ship it with "
+                "spark.sparkContext.addPyFile(...), or define the class in the driver script"
+            ) from exc
         except Exception as exc:  # noqa: BLE001
             raise SerializationError(
                 f"corrupt torchObj pickle ({type(exc).__name__}: {exc}); {_RESERIALIZE_HINT}"

@@ -251,3 +251,21 @@ def test_missing_columns_and_wrong_types(spark):
         SparkTorch(inputCol="features", labelCol="s", torchObj=obj).fit(df.selectExpr("features", "'a' as s"))
     with pytest.raises(DataError, match="inputCol"):
         SparkTorch(inputCol="label", labelCol="label", torchObj=obj).fit(df)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compile_mode_really_compiles(spark):
+    from nets import CompileProbe
+
+    x, y = blobs(40, seed=13)
+    torch.manual_seed(13)
+    probe = CompileProbe(N_IN, N_CLASSES)
+    before = probe.fc.weight.detach().clone()
+    obj = serialize_torch_obj(probe, nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+    df = frame(spark, x, y, 1)
+    eager = SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=3).fit(df)
+    compiled = SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=3, compileMode="default").fit(df)
+    # The probe learns only when torch.compile traced it.
+    assert torch.equal(eager.getPytorchModel().fc.weight.detach(), before)
+    assert not torch.equal(compiled.getPytorchModel().fc.weight.detach(), before)
