@@ -52,6 +52,9 @@ class ParameterServer:
         lost_worker_policy: Literal["drop", "fail"] = "drop",
         early_stop_patience: int = -1,
         io_timeout_s: float = 60.0,
+        checkpoint_path: str | None = None,
+        checkpoint_interval: int = 0,
+        resume_from: str | None = None,
     ) -> None:
         """Bind ``host:port`` (0 = chosen by the OS) and start serving.
 
@@ -64,6 +67,18 @@ class ParameterServer:
         ``early_stop_patience`` > 0 enables global early stopping (see :meth:`stats`).
         Raises :class:`~sparktorch.errors.ParamError` for a bad argument (the message names
         it) and ``OSError`` when the address cannot be bound (e.g. port in use).
+
+        Checkpoints (format: ``docs/engine.md``, "Checkpoints"): with ``checkpoint_path`` (a
+        directory, created if needed) the server writes ``<dir>/checkpoint.safetensors`` every
+        ``checkpoint_interval`` versions (0: none but the final one) in the background, and once
+        more in :meth:`stop`; a failed write is logged and counted (``stats()``), never fatal.
+        ``resume_from`` (a checkpoint file, or a directory holding ``checkpoint.safetensors``)
+        continues from it: parameters (``params`` only gives the length), optimizer state,
+        version, each worker's ``resume_step`` and the early-stopping state. Its layout (names
+        and shapes), optimizer name and mode must equal the ones given here
+        (:class:`~sparktorch.errors.CheckpointError` naming the mismatch); the hyperparameters
+        given here win (a warning is logged where they differ). A missing, corrupt or foreign
+        file raises :class:`~sparktorch.errors.CheckpointError` naming the file.
         """
 
     @property
@@ -92,6 +107,12 @@ class ParameterServer:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Replace the optimizer state (same form as :meth:`optimizer_state`)."""
 
+    def save_checkpoint(self, path: str) -> None:
+        """Write a checkpoint now: to ``path`` when it ends in ``.safetensors``, else to
+        ``<path>/checkpoint.safetensors`` (directories are created). Atomic (temp file, fsync,
+        rename); raises :class:`~sparktorch.errors.CheckpointError` naming the file on
+        failure."""
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the server's counters, at any time:
 
@@ -102,7 +123,10 @@ class ParameterServer:
         ``auth_failures``, ``bytes_in``, ``bytes_out``, ``recent_loss`` (dict worker -> mean of
         its last 10 losses), ``staleness_mean`` / ``staleness_max`` (versions between a worker's
         pull and its push), ``should_stop`` (global early stop reached), ``best_loss``,
-        ``error`` (str or None: a fatal condition such as a lost worker under ``"fail"``).
+        ``error`` (str or None: a fatal condition such as a lost worker under ``"fail"``),
+        ``checkpoint_errors`` (failed automatic/final checkpoint writes),
+        ``last_checkpoint_version`` / ``last_checkpoint_path`` (int / str, None before the
+        first checkpoint written).
         """
 
     def history(self) -> list[tuple[int, int, float, float]]:
@@ -192,3 +216,14 @@ class Client:
 
     def __enter__(self) -> "Client": ...
     def __exit__(self, *exc: object) -> None: ...
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Read and validate a checkpoint (a file, or a directory holding
+    ``checkpoint.safetensors``). Returns ``{"path", "format", "format_version",
+    "engine_version", "mode", "version", "optimizer", "hyperparameters", "num_workers",
+    "layout": [(name, shape)], "workers": {worker: {"next_step", "attempt"}},
+    "early_stop": {"best_loss", "bad_evaluations", "should_stop"}, "created_unix", "created",
+    "params": flat float32 ndarray, "optimizer_state": same form as
+    :meth:`ParameterServer.optimizer_state`}``. Raises
+    :class:`~sparktorch.errors.CheckpointError` naming the file (missing, truncated, corrupt,
+    not a checkpoint, newer format)."""

@@ -57,11 +57,75 @@ fn bench_synchronous_push_pull() {
     );
 }
 
+/// A real checkpoint: an async Adam server after two steps of worker 0.
+fn write_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
+    use sparktorch_optim::HyperValue;
+    use sparktorch_ps::{Mode, Server, ServerConfig};
+    let opt =
+        sparktorch_optim::build("Adam", &vec![("lr".into(), HyperValue::Float(0.1))], 6).unwrap();
+    let layout = vec![("w".to_string(), vec![2, 2]), ("b".to_string(), vec![2])];
+    let server = Server::new(
+        vec![1.0, 2.0, 3.0, 4.0, -1.0, 0.5],
+        layout,
+        opt,
+        ServerConfig::new(b"cli-test-secret-0123".to_vec(), Mode::Async),
+    )
+    .unwrap();
+    server.save_checkpoint(dir).unwrap().1
+}
+
 #[test]
-fn inspect_says_checkpoints_are_not_supported_yet() {
-    let out = bin().args(["inspect", "model.ckpt"]).output().unwrap();
+fn inspect_prints_a_checkpoint_as_a_table_and_as_json() {
+    let dir = std::env::temp_dir().join(format!("spt-cli-inspect-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = write_checkpoint(&dir);
+    let out = bin().args(["inspect"]).arg(&dir).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "mode            async",
+        "Adam",
+        "parameters",
+        "w ",
+        "[2, 2]",
+        "l2",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} missing in:\n{stdout}");
+    }
+    let out = bin()
+        .args(["inspect", "--json"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["optimizer"], "Adam");
+    assert_eq!(v["num_params"], 6);
+    assert_eq!(v["params"][0]["name"], "w");
+    assert_eq!(v["params"][0]["max"], 4.0);
+    assert_eq!(v["params"][1]["l2"], (1.25f64).sqrt());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn inspect_refuses_a_corrupt_file_with_its_name() {
+    let file = std::env::temp_dir().join(format!(
+        "spt-cli-corrupt-{}.safetensors",
+        std::process::id()
+    ));
+    std::fs::write(&file, b"\x08\0\0\0\0\0\0\0{}garbage").unwrap();
+    let out = bin().args(["inspect"]).arg(&file).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet supported"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spt-cli-corrupt") && stderr.contains("invalid"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&file);
 }
 
 #[test]

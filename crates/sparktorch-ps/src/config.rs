@@ -1,5 +1,6 @@
 //! What a server is started with.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sparktorch_proto::{Mode, MIN_SECRET_LEN};
@@ -49,6 +50,13 @@ pub struct ServerConfig {
     pub io_timeout: Duration,
     /// Bound on each handshake step.
     pub handshake_timeout: Duration,
+    /// Directory of the server's checkpoint (`<dir>/checkpoint.safetensors`, created if
+    /// needed): written every `checkpoint_interval` versions and once more when the server
+    /// stops. `None`: no automatic checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Versions between two automatic checkpoints; 0: only the final one (needs
+    /// `checkpoint_dir`).
+    pub checkpoint_interval: u64,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -61,6 +69,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("lost_worker_policy", &self.lost_worker_policy)
             .field("early_stop_patience", &self.early_stop_patience)
             .field("io_timeout", &self.io_timeout)
+            .field("checkpoint_dir", &self.checkpoint_dir)
+            .field("checkpoint_interval", &self.checkpoint_interval)
             .finish()
     }
 }
@@ -78,6 +88,8 @@ impl ServerConfig {
             early_stop_patience: None,
             io_timeout: sparktorch_proto::DEFAULT_IO_TIMEOUT,
             handshake_timeout: sparktorch_proto::HANDSHAKE_TIMEOUT,
+            checkpoint_dir: None,
+            checkpoint_interval: 0,
         }
     }
 
@@ -104,6 +116,12 @@ impl ServerConfig {
         }
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout", "must be > 0".into());
+        }
+        if self.checkpoint_interval > 0 && self.checkpoint_dir.is_none() {
+            return bad(
+                "checkpoint_interval",
+                "needs checkpoint_path (the directory to write checkpoints to)".into(),
+            );
         }
         Ok(())
     }

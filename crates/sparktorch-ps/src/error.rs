@@ -21,6 +21,9 @@ pub enum PsError {
     /// The listener failed (accept errors are logged and retried; this is for setup).
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// A checkpoint could not be written, read, or used to resume.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// `run` was called a second time on the same server.
     #[error("this server is already running or has run")]
     AlreadyRan,

@@ -9,10 +9,13 @@
 //!   early stopping, stats;
 //! - [`client`]: [`Client`], a blocking client over `std::net::TcpStream` for executor tasks;
 //! - [`stats`]: [`Stats`], the snapshot of the counters;
+//! - [`checkpoint`]: [`Checkpoint`], one `safetensors` file with the parameters, the optimizer
+//!   state and what a resume needs (atomic writes, validated reads);
 //! - [`error`]: [`PsError`] (server side) and [`ClientError`].
 //!
 //! Threading, modes and the protocol are described in `docs/engine.md` and `docs/protocol.md`.
 
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -21,6 +24,7 @@ pub mod stats;
 pub mod store;
 mod wire;
 
+pub use checkpoint::{Checkpoint, CheckpointError};
 pub use client::{Client, ClientOptions, PushOutcome};
 pub use config::{LostWorkerPolicy, ServerConfig};
 pub use error::{ClientError, PsError};

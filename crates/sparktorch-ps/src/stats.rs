@@ -48,4 +48,10 @@ pub struct Stats {
     pub best_loss: f64,
     /// A fatal condition (e.g. a lost worker under the "fail" policy).
     pub error: Option<String>,
+    /// Checkpoint writes that failed (automatic and final ones; each is logged).
+    pub checkpoint_errors: u64,
+    /// Version of the last checkpoint written (`None`: none yet).
+    pub last_checkpoint_version: Option<u64>,
+    /// File of the last checkpoint written.
+    pub last_checkpoint_path: Option<String>,
 }

@@ -86,18 +86,28 @@ impl ParamsView<'_> {
 impl Store {
     /// A store over `params` for `mode`.
     pub fn new(params: Vec<f32>, optimizer: Box<dyn Optimizer>, mode: Mode) -> Self {
+        Self::with_version(params, optimizer, mode, 0)
+    }
+
+    /// A store over `params` that has already applied `version` steps (a resumed checkpoint).
+    pub fn with_version(
+        params: Vec<f32>,
+        optimizer: Box<dyn Optimizer>,
+        mode: Mode,
+        version: u64,
+    ) -> Self {
         let len = params.len();
         let values = match mode {
             Mode::Hogwild => Values::Atomic(AtomicF32::vec_from(&params)),
             Mode::Async | Mode::Synchronous => Values::Locked(RwLock::new(Snapshot {
-                version: 0,
+                version,
                 data: Arc::new(params),
             })),
         };
         Self {
             values,
             optimizer: RwLock::new(optimizer),
-            version: AtomicU64::new(0),
+            version: AtomicU64::new(version),
             len,
         }
     }
@@ -120,11 +130,21 @@ impl Store {
     /// Apply one gradient (`grads.len() == self.len()`); returns the new version. Hogwild steps
     /// run concurrently; the others one at a time.
     pub fn apply(&self, grads: &[f32]) -> u64 {
+        self.apply_then(grads, |_| {})
+    }
+
+    /// [`Store::apply`], then `on_applied(new_version)` while the step's lock is still held
+    /// (async / synchronous), so that [`Store::consistent_snapshot`] sees the step and whatever
+    /// `on_applied` records together, or neither. Hogwild steps hold no exclusive lock:
+    /// `on_applied` runs right after the step.
+    pub fn apply_then(&self, grads: &[f32], on_applied: impl FnOnce(u64)) -> u64 {
         match &self.values {
             Values::Atomic(cells) => {
                 let opt = read(&self.optimizer);
                 opt.step_relaxed(cells, grads);
-                self.version.fetch_add(1, Ordering::AcqRel) + 1
+                let v = self.version.fetch_add(1, Ordering::AcqRel) + 1;
+                on_applied(v);
+                v
             }
             Values::Locked(lock) => {
                 let mut opt = write(&self.optimizer);
@@ -134,6 +154,7 @@ impl Store {
                         opt.step(values, grads);
                         snap.version += 1;
                         self.version.store(snap.version, Ordering::Release);
+                        on_applied(snap.version);
                         return snap.version;
                     }
                 }
@@ -146,7 +167,35 @@ impl Store {
                 snap.data = Arc::new(next);
                 snap.version += 1;
                 self.version.store(snap.version, Ordering::Release);
+                on_applied(snap.version);
                 snap.version
+            }
+        }
+    }
+
+    /// For a checkpoint: the version, the parameters, the optimizer state and `with()`'s
+    /// result, taken together under the optimizer's read lock. In async / synchronous mode no
+    /// step can run meanwhile (steps take the write lock), so all four belong to one version;
+    /// the parameters are shared, not copied (the next step copies them instead of stepping
+    /// in place). In hogwild mode concurrent steps continue: the result is best effort (the
+    /// parameters and the state may mix steps around the reported version).
+    pub fn consistent_snapshot<T>(
+        &self,
+        with: impl FnOnce(&dyn Optimizer) -> T,
+    ) -> (u64, Arc<Vec<f32>>, OptimizerState, T) {
+        let opt = read(&self.optimizer);
+        let opt = opt.as_ref();
+        match &self.values {
+            Values::Atomic(cells) => {
+                let version = self.version();
+                let data: Vec<f32> = cells.iter().map(AtomicF32::load).collect();
+                let state = opt.export_state();
+                (version, Arc::new(data), state, with(opt))
+            }
+            Values::Locked(lock) => {
+                let snap = read(lock).clone();
+                let state = opt.export_state();
+                (snap.version, snap.data, state, with(opt))
             }
         }
     }

@@ -755,3 +755,7 @@ fn random_retries_and_replays_never_apply_a_step_twice() {
     assert_eq!(s.updates + s.duplicates, 300);
     assert_eq!(r.server.parameters().1, vec![-(history.len() as f32); 8]);
 }
+
+// Checkpoints and resume, end to end (a submodule so that the crate keeps one integration-test
+// binary).
+mod checkpoint;

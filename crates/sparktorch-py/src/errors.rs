@@ -32,6 +32,7 @@ pub(crate) fn ps_err(py: Python<'_>, e: PsError) -> PyErr {
         PsError::InvalidConfig { .. } | PsError::Optimizer(_) => param_err(py, e.to_string()),
         PsError::Io(_) => PyOSError::new_err(e.to_string()),
         PsError::AlreadyRan => engine_err(py, "EngineError", e.to_string()),
+        PsError::Checkpoint(_) => engine_err(py, "CheckpointError", e.to_string()),
     }
 }
 

@@ -24,5 +24,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", sparktorch_proto::PROTOCOL_VERSION)?;
     m.add_class::<server::ParameterServer>()?;
     m.add_class::<client::Client>()?;
+    m.add_function(wrap_pyfunction!(server::read_checkpoint, m)?)?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `ParameterServer`: a server running on this process's tokio runtime.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,13 +9,14 @@ use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use sparktorch_proto::Mode;
+use sparktorch_ps::checkpoint::{self, Checkpoint};
 use sparktorch_ps::config::seconds;
 use sparktorch_ps::{LostWorkerPolicy, Server, ServerConfig};
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::convert::{f32_array, hyperparameters, parse_state, state_dict};
+use crate::convert::{f32_array, hyper_dict, hyperparameters, parse_state, state_dict};
 use crate::errors::{engine_err, param_err, ps_err};
 use crate::runtime::runtime;
 
@@ -58,7 +60,8 @@ impl ParameterServer {
     #[pyo3(signature = (
         params, layout, optimizer, hyperparameters, *, secret, mode = "async",
         host = "127.0.0.1", port = 0, num_workers = 1, round_timeout_s = 600.0,
-        lost_worker_policy = "drop", early_stop_patience = -1, io_timeout_s = 60.0
+        lost_worker_policy = "drop", early_stop_patience = -1, io_timeout_s = 60.0,
+        checkpoint_path = None, checkpoint_interval = 0, resume_from = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -76,6 +79,9 @@ impl ParameterServer {
         lost_worker_policy: &str,
         early_stop_patience: i64,
         io_timeout_s: f64,
+        checkpoint_path: Option<PathBuf>,
+        checkpoint_interval: i64,
+        resume_from: Option<PathBuf>,
     ) -> PyResult<Self> {
         crate::runtime::init_logging(py);
         let params = f32_array(py, params, "params")?;
@@ -124,9 +130,38 @@ impl ParameterServer {
         } else {
             None
         };
+        if checkpoint_interval < 0 {
+            return Err(param_err(
+                py,
+                format!("checkpoint_interval must be >= 0, got {checkpoint_interval}"),
+            ));
+        }
+        config.checkpoint_interval = checkpoint_interval as u64;
+        config.checkpoint_dir = checkpoint_path;
         let opt = sparktorch_optim::build(optimizer, &hyper, values.len())
             .map_err(|e| param_err(py, format!("optimizer: {e}")))?;
-        let server = Server::new(values, layout, opt, config).map_err(|e| ps_err(py, e))?;
+        let server = match resume_from {
+            None => Server::new(values, layout, opt, config).map_err(|e| ps_err(py, e))?,
+            Some(path) => {
+                let file = checkpoint::resolve(&path);
+                let ckpt = py
+                    .detach(|| Checkpoint::read(&file))
+                    .map_err(|e| ps_err(py, e.into()))?;
+                if ckpt.params.len() != values.len() {
+                    return Err(engine_err(
+                        py,
+                        "CheckpointError",
+                        format!(
+                            "checkpoint {} does not match this server: params: the checkpoint has {} parameters, params has {}",
+                            file.display(),
+                            ckpt.params.len(),
+                            values.len()
+                        ),
+                    ));
+                }
+                Server::resume(layout, opt, config, ckpt, &file).map_err(|e| ps_err(py, e))?
+            }
+        };
 
         let listener = std::net::TcpListener::bind((host, port as u16))
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -225,6 +260,15 @@ impl ParameterServer {
             .map_err(|e| param_err(py, format!("state: {e}")))
     }
 
+    /// Write a checkpoint now (a `.safetensors` file, or a directory holding
+    /// `checkpoint.safetensors`).
+    fn save_checkpoint(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let server = self.server.clone();
+        py.detach(move || server.save_checkpoint(&path))
+            .map(|_| ())
+            .map_err(|e| ps_err(py, e))
+    }
+
     /// A snapshot of the server's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.server.stats();
@@ -249,6 +293,9 @@ impl ParameterServer {
         d.set_item("should_stop", s.should_stop)?;
         d.set_item("best_loss", s.best_loss)?;
         d.set_item("error", s.error)?;
+        d.set_item("checkpoint_errors", s.checkpoint_errors)?;
+        d.set_item("last_checkpoint_version", s.last_checkpoint_version)?;
+        d.set_item("last_checkpoint_path", s.last_checkpoint_path)?;
         Ok(d)
     }
 
@@ -327,4 +374,47 @@ impl Drop for ParameterServer {
             let _ = r.stop.send(());
         }
     }
+}
+
+/// Read and validate a checkpoint file (or a directory holding `checkpoint.safetensors`):
+/// its metadata, `"params"` (flat float32) and `"optimizer_state"` (as `optimizer_state()`).
+#[pyfunction]
+pub(crate) fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let file = checkpoint::resolve(&path);
+    let c = py
+        .detach(|| Checkpoint::read(&file))
+        .map_err(|e| ps_err(py, e.into()))?;
+    let d = PyDict::new(py);
+    d.set_item("path", file.display().to_string())?;
+    d.set_item("format", checkpoint::FORMAT_NAME)?;
+    d.set_item("format_version", checkpoint::FORMAT_VERSION)?;
+    d.set_item("engine_version", &c.engine_version)?;
+    d.set_item("mode", c.mode.as_str())?;
+    d.set_item("version", c.version)?;
+    d.set_item("optimizer", &c.optimizer)?;
+    d.set_item("hyperparameters", hyper_dict(py, &c.hyperparameters)?)?;
+    d.set_item("num_workers", c.num_workers)?;
+    d.set_item("layout", c.layout.clone())?;
+    let workers = PyDict::new(py);
+    for (w, s) in &c.workers {
+        let e = PyDict::new(py);
+        e.set_item("next_step", s.next_step)?;
+        e.set_item("attempt", s.attempt)?;
+        workers.set_item(w, e)?;
+    }
+    d.set_item("workers", workers)?;
+    let es = PyDict::new(py);
+    es.set_item("best_loss", c.early_stop.best_loss.unwrap_or(f64::NAN))?;
+    es.set_item("bad_evaluations", c.early_stop.bad_evaluations)?;
+    es.set_item("should_stop", c.early_stop.should_stop)?;
+    d.set_item("early_stop", es)?;
+    d.set_item("created_unix", c.created_unix)?;
+    d.set_item("created", checkpoint::iso8601(c.created_unix))?;
+    let params = std::sync::Arc::try_unwrap(c.params).unwrap_or_else(|a| Vec::clone(&a));
+    d.set_item("params", PyArray1::from_vec(py, params))?;
+    d.set_item(
+        "optimizer_state",
+        state_dict(py, &c.optimizer, &c.hyperparameters, c.optimizer_state)?,
+    )?;
+    Ok(d)
 }

@@ -536,8 +536,11 @@ impl Conn {
         };
         let grads = std::mem::take(&mut self.grads);
         let store_owner = inner.clone();
+        let (worker, step, attempt) = (p.worker, p.step, p.attempt);
         let (grads, version) = tokio::task::spawn_blocking(move || {
-            let v = store_owner.store.apply(&grads);
+            let v = store_owner.store.apply_then(&grads, |_| {
+                store_owner.applied(worker, step, attempt);
+            });
             (grads, v)
         })
         .await
@@ -555,6 +558,7 @@ impl Conn {
             coord.should_stop
         };
         inner.publish(version);
+        inner.after_step(version);
         Ok(Message::PushAck {
             version,
             should_stop,
@@ -614,6 +618,8 @@ impl Conn {
                 batch_size: p.batch_size,
                 grads,
                 loss: eval_loss(p),
+                step: p.step,
+                attempt: p.attempt,
             },
         );
         let number = round.number;

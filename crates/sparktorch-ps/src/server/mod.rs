@@ -15,18 +15,24 @@ mod conn;
 mod coord;
 mod round;
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sparktorch_optim::{Optimizer, OptimizerState};
+use sparktorch_optim::{HyperValue, Optimizer, OptimizerState};
 use sparktorch_proto::{Mode, MAX_PARAMS};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use crate::checkpoint::{
+    effective_layout, now_unix, Checkpoint, CheckpointError, EarlyStopState, WorkerState,
+    CHECKPOINT_FILE,
+};
 use crate::config::ServerConfig;
 use crate::stats::Stats;
 use crate::store::{Layout, Store};
@@ -69,6 +75,20 @@ struct Counters {
     bytes_out: AtomicU64,
 }
 
+/// Checkpoint bookkeeping.
+#[derive(Default)]
+struct Checkpoints {
+    /// An automatic write is queued or running (at most one at a time).
+    in_progress: AtomicBool,
+    /// The version at or after which the next automatic checkpoint is due.
+    next_at: AtomicU64,
+    /// Failed automatic / final writes.
+    errors: AtomicU64,
+    /// Serialises every checkpoint write (snapshot and file): the files appear in version
+    /// order. Holds the last one written: `(version, file)`.
+    last: Mutex<Option<(u64, PathBuf)>>,
+}
+
 /// Everything the connections share.
 struct Inner {
     /// How the server behaves.
@@ -91,6 +111,12 @@ struct Inner {
     started: AtomicBool,
     /// Gradient buffers returned by closed rounds, reused by connections.
     pool: Mutex<Vec<Vec<f32>>>,
+    /// Per worker, the highest step *applied to the parameters* + 1 and its attempt: updated
+    /// under the store's step lock, so that a checkpoint's parameters and worker steps agree
+    /// (a synchronous push counts once its round closed, unlike `Coord`'s `next_step`).
+    ledger: Mutex<BTreeMap<u32, WorkerState>>,
+    /// Checkpoint bookkeeping.
+    checkpoints: Checkpoints,
 }
 
 impl Server {
@@ -101,6 +127,119 @@ impl Server {
         layout: Layout,
         optimizer: Box<dyn Optimizer>,
         config: ServerConfig,
+    ) -> Result<Self, PsError> {
+        Self::build(params, layout, optimizer, config, None)
+    }
+
+    /// A server that continues from `checkpoint` (read from `path`): its parameters, optimizer
+    /// state, version, per-worker next steps and early-stopping state. `layout` (names and
+    /// shapes), the optimizer's name and `config.mode` must match the checkpoint's; other
+    /// hyperparameters may differ (the given ones win, with a warning), as may `num_workers`.
+    pub fn resume(
+        layout: Layout,
+        mut optimizer: Box<dyn Optimizer>,
+        config: ServerConfig,
+        checkpoint: Checkpoint,
+        path: &Path,
+    ) -> Result<Self, PsError> {
+        let mismatch = |field, reason: String| {
+            PsError::Checkpoint(CheckpointError::Mismatch {
+                path: path.to_path_buf(),
+                field,
+                reason,
+            })
+        };
+        let c = checkpoint;
+        if c.mode != config.mode {
+            return Err(mismatch(
+                "mode",
+                format!(
+                    "the checkpoint was written in mode {:?}, this server runs {:?}",
+                    c.mode.as_str(),
+                    config.mode.as_str()
+                ),
+            ));
+        }
+        if !c.optimizer.eq_ignore_ascii_case(optimizer.name()) {
+            return Err(mismatch(
+                "optimizer",
+                format!(
+                    "the checkpoint holds {} state, this server runs {}",
+                    c.optimizer,
+                    optimizer.name()
+                ),
+            ));
+        }
+        let ours = effective_layout(&layout, optimizer.len());
+        if ours != c.layout {
+            let first = ours
+                .iter()
+                .zip(&c.layout)
+                .position(|(a, b)| a != b)
+                .unwrap_or(ours.len().min(c.layout.len()));
+            let show = |l: &Layout| {
+                l.get(first)
+                    .map_or("nothing".to_string(), |(n, s)| format!("{n:?} {s:?}"))
+            };
+            return Err(mismatch(
+                "layout",
+                format!(
+                    "tensor #{first}: the checkpoint has {}, the model has {} ({} vs {} tensors)",
+                    show(&c.layout),
+                    show(&ours),
+                    c.layout.len(),
+                    ours.len()
+                ),
+            ));
+        }
+        if c.params.len() != optimizer.len() {
+            return Err(mismatch(
+                "params",
+                format!(
+                    "the checkpoint has {} parameters, the model {}",
+                    c.params.len(),
+                    optimizer.len()
+                ),
+            ));
+        }
+        let given = optimizer.hyperparameters();
+        for (name, value) in &given {
+            let saved = c
+                .hyperparameters
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| *v);
+            if !saved.is_some_and(|s| same_hyper(&s, value)) {
+                warn!(path = %path.display(), hyperparameter = %name, checkpoint = ?saved,
+                      now = ?value, "resuming with a hyperparameter that differs from the checkpoint");
+            }
+        }
+        if c.num_workers != config.num_workers {
+            warn!(path = %path.display(), checkpoint = c.num_workers, now = config.num_workers,
+                  "resuming with another num_workers");
+        }
+        optimizer
+            .import_state(&c.optimizer_state)
+            .map_err(|e| mismatch("optimizer_state", e.to_string()))?;
+        let params = Arc::try_unwrap(c.params).unwrap_or_else(|a| Vec::clone(&a));
+        let server = Self::build(
+            params,
+            layout,
+            optimizer,
+            config,
+            Some((c.version, c.workers.clone(), c.early_stop)),
+        )?;
+        info!(path = %path.display(), version = c.version, workers = ?c.workers,
+              "resumed from checkpoint");
+        Ok(server)
+    }
+
+    fn build(
+        params: Vec<f32>,
+        layout: Layout,
+        optimizer: Box<dyn Optimizer>,
+        config: ServerConfig,
+        resumed: Option<(u64, BTreeMap<u32, WorkerState>, EarlyStopState)>,
     ) -> Result<Self, PsError> {
         config.validate()?;
         let bad = |param, reason: String| Err(PsError::InvalidConfig { param, reason });
@@ -124,11 +263,13 @@ impl Server {
             );
         }
         if !layout.is_empty() {
-            let total: usize = layout
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum();
-            if total != params.len() {
+            let total = layout.iter().try_fold(0usize, |acc, (_, s)| {
+                s.iter()
+                    .try_fold(1usize, |a, &d| a.checked_mul(d))
+                    .and_then(|len| acc.checked_add(len))
+            });
+            if total != Some(params.len()) {
+                let total = total.map_or("more than usize::MAX".to_string(), |t| t.to_string());
                 return bad(
                     "layout",
                     format!(
@@ -138,18 +279,50 @@ impl Server {
                 );
             }
         }
-        let store = Store::new(params, optimizer, config.mode);
+        if let Some(dir) = &config.checkpoint_dir {
+            std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+                path: dir.clone(),
+                op: "create the checkpoint directory",
+                source,
+            })?;
+        }
+        let (version, workers, early) = resumed.unwrap_or_default();
+        let store = Store::with_version(params, optimizer, config.mode, version);
+        let mut coord = Coord::default();
+        for (&w, s) in &workers {
+            // A resumed fit is a new Spark job: attempts count from 0 again.
+            let mut worker = coord::Worker::new(0);
+            worker.next_step = s.next_step;
+            coord.workers.insert(w, worker);
+        }
+        coord.best_loss = early.best_loss;
+        coord.bad_evaluations = early.bad_evaluations;
+        coord.should_stop = early.should_stop;
+        let checkpoints = Checkpoints::default();
+        if config.checkpoint_interval > 0 {
+            let i = config.checkpoint_interval;
+            checkpoints.next_at.store(
+                (version / i).saturating_add(1).saturating_mul(i),
+                Ordering::Relaxed,
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 layout,
                 store,
-                coord: Mutex::new(Coord::default()),
+                coord: Mutex::new(coord),
                 round: tokio::sync::Mutex::new(Round::default()),
-                progress: watch::channel(Progress::default()).0,
+                progress: watch::channel(Progress {
+                    version,
+                    failed: false,
+                })
+                .0,
                 stop: watch::channel(false).0,
                 counters: Counters::default(),
                 started: AtomicBool::new(false),
                 pool: Mutex::new(Vec::new()),
+                ledger: Mutex::new(workers),
+                checkpoints,
                 config,
             }),
         })
@@ -190,8 +363,33 @@ impl Server {
         self.inner.stop.send_replace(true);
         drop(listener);
         while tasks.join_next().await.is_some() {}
+        if self.inner.config.checkpoint_dir.is_some() {
+            let inner = self.inner.clone();
+            let _ = tokio::task::spawn_blocking(move || inner.write_automatic("final")).await;
+        }
         info!(%local, "parameter server stopped");
         Ok(())
+    }
+
+    /// A checkpoint of the current state (see [`Store::consistent_snapshot`] for what
+    /// "consistent" means per mode; the early-stopping state is read just before).
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.inner.checkpoint()
+    }
+
+    /// Write a checkpoint to `path`: a file when it ends in `.safetensors`, else a directory
+    /// (then `<dir>/checkpoint.safetensors`); missing directories are created. Returns the
+    /// version written and the file.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<(u64, PathBuf), PsError> {
+        let file = crate::checkpoint::resolve_for_write(path);
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| CheckpointError::Io {
+                path: parent.to_path_buf(),
+                op: "create the directory",
+                source,
+            })?;
+        }
+        Ok(self.inner.write_checkpoint(&file)?)
     }
 
     /// The training style.
@@ -268,6 +466,7 @@ impl Server {
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
         let c = &inner.counters;
+        let last = lock(&inner.checkpoints.last).clone();
         let coord = lock(&inner.coord);
         let count = |s: Status| coord.workers.values().filter(|w| w.status == s).count() as u32;
         Stats {
@@ -304,7 +503,22 @@ impl Server {
             should_stop: coord.should_stop,
             best_loss: coord.best_loss.unwrap_or(f64::NAN),
             error: coord.fatal.clone(),
+            checkpoint_errors: inner.checkpoints.errors.load(Ordering::Relaxed),
+            last_checkpoint_version: last.as_ref().map(|l| l.0),
+            last_checkpoint_path: last.map(|l| l.1.display().to_string()),
         }
+    }
+}
+
+/// Hyperparameters compared bit for bit (NaN equals NaN).
+fn same_hyper(a: &HyperValue, b: &HyperValue) -> bool {
+    match (a, b) {
+        (HyperValue::Float(x), HyperValue::Float(y)) => x.to_bits() == y.to_bits(),
+        (HyperValue::Bool(x), HyperValue::Bool(y)) => x == y,
+        (HyperValue::Pair(a1, a2), HyperValue::Pair(b1, b2)) => {
+            a1.to_bits() == b1.to_bits() && a2.to_bits() == b2.to_bits()
+        }
+        _ => false,
     }
 }
 
@@ -324,5 +538,125 @@ impl Inner {
 
     fn fatal(&self) -> Option<String> {
         lock(&self.coord).fatal.clone()
+    }
+
+    /// Book a step applied to the parameters (called under the store's step lock).
+    fn applied(&self, worker: u32, step: u64, attempt: u32) {
+        let mut ledger = lock(&self.ledger);
+        let e = ledger.entry(worker).or_insert(WorkerState {
+            next_step: 0,
+            attempt,
+        });
+        e.next_step = e.next_step.max(step.saturating_add(1));
+        e.attempt = attempt;
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        let early_stop = {
+            let c = lock(&self.coord);
+            EarlyStopState {
+                best_loss: c.best_loss,
+                bad_evaluations: c.bad_evaluations,
+                should_stop: c.should_stop,
+            }
+        };
+        let (version, params, optimizer_state, (name, hyperparameters, workers)) =
+            self.store.consistent_snapshot(|opt| {
+                (
+                    opt.name(),
+                    opt.hyperparameters(),
+                    lock(&self.ledger).clone(),
+                )
+            });
+        Checkpoint {
+            engine_version: env!("CARGO_PKG_VERSION").to_string(),
+            mode: self.config.mode,
+            version,
+            optimizer: name.to_string(),
+            hyperparameters,
+            optimizer_state,
+            workers,
+            num_workers: self.config.num_workers,
+            layout: effective_layout(&self.layout, self.store.len()),
+            early_stop,
+            created_unix: now_unix(),
+            params,
+        }
+    }
+
+    /// Snapshot and write to `file`, one write at a time (blocking: call from a blocking
+    /// thread).
+    fn write_checkpoint(&self, file: &Path) -> Result<(u64, PathBuf), CheckpointError> {
+        let mut last = lock(&self.checkpoints.last);
+        let c = self.checkpoint();
+        c.write(file)?;
+        *last = Some((c.version, file.to_path_buf()));
+        Ok((c.version, file.to_path_buf()))
+    }
+
+    /// Write the automatic checkpoint (`reason`: "periodic" or "final"); a failure is logged
+    /// and counted, never fatal.
+    fn write_automatic(&self, reason: &'static str) {
+        let Some(dir) = &self.config.checkpoint_dir else {
+            return;
+        };
+        let file = dir.join(CHECKPOINT_FILE);
+        let written = std::fs::create_dir_all(dir)
+            .map_err(|source| CheckpointError::Io {
+                path: dir.clone(),
+                op: "create the checkpoint directory",
+                source,
+            })
+            .and_then(|()| self.write_checkpoint(&file));
+        match written {
+            Ok((version, path)) => {
+                info!(version, path = %path.display(), reason, "checkpoint written")
+            }
+            Err(e) => {
+                self.checkpoints.errors.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, reason, "checkpoint failed");
+            }
+        }
+    }
+
+    /// Is the periodic checkpoint due at `version`?
+    fn checkpoint_due(&self, version: u64) -> bool {
+        self.config.checkpoint_interval > 0
+            && self.config.checkpoint_dir.is_some()
+            && version >= self.checkpoints.next_at.load(Ordering::Acquire)
+    }
+
+    /// After a step reached `version`: start the periodic checkpoint if one is due, on the
+    /// blocking pool. At most one writer runs; it loops while checkpoints are still due
+    /// (steps that arrived while it wrote), so pushes never wait for the file I/O.
+    fn after_step(self: &Arc<Self>, version: u64) {
+        if !self.checkpoint_due(version)
+            || self.checkpoints.in_progress.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || loop {
+            let v = inner.store.version();
+            if inner.checkpoint_due(v) {
+                let i = inner.config.checkpoint_interval;
+                inner.checkpoints.next_at.store(
+                    (v / i).saturating_add(1).saturating_mul(i),
+                    Ordering::Release,
+                );
+                inner.write_automatic("periodic");
+                continue;
+            }
+            inner
+                .checkpoints
+                .in_progress
+                .store(false, Ordering::Release);
+            // A step that found the flag set just before it was cleared: take over its turn.
+            if !inner.checkpoint_due(inner.store.version())
+                || inner.checkpoints.in_progress.swap(true, Ordering::AcqRel)
+            {
+                break;
+            }
+        });
     }
 }

@@ -21,6 +21,10 @@ pub(super) struct Contribution {
     pub(super) grads: Vec<f32>,
     /// The loss to evaluate for early stopping (validation loss when reported).
     pub(super) loss: f64,
+    /// The worker's step (booked as applied when the round closes).
+    pub(super) step: u64,
+    /// The worker's attempt.
+    pub(super) attempt: u32,
 }
 
 /// The open synchronous round.
@@ -82,7 +86,11 @@ impl Inner {
         let inner = self.clone();
         let stepped = tokio::task::spawn_blocking(move || {
             let avg = weighted_average(&pending, inner.store.len());
-            let version = inner.store.apply(&avg);
+            let version = inner.store.apply_then(&avg, |_| {
+                for (&w, c) in &pending {
+                    inner.applied(w, c.step, c.attempt);
+                }
+            });
             (version, pending)
         })
         .await;
@@ -108,6 +116,7 @@ impl Inner {
                     "synchronous round closed"
                 );
                 self.publish(version);
+                self.after_step(version);
             }
             Err(e) => self.fail(format!("optimizer step panicked: {e}")),
         }
@@ -189,6 +198,8 @@ mod tests {
             batch_size: b,
             grads: g,
             loss: 0.0,
+            step: 0,
+            attempt: 0,
         }
     }
 

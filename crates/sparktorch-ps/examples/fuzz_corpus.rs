@@ -1,0 +1,132 @@
+//! Writes the seed corpus of the `frame_decoder` fuzz target: one valid frame of every kind
+//! (and a valid handshake exchange), encoded by the protocol crate itself.
+//!
+//! ```text
+//! cargo run -p sparktorch-ps --example fuzz_corpus -- crates/sparktorch-proto/fuzz/corpus/frame_decoder
+//! ```
+
+use sparktorch_proto::{auth, ErrorCode, Frame, Message, Mode, PushMeta, PROTOCOL_VERSION};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or("usage: fuzz_corpus <output directory>")?;
+    std::fs::create_dir_all(&dir)?;
+    let secret = b"fuzz-secret-0123456789";
+    let server_nonce = [3u8; 32];
+    let client_nonce = [7u8; 32];
+    let meta = PushMeta {
+        worker: 1,
+        attempt: 0,
+        step: 5,
+        batch_size: 32,
+        loss: 0.5,
+        val_loss: f64::NAN,
+        base_version: 4,
+    };
+    let payload = vec![0.25f32, -1.0, 3.5, f32::NAN];
+    let frames: Vec<(&str, Message, Vec<f32>)> = vec![
+        (
+            "hello",
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                server_nonce,
+            },
+            vec![],
+        ),
+        (
+            "auth",
+            Message::Auth {
+                client_nonce,
+                proof: auth::client_proof(secret, &server_nonce, &client_nonce),
+            },
+            vec![],
+        ),
+        (
+            "auth_ok",
+            Message::AuthOk {
+                server_proof: auth::server_proof(secret, &server_nonce, &client_nonce),
+            },
+            vec![],
+        ),
+        (
+            "register",
+            Message::Register {
+                worker: 2,
+                attempt: 1,
+            },
+            vec![],
+        ),
+        (
+            "registered",
+            Message::Registered {
+                num_params: 4,
+                resume_step: 3,
+                version: 9,
+                mode: Mode::Synchronous,
+                round_timeout_ms: 600_000,
+            },
+            vec![],
+        ),
+        ("pull", Message::Pull { newer_than: -1 }, vec![]),
+        ("pull_newer", Message::Pull { newer_than: 12 }, vec![]),
+        (
+            "params",
+            Message::Params {
+                version: 9,
+                should_stop: false,
+            },
+            payload.clone(),
+        ),
+        ("push", Message::Push(meta), payload.clone()),
+        ("push_pull", Message::PushPull(meta), payload.clone()),
+        (
+            "push_ack",
+            Message::PushAck {
+                version: 10,
+                should_stop: true,
+                duplicate: false,
+            },
+            vec![],
+        ),
+        ("stats_request", Message::StatsRequest, vec![]),
+        (
+            "stats",
+            Message::Stats {
+                version: 10,
+                updates: 11,
+                workers_live: 2,
+                should_stop: false,
+                best_loss: 0.125,
+            },
+            vec![],
+        ),
+        ("early_stop_request", Message::EarlyStopRequest, vec![]),
+        (
+            "early_stop",
+            Message::EarlyStop {
+                should_stop: false,
+                best_loss: f64::NAN,
+                bad_evaluations: 2,
+            },
+            vec![],
+        ),
+        ("bye", Message::Bye, vec![]),
+        (
+            "error",
+            Message::error(ErrorCode::StaleAttempt, "worker 1 attempt 0 is stale"),
+            vec![],
+        ),
+    ];
+    let mut handshake = Vec::new();
+    for (name, message, payload) in frames {
+        let bytes = Frame { message, payload }.encode()?;
+        if matches!(name, "hello" | "auth" | "auth_ok" | "register") {
+            handshake.extend_from_slice(&bytes);
+        }
+        std::fs::write(format!("{dir}/seed-{name}"), bytes)?;
+    }
+    // A whole client conversation's first frames back to back (the decoder loops over them).
+    std::fs::write(format!("{dir}/seed-handshake-stream"), handshake)?;
+    Ok(())
+}

@@ -1,0 +1,874 @@
+//! Checkpoints: one `safetensors` file with the parameters, the optimizer state and everything a
+//! server needs to resume a fit.
+//!
+//! Tensors (all `F32`, little-endian):
+//! - `param/<name>`: one per layout entry, with its shape (a model with no layout is stored as
+//!   one entry `params` of shape `[n]`);
+//! - `optim/<buffer>`: each optimizer buffer (torch's name, e.g. `optim/exp_avg`), flat over
+//!   all parameters, shape `[n]`.
+//!
+//! The `__metadata__` string map holds the rest; see [`Checkpoint`] and `docs/engine.md`
+//! ("Checkpoints") for every key. Writes are atomic (temp file in the same directory, fsync,
+//! rename, fsync of the directory). Reading validates every field and every tensor; a corrupt,
+//! truncated or hostile file is an error naming the file and the cause, never a panic, and no
+//! allocation exceeds the file's size (itself bounded by [`MAX_CHECKPOINT_BYTES`]).
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde_json::{json, Value};
+use sparktorch_optim::{HyperValue, Hyperparameters, OptimizerState};
+use sparktorch_proto::{Mode, MAX_PARAMS, MAX_PAYLOAD_BYTES};
+
+use crate::store::Layout;
+
+/// The value of the `format` metadata key.
+pub const FORMAT_NAME: &str = "sparktorch-checkpoint";
+
+/// The format version this engine writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The file name inside a checkpoint directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Most optimizer buffers a checkpoint may carry (the largest optimizer keeps 3).
+pub const MAX_BUFFERS: usize = 8;
+
+/// Upper bound on a checkpoint file, in bytes: the parameters at the protocol's bound
+/// ([`MAX_PAYLOAD_BYTES`]) plus [`MAX_BUFFERS`] buffers of the same size, plus a 100 MB header
+/// (the `safetensors` header bound). Larger files are refused before anything is read.
+pub const MAX_CHECKPOINT_BYTES: u64 =
+    (MAX_PAYLOAD_BYTES as u64) * (1 + MAX_BUFFERS as u64) + (100 << 20);
+
+/// Prefix of parameter tensor names.
+const PARAM_PREFIX: &str = "param/";
+
+/// Prefix of optimizer buffer tensor names.
+const OPTIM_PREFIX: &str = "optim/";
+
+/// Why a checkpoint could not be written, read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file system refused (open, read, write, fsync, rename, create directory).
+    #[error("checkpoint {path}: cannot {op}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was attempted.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a valid checkpoint: truncated, corrupt, hostile, another format, a newer
+    /// format version, or inconsistent fields.
+    #[error("checkpoint {path} is invalid: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A valid checkpoint that does not fit the server resuming from it (`field` names what
+    /// differs: `layout`, `optimizer`, `mode`, `params`, `optimizer_state`).
+    #[error("checkpoint {path} does not match this server: {field}: {reason}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        field: &'static str,
+        /// How.
+        reason: String,
+    },
+}
+
+/// What the server remembers per worker for a resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerState {
+    /// Highest step applied + 1: what `resume_step` answers after a resume.
+    pub next_step: u64,
+    /// The attempt that pushed last (informational: a resumed fit is a new Spark job, whose
+    /// attempts count from 0 again, so a resumed server accepts every attempt).
+    pub attempt: u32,
+}
+
+/// Early-stopping state.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EarlyStopState {
+    /// Best evaluated mean loss (`None` before the first evaluation).
+    pub best_loss: Option<f64>,
+    /// Evaluations since the last strict improvement.
+    pub bad_evaluations: u32,
+    /// Global early stop reached.
+    pub should_stop: bool,
+}
+
+/// Everything in a checkpoint file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// The engine version that wrote it (`engine_version`).
+    pub engine_version: String,
+    /// Training style (`mode`).
+    pub mode: Mode,
+    /// Optimizer steps applied (`version`).
+    pub version: u64,
+    /// `torch.optim` class name (`optimizer`).
+    pub optimizer: String,
+    /// Every hyperparameter, defaults filled in (`hyperparameters`, JSON).
+    pub hyperparameters: Hyperparameters,
+    /// Step, scalars (`optimizer_state`, JSON) and buffers (`optim/<name>` tensors).
+    pub optimizer_state: OptimizerState,
+    /// Per worker id (`workers`, JSON).
+    pub workers: BTreeMap<u32, WorkerState>,
+    /// The server's `num_workers` (`num_workers`).
+    pub num_workers: u32,
+    /// Tensor names and shapes (`layout`, JSON); never empty (see the module doc).
+    pub layout: Layout,
+    /// Early stopping (`early_stop`, JSON).
+    pub early_stop: EarlyStopState,
+    /// Seconds since the Unix epoch when it was written (`created_unix`); `created` holds the
+    /// same instant as ISO 8601 UTC.
+    pub created_unix: u64,
+    /// The flat parameters (layout order).
+    pub params: Arc<Vec<f32>>,
+}
+
+/// `layout`, or the single entry `params: [n]` when it is empty.
+pub fn effective_layout(layout: &Layout, n: usize) -> Layout {
+    if layout.is_empty() {
+        vec![("params".to_string(), vec![n])]
+    } else {
+        layout.clone()
+    }
+}
+
+/// A checkpoint path as given by a user: a directory means `<dir>/checkpoint.safetensors`.
+pub fn resolve(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(CHECKPOINT_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Where to write a checkpoint given a user's path: a path ending in `.safetensors` is the
+/// file; anything else is a directory (existing or not) that holds [`CHECKPOINT_FILE`].
+pub fn resolve_for_write(path: &Path) -> PathBuf {
+    let is_file = !path.is_dir()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if is_file {
+        path.to_path_buf()
+    } else {
+        path.join(CHECKPOINT_FILE)
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn iso8601(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// A float as JSON: a number when finite, else the string `"NaN"`, `"inf"` or `"-inf"`.
+fn f64_json(v: f64) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else if v.is_nan() {
+        json!("NaN")
+    } else if v > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
+/// The inverse of [`f64_json`].
+fn json_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => match s.as_str() {
+            "NaN" => Some(f64::NAN),
+            "inf" => Some(f64::INFINITY),
+            "-inf" => Some(f64::NEG_INFINITY),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Hyperparameters as a JSON object: numbers, bools, `[a, b]` pairs.
+pub fn hyper_json(h: &Hyperparameters) -> Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in h {
+        let v = match v {
+            HyperValue::Float(f) => f64_json(*f),
+            HyperValue::Bool(b) => json!(b),
+            HyperValue::Pair(a, b) => json!([f64_json(*a), f64_json(*b)]),
+        };
+        m.insert(k.clone(), v);
+    }
+    Value::Object(m)
+}
+
+/// One f32 slice as a safetensors tensor, written straight from memory.
+struct F32View<'a> {
+    /// The tensor's shape.
+    shape: Vec<usize>,
+    /// Its values.
+    data: &'a [f32],
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        sparktorch_proto::payload::as_wire_bytes(self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// Distinguishes the temp files of concurrent writers in one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Checkpoint {
+    /// The `__metadata__` map.
+    fn metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put("format", FORMAT_NAME.to_string());
+        put("format_version", FORMAT_VERSION.to_string());
+        put("engine_version", self.engine_version.clone());
+        put("mode", self.mode.as_str().to_string());
+        put("version", self.version.to_string());
+        put("optimizer", self.optimizer.clone());
+        put(
+            "hyperparameters",
+            hyper_json(&self.hyperparameters).to_string(),
+        );
+        let scalars: serde_json::Map<String, Value> = self
+            .optimizer_state
+            .scalars
+            .iter()
+            .map(|(k, v)| (k.clone(), f64_json(*v)))
+            .collect();
+        put(
+            "optimizer_state",
+            json!({"step": self.optimizer_state.step, "scalars": scalars}).to_string(),
+        );
+        let workers: serde_json::Map<String, Value> = self
+            .workers
+            .iter()
+            .map(|(w, s)| {
+                (
+                    w.to_string(),
+                    json!({"next_step": s.next_step, "attempt": s.attempt}),
+                )
+            })
+            .collect();
+        put("workers", Value::Object(workers).to_string());
+        put("num_workers", self.num_workers.to_string());
+        put("layout", json!(self.layout).to_string());
+        put(
+            "early_stop",
+            json!({
+                "best_loss": self.early_stop.best_loss.map(f64_json),
+                "bad_evaluations": self.early_stop.bad_evaluations,
+                "should_stop": self.early_stop.should_stop,
+            })
+            .to_string(),
+        );
+        put("created_unix", self.created_unix.to_string());
+        put("created", iso8601(self.created_unix));
+        m
+    }
+
+    /// Write atomically to `path` (a file path): a temp file in the same directory, fsync,
+    /// rename over `path`, fsync of the directory. On failure the temp file is removed and
+    /// `path` is left as it was.
+    pub fn write(&self, path: &Path) -> Result<(), CheckpointError> {
+        let io = |op, source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        };
+        let invalid = |reason: String| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let n = self.params.len();
+        let total = self.layout.iter().try_fold(0usize, |acc, (_, s)| {
+            s.iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|len| acc.checked_add(len))
+        });
+        if total != Some(n) {
+            return Err(invalid(format!(
+                "layout adds up to {total:?} elements, the parameters have {n}"
+            )));
+        }
+        let mut tensors: Vec<(String, F32View<'_>)> = Vec::new();
+        let mut offset = 0;
+        for (name, shape) in &self.layout {
+            let len: usize = shape.iter().product();
+            tensors.push((
+                format!("{PARAM_PREFIX}{name}"),
+                F32View {
+                    shape: shape.clone(),
+                    data: &self.params[offset..offset + len],
+                },
+            ));
+            offset += len;
+        }
+        for (name, buf) in &self.optimizer_state.buffers {
+            tensors.push((
+                format!("{OPTIM_PREFIX}{name}"),
+                F32View {
+                    shape: vec![buf.len()],
+                    data: buf,
+                },
+            ));
+        }
+        let mut names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!("two tensors are named {:?}", w[0])));
+        }
+
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| CHECKPOINT_FILE.to_string());
+        let tmp = dir.join(format!(
+            ".{file_name}.tmp-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let written = (|| {
+            safetensors::tensor::serialize_to_file(tensors, Some(self.metadata()), &tmp).map_err(
+                |e| match e {
+                    safetensors::SafeTensorError::IoError(source) => {
+                        io("write a temp file", source)
+                    }
+                    other => invalid(format!("cannot serialize: {other}")),
+                },
+            )?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("fsync the temp file", e))?;
+            std::fs::rename(&tmp, path).map_err(|e| io("rename the temp file over it", e))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // Make the rename durable. Some file systems refuse fsync on a directory: not an error.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Read and validate the checkpoint at `path` (a file, or a directory holding
+    /// [`CHECKPOINT_FILE`]).
+    pub fn read(path: &Path) -> Result<Self, CheckpointError> {
+        let path = resolve(path);
+        let io = |op, source| CheckpointError::Io {
+            path: path.clone(),
+            op,
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(|e| io("open", e))?;
+        let size = file.metadata().map_err(|e| io("stat", e))?.len();
+        if size > MAX_CHECKPOINT_BYTES {
+            return Err(CheckpointError::Invalid {
+                path: path.clone(),
+                reason: format!("{size} bytes exceed the bound of {MAX_CHECKPOINT_BYTES} bytes"),
+            });
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.take(size)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io("read", e))?;
+        Self::from_bytes(&bytes).map_err(|reason| CheckpointError::Invalid { path, reason })
+    }
+
+    /// Parse and validate a whole checkpoint file held in memory; the error says what is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| format!("not a readable safetensors file: {e}"))?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| format!("not a readable safetensors file: {e}"))?;
+        let meta = header
+            .metadata()
+            .as_ref()
+            .ok_or("no __metadata__: not a sparktorch checkpoint")?;
+        let get = |k: &str| {
+            meta.get(k)
+                .map(String::as_str)
+                .ok_or_else(|| format!("metadata key {k:?} is missing"))
+        };
+        let json = |k: &str| -> Result<Value, String> {
+            serde_json::from_str(get(k)?).map_err(|e| format!("metadata {k:?} is not JSON: {e}"))
+        };
+        let num = |k: &str| -> Result<u64, String> {
+            get(k)?
+                .parse::<u64>()
+                .map_err(|_| format!("metadata {k:?} is not a non-negative integer"))
+        };
+
+        let format = get("format")?;
+        if format != FORMAT_NAME {
+            return Err(format!(
+                "format is {format:?}, expected {FORMAT_NAME:?}: not a sparktorch checkpoint"
+            ));
+        }
+        let fv = num("format_version")?;
+        if fv == 0 || fv > u64::from(FORMAT_VERSION) {
+            return Err(format!(
+                "format version {fv} is not supported (this engine reads 1..={FORMAT_VERSION})"
+            ));
+        }
+        let engine_version = get("engine_version")?.to_string();
+        let mode = Mode::parse(get("mode")?)
+            .ok_or_else(|| format!("unknown mode {:?}", meta.get("mode")))?;
+        let version = num("version")?;
+        let optimizer = get("optimizer")?.to_string();
+        if !sparktorch_optim::SUPPORTED
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(&optimizer))
+        {
+            return Err(format!("unknown optimizer {optimizer:?}"));
+        }
+        let hyperparameters = parse_hyper(&json("hyperparameters")?)?;
+        let num_workers = u32::try_from(num("num_workers")?)
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or("num_workers must be in [1, 2^32)")?;
+        let created_unix = num("created_unix")?;
+
+        let ostate = json("optimizer_state")?;
+        let step = ostate
+            .get("step")
+            .and_then(Value::as_u64)
+            .ok_or("optimizer_state.step must be a non-negative integer")?;
+        let mut scalars = Vec::new();
+        match ostate.get("scalars") {
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    let f = json_f64(v)
+                        .ok_or_else(|| format!("optimizer_state.scalars.{k} is not a number"))?;
+                    scalars.push((k.clone(), f));
+                }
+            }
+            _ => return Err("optimizer_state.scalars must be an object".into()),
+        }
+
+        let mut workers = BTreeMap::new();
+        match json("workers")? {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    let w: u32 = k
+                        .parse()
+                        .map_err(|_| format!("workers: key {k:?} is not a worker id"))?;
+                    let next_step = v
+                        .get("next_step")
+                        .and_then(Value::as_u64)
+                        .ok_or_else(|| format!("workers.{k}.next_step must be an integer"))?;
+                    let attempt = v
+                        .get("attempt")
+                        .and_then(Value::as_u64)
+                        .and_then(|a| u32::try_from(a).ok())
+                        .ok_or_else(|| format!("workers.{k}.attempt must be a u32"))?;
+                    workers.insert(w, WorkerState { next_step, attempt });
+                }
+            }
+            _ => return Err("workers must be an object".into()),
+        }
+
+        let es = json("early_stop")?;
+        let best_loss = match es.get("best_loss") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(json_f64(v).ok_or("early_stop.best_loss is not a number")?),
+        };
+        let early_stop = EarlyStopState {
+            best_loss,
+            bad_evaluations: es
+                .get("bad_evaluations")
+                .and_then(Value::as_u64)
+                .and_then(|b| u32::try_from(b).ok())
+                .ok_or("early_stop.bad_evaluations must be a u32")?,
+            should_stop: es
+                .get("should_stop")
+                .and_then(Value::as_bool)
+                .ok_or("early_stop.should_stop must be a bool")?,
+        };
+
+        let layout: Layout = serde_json::from_value(json("layout")?)
+            .map_err(|e| format!("layout must be a list of [name, shape]: {e}"))?;
+        if layout.is_empty() {
+            return Err("layout is empty".into());
+        }
+        let mut n: usize = 0;
+        for (name, shape) in &layout {
+            let len = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| format!("layout entry {name:?}: shape {shape:?} overflows"))?;
+            n = n
+                .checked_add(len)
+                .filter(|&t| t <= MAX_PARAMS)
+                .ok_or_else(|| format!("layout exceeds {MAX_PARAMS} elements"))?;
+        }
+
+        // Tensors: exactly one per layout entry, plus the optimizer buffers; all F32.
+        let mut expected_params: BTreeMap<String, &Vec<usize>> = BTreeMap::new();
+        for (name, shape) in &layout {
+            if expected_params
+                .insert(format!("{PARAM_PREFIX}{name}"), shape)
+                .is_some()
+            {
+                return Err(format!("layout names {name:?} twice"));
+            }
+        }
+        let mut buffer_names = Vec::new();
+        for (name, view) in st.iter() {
+            if view.dtype() != Dtype::F32 {
+                return Err(format!(
+                    "tensor {name:?} is {:?}, expected F32",
+                    view.dtype()
+                ));
+            }
+            if let Some(shape) = expected_params.get(name) {
+                if view.shape() != shape.as_slice() {
+                    return Err(format!(
+                        "tensor {name:?} has shape {:?}, the layout says {shape:?}",
+                        view.shape()
+                    ));
+                }
+            } else if let Some(b) = name.strip_prefix(OPTIM_PREFIX) {
+                if view.shape() != [n] {
+                    return Err(format!(
+                        "optimizer buffer {name:?} has shape {:?}, expected [{n}]",
+                        view.shape()
+                    ));
+                }
+                buffer_names.push(b.to_string());
+            } else {
+                return Err(format!("unexpected tensor {name:?}"));
+            }
+        }
+        if buffer_names.len() > MAX_BUFFERS {
+            return Err(format!(
+                "{} optimizer buffers exceed the bound of {MAX_BUFFERS}",
+                buffer_names.len()
+            ));
+        }
+        let f32s = |name: &str| -> Result<Vec<f32>, String> {
+            let view = st
+                .tensor(name)
+                .map_err(|_| format!("tensor {name:?} is missing"))?;
+            Ok(sparktorch_proto::payload::decode_f32s(view.data()))
+        };
+        let mut params = Vec::with_capacity(n);
+        for (name, _) in &layout {
+            params.extend(f32s(&format!("{PARAM_PREFIX}{name}"))?);
+        }
+        buffer_names.sort();
+        let mut buffers = Vec::with_capacity(buffer_names.len());
+        for b in buffer_names {
+            let values = f32s(&format!("{OPTIM_PREFIX}{b}"))?;
+            buffers.push((b, values));
+        }
+        Ok(Self {
+            engine_version,
+            mode,
+            version,
+            optimizer,
+            hyperparameters,
+            optimizer_state: OptimizerState {
+                step,
+                scalars,
+                buffers,
+            },
+            workers,
+            num_workers,
+            layout,
+            early_stop,
+            created_unix,
+            params: Arc::new(params),
+        })
+    }
+}
+
+/// The inverse of [`hyper_json`].
+fn parse_hyper(v: &Value) -> Result<Hyperparameters, String> {
+    let Value::Object(m) = v else {
+        return Err("hyperparameters must be an object".into());
+    };
+    let mut out = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        let hv = match v {
+            Value::Bool(b) => HyperValue::Bool(*b),
+            Value::Array(a) if a.len() == 2 => match (json_f64(&a[0]), json_f64(&a[1])) {
+                (Some(x), Some(y)) => HyperValue::Pair(x, y),
+                _ => return Err(format!("hyperparameters.{k} must be a pair of numbers")),
+            },
+            other => HyperValue::Float(
+                json_f64(other)
+                    .ok_or_else(|| format!("hyperparameters.{k} has an unsupported value"))?,
+            ),
+        };
+        out.push((k.clone(), hv));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            engine_version: "0.0.0-test".into(),
+            mode: Mode::Synchronous,
+            version: 7,
+            optimizer: "Adam".into(),
+            hyperparameters: vec![
+                ("lr".into(), HyperValue::Float(1e-3)),
+                ("betas".into(), HyperValue::Pair(0.9, 0.999)),
+                ("amsgrad".into(), HyperValue::Bool(false)),
+            ],
+            optimizer_state: OptimizerState {
+                step: 7,
+                scalars: vec![("mu_product".into(), 0.123_456_789_012_345_67)],
+                buffers: vec![
+                    (
+                        "exp_avg".into(),
+                        vec![0.1, -0.2, 0.3, f32::MIN_POSITIVE, 5.0],
+                    ),
+                    ("exp_avg_sq".into(), vec![1e-30, 2.0, 3.0, 4.0, f32::MAX]),
+                ],
+            },
+            workers: BTreeMap::from([
+                (
+                    0,
+                    WorkerState {
+                        next_step: 4,
+                        attempt: 1,
+                    },
+                ),
+                (
+                    1,
+                    WorkerState {
+                        next_step: 3,
+                        attempt: 0,
+                    },
+                ),
+            ]),
+            num_workers: 2,
+            layout: vec![
+                ("fc.weight".into(), vec![2, 2]),
+                ("fc.bias".into(), vec![1]),
+            ],
+            early_stop: EarlyStopState {
+                best_loss: Some(0.1 + 0.2),
+                bad_evaluations: 2,
+                should_stop: false,
+            },
+            created_unix: 1_764_000_000,
+            params: Arc::new(vec![1.0, -0.0, f32::EPSILON, -3.5e-12, 9.0]),
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn roundtrip_is_bit_for_bit_and_leaves_no_temp_file() -> Result<(), CheckpointError> {
+        let dir = std::env::temp_dir().join(format!("spt-ckpt-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| CheckpointError::Io {
+            path: dir.clone(),
+            op: "mkdir",
+            source: e,
+        })?;
+        let c = sample();
+        let file = dir.join(CHECKPOINT_FILE);
+        c.write(&file)?;
+        c.write(&file)?; // overwrite in place
+        let entries: Vec<_> = std::fs::read_dir(&dir)
+            .map(|r| r.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert_eq!(entries, vec![std::ffi::OsString::from(CHECKPOINT_FILE)]);
+        let back = Checkpoint::read(&dir)?;
+        assert_eq!(bits(&back.params), bits(&c.params));
+        for ((n1, b1), (n2, b2)) in back
+            .optimizer_state
+            .buffers
+            .iter()
+            .zip(&c.optimizer_state.buffers)
+        {
+            assert_eq!(n1, n2);
+            assert_eq!(bits(b1), bits(b2));
+        }
+        let mut sorted = c.hyperparameters.clone();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut got = back.hyperparameters.clone();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, sorted);
+        assert_eq!(
+            Checkpoint {
+                hyperparameters: c.hyperparameters.clone(),
+                ..back
+            },
+            c
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file_and_keeps_the_old_one() {
+        let dir = std::env::temp_dir().join(format!("spt-ckpt-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let target = dir.join("taken");
+        // A non-empty directory where the file should go: the rename must fail.
+        assert!(std::fs::create_dir_all(target.join("inside")).is_ok());
+        let err = sample().write(&target);
+        assert!(matches!(err, Err(CheckpointError::Io { .. })), "{err:?}");
+        let entries: Vec<_> = std::fs::read_dir(&dir)
+            .map(|r| r.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert_eq!(entries, vec![std::ffi::OsString::from("taken")]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn encode(c: &Checkpoint) -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!(
+            "spt-ckpt-enc-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let file = dir.join("c.safetensors");
+        assert!(c.write(&file).is_ok());
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        bytes
+    }
+
+    #[test]
+    fn truncated_and_corrupted_files_are_errors_not_panics() {
+        let good = encode(&sample());
+        assert!(Checkpoint::from_bytes(&good).is_ok());
+        for cut in 0..good.len() {
+            assert!(
+                Checkpoint::from_bytes(&good[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        // Flip every byte of the header and a sample of the data: never a panic.
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0xA5;
+            let _ = Checkpoint::from_bytes(&bad);
+        }
+        // A header claiming an enormous length.
+        let mut huge = good.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Checkpoint::from_bytes(&huge).is_err());
+    }
+
+    #[test]
+    fn hostile_fields_are_named_in_the_error() {
+        let mut c = sample();
+        c.layout = vec![("x".into(), vec![usize::MAX, 2])];
+        // Cannot even be written: the layout does not match the parameters.
+        assert!(c.write(Path::new("/nonexistent/x")).is_err());
+        // A wrong format version and a foreign file.
+        let good = encode(&sample());
+        let patch = |from: &str, to: &str| {
+            let (from, to) = (from.as_bytes(), to.as_bytes());
+            let mut out = good.clone();
+            if let Some(i) = good.windows(from.len()).position(|w| w == from) {
+                out[i..i + to.len()].copy_from_slice(to);
+            }
+            out
+        };
+        let err = Checkpoint::from_bytes(&patch(
+            "\"format_version\":\"1\"",
+            "\"format_version\":\"9\"",
+        ));
+        assert!(
+            matches!(&err, Err(e) if e.contains("format version 9")),
+            "{err:?}"
+        );
+        let err = Checkpoint::from_bytes(&patch(FORMAT_NAME, "sparktorch-checkpoinX"));
+        assert!(
+            matches!(&err, Err(e) if e.contains("not a sparktorch checkpoint")),
+            "{err:?}"
+        );
+        let err = Checkpoint::from_bytes(&patch("\"dtype\":\"F32\"", "\"dtype\":\"I32\""));
+        assert!(
+            matches!(&err, Err(e) if e.contains("expected F32")),
+            "{err:?}"
+        );
+        let file = std::env::temp_dir().join("spt-definitely-missing.safetensors");
+        let err = Checkpoint::read(&file);
+        assert!(
+            matches!(&err, Err(e) if e.to_string().contains("spt-definitely-missing")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn iso8601_formats_utc() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(iso8601(1_764_000_000), "2025-11-24T16:00:00Z");
+    }
+}
