@@ -51,6 +51,9 @@ class FitPlan:
     compile_mode: str | None
     port: int
     verbose: int
+    checkpoint_path: str | None
+    checkpoint_interval: int
+    resume_from: str | None
 
 
 def engine_mode(mode: str, acquire_lock: bool) -> str:
@@ -94,6 +97,7 @@ def validate(est: Any) -> FitPlan:
             raise ParamError(f"{name}={value}: must be a positive number of seconds")
     if not est.getTorchObj():
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
+    checkpoint_path, interval, resume_from = _checkpoint_plan(est)
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
         iters=iters,
@@ -106,7 +110,37 @@ def validate(est: Any) -> FitPlan:
         compile_mode=compile_mode,
         port=port,
         verbose=est.getVerbose(),
+        checkpoint_path=checkpoint_path,
+        checkpoint_interval=interval,
+        resume_from=resume_from,
     )
+
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
+    """(checkpoint directory, interval, checkpoint file to resume from), validated.
+
+    A fit whose ``checkpointPath`` already holds a checkpoint resumes from it unless
+    ``resumeFrom`` names another one.
+    """
+    path, interval, resume = est.getCheckpointPath(), est.getCheckpointInterval(), est.getResumeFrom()
+    if interval < 0:
+        raise ParamError(f"checkpointInterval={interval}: must be >= 0 (0: a checkpoint only when the fit ends)")
+    if interval > 0 and not path:
+        raise ParamError(f"checkpointInterval={interval} needs checkpointPath (the directory to write to)")
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ParamError(f"checkpointPath={path!r} exists and is not a directory")
+    if resume:
+        file = os.path.join(resume, CHECKPOINT_FILE) if os.path.isdir(resume) else resume
+        if not os.path.isfile(file):
+            raise ParamError(f"resumeFrom={resume!r}: no checkpoint there (expected a file, or a directory holding {CHECKPOINT_FILE})")
+        resume = file
+    elif path and os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
+        resume = os.path.join(path, CHECKPOINT_FILE)
+        log.info("checkpointPath %s holds a checkpoint: resuming from it", path)
+    return path or None, interval, resume or None
 
 
 def cluster_slots(sc: Any) -> int:
@@ -359,6 +393,9 @@ def fit(est: Any, dataset: Any) -> Any:
         lost_worker_policy=est.getLostWorkerPolicy(),
         early_stop_patience=plan.patience if plan.patience > 0 else -1,
         io_timeout_s=est.getIoTimeout(),
+        checkpoint_path=plan.checkpoint_path,
+        checkpoint_interval=plan.checkpoint_interval,
+        resume_from=plan.resume_from,
     )
     host, port = server.address
     log.info("parameter server (%s) listening on %s:%d for %d workers", plan.engine_mode, host, port, num_parts)

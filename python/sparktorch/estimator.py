@@ -59,6 +59,25 @@ class _SparkTorchParams(Params):
     seed = Param(Params._dummy(), "seed", "seed of mini-batch sampling and validation splits", typeConverter=TypeConverters.toInt)
     ioTimeout = Param(Params._dummy(), "ioTimeout", "seconds a task waits on one network read or write of the parameter server", typeConverter=TypeConverters.toFloat)
     roundTimeout = Param(Params._dummy(), "roundTimeout", "synchronous mode: seconds a round waits for a missing worker", typeConverter=TypeConverters.toFloat)
+    checkpointPath = Param(
+        Params._dummy(),
+        "checkpointPath",
+        "directory where the parameter server writes checkpoint.safetensors (parameters, optimizer state, steps); "
+        "a fit whose checkpointPath already holds a checkpoint resumes from it",
+        typeConverter=_to_optional_string,
+    )
+    checkpointInterval = Param(
+        Params._dummy(),
+        "checkpointInterval",
+        "write a checkpoint every this many optimizer steps (0: only when the fit ends)",
+        typeConverter=TypeConverters.toInt,
+    )
+    resumeFrom = Param(
+        Params._dummy(),
+        "resumeFrom",
+        "a checkpoint file (or a directory holding checkpoint.safetensors) to continue from",
+        typeConverter=_to_optional_string,
+    )
     lostWorkerPolicy = Param(
         Params._dummy(),
         "lostWorkerPolicy",
@@ -91,6 +110,9 @@ class _SparkTorchParams(Params):
             ioTimeout=120.0,
             roundTimeout=600.0,
             lostWorkerPolicy="drop",
+            checkpointPath=None,
+            checkpointInterval=0,
+            resumeFrom=None,
         )
 
     def getInputCol(self) -> str:
@@ -177,6 +199,18 @@ class _SparkTorchParams(Params):
         """Synchronous mode: seconds a round waits for a missing worker."""
         return self.getOrDefault(self.roundTimeout)
 
+    def getCheckpointPath(self) -> str | None:
+        """The checkpoint directory, or None."""
+        return self.getOrDefault(self.checkpointPath)
+
+    def getCheckpointInterval(self) -> int:
+        """Optimizer steps between checkpoints (0: only at the end)."""
+        return self.getOrDefault(self.checkpointInterval)
+
+    def getResumeFrom(self) -> str | None:
+        """The checkpoint to continue from, or None."""
+        return self.getOrDefault(self.resumeFrom)
+
     def getLostWorkerPolicy(self) -> str:
         """Synchronous mode: 'drop' or 'fail' a worker missing past the round timeout."""
         return self.getOrDefault(self.lostWorkerPolicy)
@@ -223,6 +257,9 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         ioTimeout: float | None = None,
         roundTimeout: float | None = None,
         lostWorkerPolicy: str | None = None,
+        checkpointPath: str | None = None,
+        checkpointInterval: int | None = None,
+        resumeFrom: str | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -253,6 +290,9 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         ioTimeout: float | None = None,
         roundTimeout: float | None = None,
         lostWorkerPolicy: str | None = None,
+        checkpointPath: str | None = None,
+        checkpointInterval: int | None = None,
+        resumeFrom: str | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs
