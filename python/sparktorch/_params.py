@@ -8,13 +8,14 @@ Names and defaults follow sparktorch 0.2.0 (see ``UPSTREAM.md``): ``inputCol='fe
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasInputCol, HasPredictionCol
 
 from sparktorch.errors import ParamError
 
-__all__ = ["_SparkTorchModelParams", "validate_device"]
+__all__ = ["_SharedTorchParams", "_SparkTorchModelParams", "validate_device"]
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
@@ -26,26 +27,14 @@ def validate_device(device: str) -> str:
     return device
 
 
-class _SparkTorchModelParams(HasInputCol, HasPredictionCol):
-    """Private params mixin: typed Params, defaults and getters of the torch stages."""
+class _SharedTorchParams(HasInputCol, HasPredictionCol):
+    """Params that the estimator and the model share: columns, output form, device."""
 
-    modStr: Param[str] = Param(
-        Params._dummy(),
-        "modStr",
-        "the serialized model (sparktorch.util.serialize_model)",
-        typeConverter=TypeConverters.toString,
-    )
     useVectorOut: Param[bool] = Param(
         Params._dummy(),
         "useVectorOut",
         "output the whole network output as a Vector instead of a Double",
         typeConverter=TypeConverters.toBoolean,
-    )
-    inferenceBatchSize: Param[int] = Param(
-        Params._dummy(),
-        "inferenceBatchSize",
-        "rows per forward pass in transform (> 0)",
-        typeConverter=TypeConverters.toInt,
     )
     device: Param[str] = Param(
         Params._dummy(),
@@ -54,20 +43,9 @@ class _SparkTorchModelParams(HasInputCol, HasPredictionCol):
         typeConverter=TypeConverters.toString,
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._setDefault(
-            inputCol="features",
-            predictionCol="predicted",
-            modStr="",
-            useVectorOut=False,
-            inferenceBatchSize=1024,
-            device="cpu",
-        )
-
-    def getModStr(self) -> str:
-        """The serialized model."""
-        return self.getOrDefault(self.modStr)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._setDefault(inputCol="features", predictionCol="predicted", useVectorOut=False, device="cpu")
 
     def getUseVectorOut(self) -> bool:
         """Whether ``transform`` outputs a Vector instead of a Double."""
@@ -77,13 +55,38 @@ class _SparkTorchModelParams(HasInputCol, HasPredictionCol):
         """Alias of :meth:`getUseVectorOut` (the upstream getter name)."""
         return self.getUseVectorOut()
 
+    def getDevice(self) -> str:
+        """The torch device."""
+        return self.getOrDefault(self.device)
+
+
+class _SparkTorchModelParams(_SharedTorchParams):
+    """Private params mixin: typed Params, defaults and getters of the torch stages."""
+
+    modStr: Param[str] = Param(
+        Params._dummy(),
+        "modStr",
+        "the serialized model (sparktorch.util.serialize_model)",
+        typeConverter=TypeConverters.toString,
+    )
+    inferenceBatchSize: Param[int] = Param(
+        Params._dummy(),
+        "inferenceBatchSize",
+        "rows per forward pass in transform (> 0)",
+        typeConverter=TypeConverters.toInt,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(modStr="", inferenceBatchSize=1024)
+
+    def getModStr(self) -> str:
+        """The serialized model."""
+        return self.getOrDefault(self.modStr)
+
     def getInferenceBatchSize(self) -> int:
         """Rows per forward pass in ``transform``."""
         return self.getOrDefault(self.inferenceBatchSize)
-
-    def getDevice(self) -> str:
-        """The torch device ``transform`` runs on."""
-        return self.getOrDefault(self.device)
 
     def _validate_model_params(self) -> None:
         """Check the params ``transform`` needs; ParamError naming the param."""

@@ -14,6 +14,7 @@ from pyspark import keyword_only
 from pyspark.ml import Estimator
 from pyspark.ml.param import Param, Params, TypeConverters
 
+from ._params import _SharedTorchParams
 from ._persist import SparkTorchParamsReadable, SparkTorchParamsWritable
 
 MODES = ("hogwild", "async", "synchronous")
@@ -25,17 +26,15 @@ def _to_optional_string(value: Any) -> str | None:
     return None if value is None else TypeConverters.toString(value)
 
 
-class _SparkTorchParams(Params):
+class _SparkTorchParams(_SharedTorchParams):
     """The params of :class:`SparkTorch` (upstream's names and meanings), with getters."""
 
-    inputCol = Param(Params._dummy(), "inputCol", "input column: a Spark ML Vector (or array of numbers)", typeConverter=TypeConverters.toString)
     labelCol = Param(
         Params._dummy(),
         "labelCol",
         "label column: a number, a Vector or an array; None means the features are the target (autoencoder)",
         typeConverter=_to_optional_string,
     )
-    predictionCol = Param(Params._dummy(), "predictionCol", "prediction column of the fitted model", typeConverter=TypeConverters.toString)
     torchObj = Param(Params._dummy(), "torchObj", "the string made by serialize_torch_obj or serialize_torch_obj_lazy", typeConverter=TypeConverters.toString)
     iters = Param(Params._dummy(), "iters", "optimizer steps per partition (not epochs)", typeConverter=TypeConverters.toInt)
     partitions = Param(Params._dummy(), "partitions", "repartition to this many partitions (= workers) when > 0", typeConverter=TypeConverters.toInt)
@@ -50,11 +49,9 @@ class _SparkTorchParams(Params):
     partitionShuffles = Param(Params._dummy(), "partitionShuffles", "repartition and train again this many times", typeConverter=TypeConverters.toInt)
     port = Param(Params._dummy(), "port", "parameter server port; 0 lets the OS choose", typeConverter=TypeConverters.toInt)
     verbose = Param(Params._dummy(), "verbose", "0: quiet; 1: progress bar on the driver; 2: also a log line per worker step", typeConverter=TypeConverters.toInt)
-    useVectorOut = Param(Params._dummy(), "useVectorOut", "transform outputs the whole network output as a Vector", typeConverter=TypeConverters.toBoolean)
     earlyStopPatience = Param(Params._dummy(), "earlyStopPatience", "> 0: stop all workers after this many evaluations without improvement", typeConverter=TypeConverters.toInt)
     miniBatch = Param(Params._dummy(), "miniBatch", "> 0: rows sampled (without replacement) per step; else the whole partition", typeConverter=TypeConverters.toInt)
     validationPct = Param(Params._dummy(), "validationPct", "share of each partition held out for validation loss, in [0, 1)", typeConverter=TypeConverters.toFloat)
-    device = Param(Params._dummy(), "device", "'cpu' or 'cuda' (each task uses its own GPU)", typeConverter=TypeConverters.toString)
     compileMode = Param(Params._dummy(), "compileMode", "torch.compile mode, or None for eager execution", typeConverter=_to_optional_string)
     seed = Param(Params._dummy(), "seed", "seed of mini-batch sampling and validation splits", typeConverter=TypeConverters.toInt)
     ioTimeout = Param(Params._dummy(), "ioTimeout", "seconds a task waits on one network read or write of the parameter server", typeConverter=TypeConverters.toFloat)
@@ -88,9 +85,7 @@ class _SparkTorchParams(Params):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._setDefault(
-            inputCol="features",
             labelCol=None,
-            predictionCol="predicted",
             torchObj="",
             iters=10,
             partitions=-1,
@@ -100,11 +95,9 @@ class _SparkTorchParams(Params):
             partitionShuffles=1,
             port=0,
             verbose=0,
-            useVectorOut=False,
             earlyStopPatience=-1,
             miniBatch=-1,
             validationPct=0.0,
-            device="cpu",
             compileMode=None,
             seed=0,
             ioTimeout=120.0,
@@ -115,17 +108,9 @@ class _SparkTorchParams(Params):
             resumeFrom=None,
         )
 
-    def getInputCol(self) -> str:
-        """The input (features) column."""
-        return self.getOrDefault(self.inputCol)
-
     def getLabelCol(self) -> str | None:
         """The label column, or None (autoencoder)."""
         return self.getOrDefault(self.labelCol)
-
-    def getPredictionCol(self) -> str:
-        """The prediction column of the fitted model."""
-        return self.getOrDefault(self.predictionCol)
 
     def getTorchObj(self) -> str:
         """The serialized torch object."""
@@ -163,10 +148,6 @@ class _SparkTorchParams(Params):
         """The verbosity level."""
         return self.getOrDefault(self.verbose)
 
-    def getUseVectorOut(self) -> bool:
-        """Whether the fitted model outputs Vectors."""
-        return self.getOrDefault(self.useVectorOut)
-
     def getEarlyStopPatience(self) -> int:
         """Early-stopping patience (<= 0: off)."""
         return self.getOrDefault(self.earlyStopPatience)
@@ -178,10 +159,6 @@ class _SparkTorchParams(Params):
     def getValidationPct(self) -> float:
         """Share of each partition held out for validation."""
         return self.getOrDefault(self.validationPct)
-
-    def getDevice(self) -> str:
-        """The torch device of the tasks."""
-        return self.getOrDefault(self.device)
 
     def getCompileMode(self) -> str | None:
         """The torch.compile mode, or None."""
