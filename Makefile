@@ -7,9 +7,12 @@ PY := $(VENV)/bin/python
 setup:
 	@scripts/setup.sh
 
-## Run the main example: the seed program on local Spark with the bundled MNIST data.
+## Run the main example: the seed program on local Spark with the bundled MNIST data, once per
+## training style (lock-free hogwild, async with locking = the seed's default, synchronous).
 example: setup
-	$(PY) examples/simple_dnn.py
+	$(PY) examples/simple_dnn.py --mode hogwild --acquire-lock false --out examples/out/simple_dnn_hogwild
+	$(PY) examples/simple_dnn.py --mode hogwild --acquire-lock true --out examples/out/simple_dnn
+	$(PY) examples/simple_dnn.py --mode synchronous --out examples/out/simple_dnn_synchronous
 
 ## Run every test: Rust (fmt, clippy -D warnings, nextest) and Python (pytest on local Spark).
 test: setup test-rust test-python

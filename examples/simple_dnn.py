@@ -96,5 +96,6 @@ logging.getLogger("sparktorch.examples").info(
     "mode=%s acquireLock=%s iters=%d fit=%.1fs", args.mode, args.acquire_lock, args.iters, fit_s
 )
 # The example's result, on stdout for the reader (a script, not the library).
-print(f"held-out accuracy on {test.count()} MNIST rows: {accuracy:.4f} (fit {fit_s:.1f}s, mode={args.mode}); pipeline saved to {args.out}")
+style = {"hogwild": "hogwild, lock-free" if args.acquire_lock == "false" else "hogwild + acquireLock (async with locking)"}.get(args.mode, args.mode)
+print(f"held-out accuracy on {test.count()} MNIST rows: {accuracy:.4f} (fit {fit_s:.1f}s, {style}); pipeline saved to {args.out}")
 spark.stop()
