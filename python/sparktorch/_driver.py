@@ -338,6 +338,30 @@ def _run_jobs(
     return results
 
 
+def _start_server(
+    native: Any, flat: Any, layout: Any, opt_name: str, hyper: Any, secret: bytes, bind: str, plan: FitPlan, num_parts: int, est: Any
+) -> Any:
+    """Start the fit's parameter server (raises ``OSError`` when the address cannot be bound)."""
+    return native.ParameterServer(
+        flat,
+        layout,
+        opt_name,
+        hyper,
+        secret=secret,
+        mode=plan.engine_mode,
+        host=bind,
+        port=plan.port,
+        num_workers=num_parts,
+        round_timeout_s=est.getRoundTimeout(),
+        lost_worker_policy=est.getLostWorkerPolicy(),
+        early_stop_patience=plan.patience if plan.patience > 0 else -1,
+        io_timeout_s=est.getIoTimeout(),
+        checkpoint_path=plan.checkpoint_path,
+        checkpoint_interval=plan.checkpoint_interval,
+        resume_from=plan.resume_from,
+    )
+
+
 def fit(est: Any, dataset: Any) -> Any:
     """Train ``est`` on ``dataset``; see the module docstring for the order of events."""
     import numpy as np
@@ -379,24 +403,15 @@ def fit(est: Any, dataset: Any) -> Any:
 
     secret = os.urandom(32)
     bind, connect = server_host(sc)
-    server = _native.ParameterServer(
-        flat,
-        layout,
-        opt_name,
-        hyper,
-        secret=secret,
-        mode=plan.engine_mode,
-        host=bind,
-        port=plan.port,
-        num_workers=num_parts,
-        round_timeout_s=est.getRoundTimeout(),
-        lost_worker_policy=est.getLostWorkerPolicy(),
-        early_stop_patience=plan.patience if plan.patience > 0 else -1,
-        io_timeout_s=est.getIoTimeout(),
-        checkpoint_path=plan.checkpoint_path,
-        checkpoint_interval=plan.checkpoint_interval,
-        resume_from=plan.resume_from,
-    )
+    try:
+        server = _start_server(_native, flat, layout, opt_name, hyper, secret, bind, plan, num_parts, est)
+    except SparkTorchError:
+        raise  # e.g. a CheckpointError (also an OSError) when resuming
+    except OSError as e:
+        raise ParamError(
+            f"port={plan.port}: the parameter server cannot listen on {bind}:{plan.port} ({e}); "
+            "choose a free port, or 0 to let the OS choose"
+        ) from e
     host, port = server.address
     log.info("parameter server (%s) listening on %s:%d for %d workers", plan.engine_mode, host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles

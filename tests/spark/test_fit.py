@@ -269,3 +269,16 @@ def test_compile_mode_really_compiles(spark):
     # The probe learns only when torch.compile traced it.
     assert torch.equal(eager.getPytorchModel().fc.weight.detach(), before)
     assert not torch.equal(compiled.getPytorchModel().fc.weight.detach(), before)
+
+
+def test_an_explicit_port_in_use_is_a_clear_error(spark):
+    import socket
+
+    x, y = blobs(10)
+    obj = serialize_torch_obj(TwoLayer(), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ParamError, match=f"port={port}"):
+            SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=2, port=port).fit(frame(spark, x, y, 1))
