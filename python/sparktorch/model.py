@@ -170,6 +170,26 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
             raise ParamError("param 'modStr' is empty: this SparkTorchModel holds no network")
         return deserialize_model(mod_str)
 
+    def getOptimizerStateDict(self, model: nn.Module | None = None) -> dict[str, Any] | None:
+        """The server's optimizer state at the end of the fit, as a ``torch.optim`` state_dict.
+
+        It fits ``model``'s trainable parameters (default: a fresh :meth:`getPytorchModel`), so
+        training can go on in plain PyTorch::
+
+            net = spark_model.getPytorchModel()
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            opt.load_state_dict(spark_model.getOptimizerStateDict(net))
+
+        None for a model that was not fitted in this session (the state is not saved with the
+        model; checkpoints hold it, see ``checkpointPath``).
+        """
+        state = getattr(self, "_optimizer_state", None)
+        if state is None:
+            return None
+        from ._optim import to_torch_state_dict
+
+        return to_torch_state_dict(state, model if model is not None else self.getPytorchModel())
+
     # ------------------------------------------------------------------ training history
 
     def getTrainingHistory(self, as_pandas: bool = False) -> list[dict[str, Any]] | pd.DataFrame:

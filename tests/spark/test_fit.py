@@ -73,7 +73,12 @@ def test_one_worker_equals_plain_pytorch(spark, mode, lock):
         inputCol="features", labelCol="label", torchObj=obj, iters=15, mode=mode, acquireLock=lock
     ).fit(frame(spark, x, y, 1))
     ref = torch_reference(net, crit, torch.optim.Adam, {"lr": 0.01}, x, torch.from_numpy(y), 15)
-    assert max_param_diff(fitted.getPytorchModel(), ref) <= 1e-5
+    model = fitted.getPytorchModel()
+    assert max_param_diff(model, ref) <= 1e-5
+    # The server's optimizer state continues in plain PyTorch.
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt.load_state_dict(fitted.getOptimizerStateDict(model))
+    assert int(opt.state_dict()["state"][0]["step"]) == 15
 
 
 def test_synchronous_four_partitions_equals_full_batch(spark):
