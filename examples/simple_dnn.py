@@ -29,10 +29,15 @@ parser.add_argument("--acquire-lock", default="true", choices=["true", "false"],
 parser.add_argument("--iters", type=int, default=50)
 parser.add_argument("--out", default=str(HERE / "out" / "simple_dnn"), help="where the fitted pipeline is saved")
 parser.add_argument("--verbose", type=int, default=1)
+parser.add_argument("--seed", type=int, default=0, help="torch seed of the network's initial weights")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 train_csv, test_csv = prepare()
+# Reproducible runs: the seed program builds its network with torch's default random init.
+import torch  # noqa: E402
+
+torch.manual_seed(args.seed)
 
 # ---- the seed program (sparktorch 0.2.0), unchanged but for the CSV path and the printed knobs
 from sparktorch import serialize_torch_obj, SparkTorch  # noqa: E402
