@@ -35,7 +35,7 @@ from faulty import DieOnce  # noqa: E402
 from prepare_mnist import prepare  # noqa: E402
 from sparktorch import SparkTorch, _native, serialize_torch_obj  # noqa: E402
 
-ITERS = 40
+ITERS = 300
 
 
 def session() -> SparkSession:
@@ -93,6 +93,7 @@ def kill_worker(spark, **kwargs) -> dict:
     marker = tmp / "killed"
     faulted = fit(train, str(marker), **kwargs)
     return {
+        "iters": ITERS,
         "clean": summary(clean, x, y),
         "faulted": summary(faulted, x, y),
         "killed": marker.read_text() if marker.exists() else None,
