@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup example test test-rust test-python lint bench clean
+.PHONY: setup example test test-rust test-python test-compat lint bench clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,8 +14,9 @@ example: setup
 	$(PY) examples/simple_dnn.py --mode hogwild --acquire-lock true --out examples/out/simple_dnn
 	$(PY) examples/simple_dnn.py --mode synchronous --out examples/out/simple_dnn_synchronous
 
-## Run every test: Rust (fmt, clippy -D warnings, nextest) and Python (pytest on local Spark).
-test: setup test-rust test-python
+## Run every test: Rust (fmt, clippy -D warnings, nextest), Python (pytest on local Spark, with
+## the venv's PySpark), then the compatibility suite on each older supported PySpark line.
+test: setup test-rust test-python test-compat
 
 lint:
 	cargo fmt --all -- --check
@@ -26,6 +27,15 @@ test-rust: lint
 
 test-python: setup
 	$(PY) -m pytest -q -ra
+
+COMPAT_PYSPARK := $(shell awk '!/^\#/ && NF {print $$1}' requirements-compat.txt)
+
+test-compat: setup
+	@for v in $(COMPAT_PYSPARK); do \
+	  echo "== compatibility suite on PySpark $$v"; \
+	  SPARKTORCH_EXPECT_PYSPARK=$$v PYTHONPATH="$(CURDIR)/.venv/pyspark/$$v" \
+	    $(PY) -m pytest -q -ra -p no:cacheprovider tests/compat || exit 1; \
+	done
 
 ## Benchmarks (see docs/benchmarks.md).
 bench: setup

@@ -3,7 +3,9 @@
 #   1. the venv .venv (Python 3.11+), created once;
 #   2. the Python packages of requirements-dev.txt, installed again only when that file changes;
 #   3. the Rust extension sparktorch._native, built in release mode into the venv (cargo makes
-#      the rebuild incremental: a second run with no Rust change takes seconds).
+#      the rebuild incremental: a second run with no Rust change takes seconds);
+#   4. the older supported PySpark lines of requirements-compat.txt, each in .venv/pyspark/<v>;
+#   5. the `sparktorch-ps` command on the venv's PATH (as `pip install .` puts it there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +36,24 @@ if [ -z "$so" ] || [ -n "$(find crates Cargo.toml Cargo.lock pyproject.toml -new
   [ -n "$so" ] || { echo "setup: the extension did not build" >&2; exit 1; }
 fi
 
+# Older PySpark lines for the compatibility suite: no dependencies (they share the venv's), so
+# each costs its own ~400 MB only.
+grep -v '^#' requirements-compat.txt | while read -r pyspark_v py4j_v; do
+  [ -n "$pyspark_v" ] || continue
+  dir="$VENV/pyspark/$pyspark_v"
+  if [ ! -f "$dir/.complete" ]; then
+    echo "setup: installing PySpark $pyspark_v for the compatibility suite"
+    rm -rf "$dir"
+    "$VENV/bin/python" -m pip install -q --no-deps --target "$dir" "pyspark==$pyspark_v" "py4j==$py4j_v"
+    touch "$dir/.complete"
+  fi
+done
+
 # The package itself is found through a .pth file pointing at python/ (an editable install
 # without pip's overhead); written once.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/python" > "$site/sparktorch-dev.pth"
+
+# The console script that `pip install .` makes from [project.scripts], written the same way.
+printf '#!%s\nimport sys\nfrom sparktorch.cli import main\nsys.exit(main())\n' "$PWD/$VENV/bin/python" > "$VENV/bin/sparktorch-ps"
+chmod +x "$VENV/bin/sparktorch-ps"

@@ -41,3 +41,38 @@ class CompileProbe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = 1.0 if torch.compiler.is_compiling() else 0.0
         return self.fc(x) * scale
+
+
+class BNConvNet(nn.Module):
+    """A small CNN with BatchNorm (running statistics are buffers) over flat ``side*side`` images."""
+
+    def __init__(self, side: int = 14, classes: int = 10, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.side = side
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(16 * (side // 4) ** 2, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, 1, self.side, self.side)))
+
+
+class NoisyInTraining(nn.Module):
+    """A linear classifier behind heavy dropout: deterministic only in eval mode."""
+
+    def __init__(self, n_in: int = 5, n_out: int = 3) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
+class LogSoftmaxNLL(nn.Module):
+    """A user's own cross-entropy: takes class indices (int64) only, as ``nll_loss`` does."""
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.nll_loss(torch.log_softmax(out, dim=1), target)

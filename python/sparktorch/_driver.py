@@ -14,6 +14,7 @@ Order of events in :func:`fit`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,9 +22,11 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._state import StateLayout
 from .errors import (
     DataError,
     EngineError,
@@ -122,8 +125,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
     """(checkpoint directory, interval, checkpoint file to resume from), validated.
 
-    A fit whose ``checkpointPath`` already holds a checkpoint resumes from it unless
-    ``resumeFrom`` names another one.
+    Resuming is explicit: a ``checkpointPath`` that already holds a checkpoint is refused unless
+    ``resumeFrom`` names a checkpoint to continue from (that one, typically), so that a rerun
+    never silently returns old weights, nor overwrites a checkpoint someone may still need.
     """
     path, interval, resume = est.getCheckpointPath(), est.getCheckpointInterval(), est.getResumeFrom()
     if interval < 0:
@@ -137,9 +141,12 @@ def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
         if not os.path.isfile(file):
             raise ParamError(f"resumeFrom={resume!r}: no checkpoint there (expected a file, or a directory holding {CHECKPOINT_FILE})")
         resume = file
+        log.warning("resuming from checkpoint %s", resume)
     elif path and os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
-        resume = os.path.join(path, CHECKPOINT_FILE)
-        log.info("checkpointPath %s holds a checkpoint: resuming from it", path)
+        raise ParamError(
+            f"checkpointPath={path!r} already holds {CHECKPOINT_FILE} from an earlier fit: pass "
+            f"resumeFrom={path!r} to continue from it, or choose an empty directory (or delete it) to start over"
+        )
     return path or None, interval, resume or None
 
 
@@ -175,17 +182,6 @@ def server_host(sc: Any) -> tuple[str, str]:
     connect = conf.get("spark.driver.host", "127.0.0.1")
     bind = conf.get("spark.driver.bindAddress", connect)
     return bind, connect
-
-
-def _trainable_layout(model: Any) -> tuple[Any, list[tuple[str, list[int]]]]:
-    import numpy as np
-    import torch
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ParamError("torchObj: the model has no trainable parameters")
-    flat = torch.cat([p.detach().reshape(-1).to(torch.float32).cpu() for _, p in named]).numpy()
-    return np.ascontiguousarray(flat), [(n, list(p.shape)) for n, p in named]
 
 
 def _dry_run(model: Any, criterion: Any, feature_dim: int | None, label_kind: str, input_col: str) -> None:
@@ -292,13 +288,12 @@ def _run_jobs(
 
     sc = frame.sparkSession.sparkContext
     port = server.address[1]
-    group = f"sparktorch-{uuid.uuid4().hex[:12]}"
     results: list[Any] = []
     for shuffle in range(plan.shuffles):
         if shuffle > 0:
             if server.stats().get("should_stop"):
                 break
-            frame = frame.repartition(num_parts)
+            frame = reshuffled(frame, num_parts, est.getSeed() + shuffle)
         cfg = TaskConfig(
             host=connect,
             port=port,
@@ -321,11 +316,18 @@ def _run_jobs(
             # Spark retries a failed barrier stage as a whole only when it is a shuffle-map
             # stage (a failed barrier *result* stage aborts the job): end it with a shuffle.
             trained = trained.repartition(1)
-        sc.setJobGroup(group, f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}", interruptOnCancel=True)
+        description = f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}"
         try:
-            results.extend(trained.collect())
+            with _job_tagged(sc, description) as tag:
+                try:
+                    rows = trained.collect()
+                except KeyboardInterrupt:
+                    sc.cancelJobsWithTag(tag)
+                    raise
+            for r in rows:
+                log.debug("shuffle %d, partition %d: %d rows (digest %.6g), %d steps", shuffle, r["partition"], r["rows"], r["digest"], r["steps"])
+            results.extend(rows)
         except KeyboardInterrupt:
-            sc.cancelJobGroup(group)
             raise
         except Exception as e:
             err = server.stats().get("error")
@@ -338,13 +340,44 @@ def _run_jobs(
     return results
 
 
+FIT_TAG_PREFIX = "sparktorch-fit-"
+
+
+@contextlib.contextmanager
+def _job_tagged(sc: Any, description: str) -> Iterator[str]:
+    """Tag the Spark jobs started in this thread with a fresh ``sparktorch-fit-*`` tag (and a
+    job description); afterwards the caller's tags, job group and description are as they were."""
+    tag = f"{FIT_TAG_PREFIX}{uuid.uuid4().hex[:12]}"
+    previous = sc.getLocalProperty("spark.job.description")
+    sc.addJobTag(tag)
+    sc.setLocalProperty("spark.job.description", description)
+    try:
+        yield tag
+    finally:
+        sc.removeJobTag(tag)
+        sc.setLocalProperty("spark.job.description", previous)  # None removes it
+
+
+def reshuffled(frame: Any, num_parts: int, seed: int) -> Any:
+    """``frame`` with its rows dealt anew over ``num_parts`` partitions, by a seeded random key.
+
+    A plain ``repartition(n)`` on top of ``repartition(n)`` collapses into one round-robin
+    exchange that deals every row to the partition it already had; hashing a fresh random
+    number per row (seeded per shuffle) moves rows between partitions.
+    """
+    from pyspark.sql import functions as F
+
+    key = "__sparktorch_shuffle"
+    return frame.withColumn(key, F.rand(seed)).repartition(num_parts, key).drop(key)
+
+
 def _start_server(
-    native: Any, flat: Any, layout: Any, opt_name: str, hyper: Any, secret: bytes, bind: str, plan: FitPlan, num_parts: int, est: Any
+    native: Any, state: StateLayout, opt_name: str, hyper: Any, secret: bytes, bind: str, plan: FitPlan, num_parts: int, est: Any
 ) -> Any:
     """Start the fit's parameter server (raises ``OSError`` when the address cannot be bound)."""
     return native.ParameterServer(
-        flat,
-        layout,
+        state.flatten(),
+        state.shapes(),
         opt_name,
         hyper,
         secret=secret,
@@ -359,6 +392,7 @@ def _start_server(
         checkpoint_path=plan.checkpoint_path,
         checkpoint_interval=plan.checkpoint_interval,
         resume_from=plan.resume_from,
+        model_buffers=state.num_buffers,
     )
 
 
@@ -382,7 +416,7 @@ def fit(est: Any, dataset: Any) -> Any:
     frame, info = training_frame(dataset, est.getInputCol(), est.getLabelCol())
     model = obj.model
     _dry_run(model, obj.criterion, info.feature_dim, info.label_kind, est.getInputCol())
-    flat, layout = _trainable_layout(model)
+    state = StateLayout.of(model)
 
     spark = dataset.sparkSession
     sc = spark.sparkContext
@@ -404,7 +438,7 @@ def fit(est: Any, dataset: Any) -> Any:
     secret = os.urandom(32)
     bind, connect = server_host(sc)
     try:
-        server = _start_server(_native, flat, layout, opt_name, hyper, secret, bind, plan, num_parts, est)
+        server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est)
     except SparkTorchError:
         raise  # e.g. a CheckpointError (also an OSError) when resuming
     except OSError as e:
@@ -420,6 +454,7 @@ def fit(est: Any, dataset: Any) -> Any:
             results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts)
         if sum(r["rows"] for r in results) == 0:
             raise DataError("the DataFrame has zero rows: nothing to train on")
+        _warn_clamped_batches(plan, results)
         err = server.stats().get("error")
         if err:
             raise EngineError(f"training failed: {err}")
@@ -432,7 +467,7 @@ def fit(est: Any, dataset: Any) -> Any:
     finally:
         server.stop()
 
-    _load_flat(model, np.asarray(final))
+    state.load(np.asarray(final))
     log.info("fit done: %d steps over %d workers", len(history), num_parts)
     out = SparkTorchModel._from_module(
         model,
@@ -447,14 +482,14 @@ def fit(est: Any, dataset: Any) -> Any:
     return out
 
 
-def _load_flat(model: Any, flat: Any) -> None:
-    import torch
-
-    offset = 0
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            n = p.numel()
-            p.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
-            offset += n
+def _warn_clamped_batches(plan: FitPlan, results: list[Any]) -> None:
+    """Say on the driver when ``miniBatch`` exceeded a partition (its tasks used all its rows)."""
+    if plan.mini_batch <= 0:
+        return
+    small = sorted({(int(r["partition"]), int(r["batch"])) for r in results if 0 < r["batch"] < plan.mini_batch})
+    if small:
+        shown = ", ".join(f"{p} ({n} rows)" for p, n in small[:5]) + (" ..." if len(small) > 5 else "")
+        log.warning(
+            "miniBatch=%d is larger than %d partition(s) after the validation split: %s; their steps used every row",
+            plan.mini_batch, len(small), shown,
+        )

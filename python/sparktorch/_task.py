@@ -23,9 +23,10 @@ from .errors import DataError, ParamError
 
 log = logging.getLogger("sparktorch")
 
-RESULT_SCHEMA = "partition int, attempt int, rows long, steps int, last_loss double"
+RESULT_SCHEMA = "partition int, attempt int, rows long, steps int, last_loss double, batch long, digest double"
 
-# Losses whose targets are class indices (int64) when the label column is a scalar.
+# Losses known to take class indices (int64) when the label column is a scalar; any other loss
+# gets float targets first and class indices when it refuses floats (see `_TargetChoice`).
 _CLASS_INDEX_LOSSES = ("CrossEntropyLoss", "NLLLoss", "MultiMarginLoss", "MultiLabelMarginLoss")
 
 
@@ -50,58 +51,6 @@ class TaskConfig:
     connect_timeout_s: float
 
 
-class FlatModel:
-    """A module whose trainable parameters and gradients are views of two flat float32 buffers.
-
-    ``params_np`` / ``grads_np`` are numpy views of the CPU buffers the engine reads and writes.
-    On a CUDA device the module's parameters live on the GPU and are copied from/to the CPU
-    buffers once per step.
-    """
-
-    def __init__(self, module: object, device: object) -> None:
-        import torch
-
-        self.module = module
-        self.device = device
-        params = [p for p in module.parameters() if p.requires_grad]  # type: ignore[attr-defined]
-        self.numel = sum(p.numel() for p in params)
-        self.params_cpu = torch.zeros(self.numel, dtype=torch.float32)
-        self.grads_cpu = torch.zeros(self.numel, dtype=torch.float32)
-        on_cpu = torch.device(device).type == "cpu"
-        if on_cpu:
-            self.params_dev, self.grads_dev = self.params_cpu, self.grads_cpu
-        else:
-            self.params_dev = torch.zeros(self.numel, dtype=torch.float32, device=device)
-            self.grads_dev = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                n = p.numel()
-                self.params_dev[offset : offset + n].copy_(p.detach().reshape(-1))
-                p.data = self.params_dev[offset : offset + n].view_as(p)
-                p.grad = self.grads_dev[offset : offset + n].view_as(p)
-                offset += n
-        if on_cpu:
-            self.params_cpu.copy_(self.params_dev)
-        self.params_np = self.params_cpu.numpy()
-        self.grads_np = self.grads_cpu.numpy()
-        self._on_cpu = on_cpu
-
-    def zero_grad(self) -> None:
-        """Zero the flat gradient buffer in place (the parameters keep their ``.grad`` views)."""
-        self.grads_dev.zero_()
-
-    def params_pulled(self) -> None:
-        """Make freshly pulled CPU parameters visible to the module."""
-        if not self._on_cpu:
-            self.params_dev.copy_(self.params_cpu, non_blocking=False)
-
-    def grads_ready(self) -> None:
-        """Make the module's gradients visible in the CPU buffer the engine pushes from."""
-        if not self._on_cpu:
-            self.grads_cpu.copy_(self.grads_dev)
-
-
 def task_device(requested: str) -> str:
     """The torch device of this task: ``cpu``, or the task's own GPU for ``cuda``."""
     import torch
@@ -123,19 +72,29 @@ def task_device(requested: str) -> str:
 
 
 def uses_class_indices(criterion: object) -> bool:
-    """True when the loss expects class indices (int64) as targets."""
+    """True when the loss is known to expect class indices (int64) as targets."""
     return type(criterion).__name__ in _CLASS_INDEX_LOSSES
 
 
+def class_indices(criterion: object, y: np.ndarray) -> np.ndarray:
+    """Scalar labels as int64 class indices, or a DataError when some are not whole numbers."""
+    if not np.all(np.equal(np.mod(y, 1), 0)):
+        bad = int(np.count_nonzero(np.mod(y, 1)))
+        raise DataError(f"labelCol: {bad} label(s) are not whole numbers, but {_loss_name(criterion)} needs class indices")
+    return y.astype(np.int64)
+
+
+def _loss_name(criterion: object) -> str:
+    return getattr(criterion, "__name__", None) or type(criterion).__name__
+
+
 def prepare_targets(criterion: object, y: np.ndarray | None, x: np.ndarray, label_kind: str) -> np.ndarray:
-    """Targets as the loss expects them: class indices, floats, vectors, or the features."""
+    """Targets as the loss is first tried with: class indices for known class-index losses,
+    floats for everything else (vectors as they are), or the features (autoencoder)."""
     if label_kind == "none" or y is None:
         return x
     if label_kind == "scalar" and uses_class_indices(criterion):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            bad = int(np.count_nonzero(np.mod(y, 1)))
-            raise DataError(f"labelCol: {bad} label(s) are not whole numbers, but {type(criterion).__name__} needs class indices")
-        return y.astype(np.int64)
+        return class_indices(criterion, y)
     return y.astype(np.float32, copy=False)
 
 
@@ -146,9 +105,33 @@ def _loss(criterion: object, out: object, target: object) -> object:
     return criterion(out, target)  # type: ignore[operator]
 
 
+def first_loss(criterion: object, out: object, tb: object, label_kind: str) -> tuple[object, bool]:
+    """The loss of the first step, and whether the targets must become class indices.
+
+    Scalar labels are tried as floats first (unless the loss is a known class-index loss); a
+    loss that refuses float targets but takes int64 ones (a custom cross-entropy, ``nll_loss``
+    in a function, ...) switches the fit to class indices, as 0.2.0 did by retrying with
+    ``.long()``.
+    """
+    try:
+        return _loss(criterion, out, tb), False
+    except (RuntimeError, TypeError, ValueError) as float_error:
+        if label_kind != "scalar" or tb.is_floating_point() is False:  # type: ignore[attr-defined]
+            raise
+        as_long = tb.long()  # type: ignore[attr-defined]
+        if not bool((as_long == tb).all()):  # type: ignore[attr-defined]
+            raise
+        try:
+            loss = _loss(criterion, out, as_long)
+        except Exception:  # noqa: BLE001 - the float error is the one to report
+            raise float_error from None
+        log.info("%s refused float targets: training with class indices (int64)", _loss_name(criterion))
+        return loss, True
+
+
 def check_class_range(criterion: object, out: object, y: np.ndarray) -> None:
     """Class-index labels must lie in ``[0, classes)`` of the model's output."""
-    if y.dtype != np.int64 or not uses_class_indices(criterion) or y.size == 0:
+    if y.dtype != np.int64 or y.size == 0:
         return
     classes = out.shape[1] if getattr(out, "dim", lambda: 0)() >= 2 else None  # type: ignore[attr-defined]
     lo, hi = int(y.min()), int(y.max())
@@ -156,7 +139,7 @@ def check_class_range(criterion: object, out: object, y: np.ndarray) -> None:
         bad = int(np.count_nonzero((y < 0) | ((y >= classes) if classes else False)))
         raise DataError(
             f"labelCol: {bad} label(s) outside [0, {classes}) (seen {lo}..{hi}); "
-            f"{type(criterion).__name__} needs class indices below the model's {classes} outputs"
+            f"{_loss_name(criterion)} needs class indices below the model's {classes} outputs"
         )
 
 
@@ -167,6 +150,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
 
     from . import _native
     from ._data import batches_to_numpy, check_finite
+    from ._state import FlatModel
     from .util import load_torch_obj
 
     ctx = TaskContext.get()
@@ -192,12 +176,13 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
         if rows == 0:
             log.info("partition %d is empty: leaving the fit", partition)
             finished = True
-            yield _result(partition, attempt, 0, 0, last_loss)
+            yield _result(partition, attempt, 0, 0, last_loss, 0, 0.0)
             return
 
         check_finite(x_np, "inputCol (features)")
         if y_np is not None:
             check_finite(y_np, "labelCol")
+        digest = rows_digest(x_np)
 
         obj = load_torch_obj(cfg.torch_obj)
         device = task_device(cfg.device)
@@ -206,7 +191,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
         criterion = obj.criterion
         flat = FlatModel(model, device)
         if flat.numel != client.num_params:
-            raise ParamError(f"torchObj: the model has {flat.numel} trainable values but the server holds {client.num_params}")
+            raise ParamError(f"torchObj: the model has {flat.numel} values to train but the server holds {client.num_params}")
         forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
 
         y_t = prepare_targets(criterion, y_np, x_np, cfg.label_kind)
@@ -227,10 +212,11 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
                 val_x, val_t = x_all[val_idx].to(device), t_all[val_idx].to(device)
                 x_all, t_all = x_all[train_idx], t_all[train_idx]
         n_train = len(x_all)
+        batch = cfg.mini_batch if 0 < cfg.mini_batch < n_train else -1
         if cfg.mini_batch > n_train:
-            raise ParamError(
-                f"miniBatch={cfg.mini_batch} is larger than partition {partition}'s {n_train} training rows; "
-                "lower miniBatch or use fewer partitions"
+            log.warning(
+                "miniBatch=%d is larger than partition %d's %d training rows: its steps use all %d rows",
+                cfg.mini_batch, partition, n_train, n_train,
             )
         x_dev, t_dev = x_all.to(device), t_all.to(device)
 
@@ -246,8 +232,8 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
         flat.params_pulled()
         checked = False
         for step in range(start, end):
-            if cfg.mini_batch > 0:
-                idx = torch.randperm(n_train, generator=gen)[: cfg.mini_batch].to(device)
+            if batch > 0:
+                idx = torch.randperm(n_train, generator=gen)[:batch].to(device)
                 xb, tb = x_dev[idx], t_dev[idx]
             else:
                 xb, tb = x_dev, t_dev
@@ -260,18 +246,21 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
                         f"inputCol: the model cannot take this partition's vectors of {x_np.shape[1]} features "
                         f"({type(e).__name__}: {str(e).splitlines()[0]})"
                     ) from e
+                loss, to_indices = first_loss(criterion, out, tb, cfg.label_kind)
+                if to_indices:
+                    y_t = class_indices(criterion, y_np)  # type: ignore[arg-type]
+                    t_dev = t_dev.long()
+                    if val_t is not None:
+                        val_t = val_t.long()
                 check_class_range(criterion, out, y_t)
                 checked = True
             else:
                 out = forward(xb)
-            loss = _loss(criterion, out, tb)
-            loss.backward()
+                loss = _loss(criterion, out, tb)
+            loss.backward()  # type: ignore[attr-defined]
             flat.grads_ready()
-            val_loss = math.nan
-            if val_x is not None:
-                with torch.no_grad():
-                    val_loss = float(_loss(criterion, forward(val_x), val_t))
-            last_loss = float(loss.detach())
+            val_loss = validation_loss(model, forward, criterion, val_x, val_t)
+            last_loss = float(loss.detach())  # type: ignore[attr-defined]
             _, stop = client.push_pull(
                 flat.grads_np,
                 flat.params_np,
@@ -286,7 +275,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
                 log.info("partition %d: global early stop after step %d", partition, step)
                 break
         finished = True
-        yield _result(partition, attempt, rows, steps_done, last_loss)
+        yield _result(partition, attempt, rows, steps_done, last_loss, batch if batch > 0 else n_train, digest)
     finally:
         # Bye only when done (an empty partition is done at once). A task that fails is not
         # done: the server keeps its place (a synchronous round waits for its retry, up to
@@ -295,7 +284,30 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
             client.close()
 
 
-def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: float) -> pa.RecordBatch:
+def validation_loss(model: object, forward: object, criterion: object, val_x: object, val_t: object) -> float:
+    """The loss on the holdout, in evaluation mode (dropout off, BatchNorm on its running
+    statistics, which the holdout leaves untouched) and without autograd; NaN without a holdout."""
+    if val_x is None:
+        return math.nan
+    import torch
+
+    model.train(False)  # type: ignore[attr-defined]
+    try:
+        with torch.no_grad():
+            return float(_loss(criterion, forward(val_x), val_t))  # type: ignore[operator]
+    finally:
+        model.train(True)  # type: ignore[attr-defined]
+
+
+def rows_digest(x: np.ndarray) -> float:
+    """An order-independent fingerprint of a partition's rows (which rows it holds, not where)."""
+    if x.size == 0:
+        return 0.0
+    w = np.cos(np.arange(x.shape[1], dtype=np.float64))
+    return float(np.sum(np.sin(x.astype(np.float64) @ w)))
+
+
+def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: float, batch: int, digest: float) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(
         {
             "partition": pa.array([partition], pa.int32()),
@@ -303,6 +315,8 @@ def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: floa
             "rows": pa.array([rows], pa.int64()),
             "steps": pa.array([steps], pa.int32()),
             "last_loss": pa.array([last_loss], pa.float64()),
+            "batch": pa.array([batch], pa.int64()),
+            "digest": pa.array([digest], pa.float64()),
         }
     )
 

@@ -59,8 +59,8 @@ class _SparkTorchParams(_SharedTorchParams):
     checkpointPath = Param(
         Params._dummy(),
         "checkpointPath",
-        "directory where the parameter server writes checkpoint.safetensors (parameters, optimizer state, steps); "
-        "a fit whose checkpointPath already holds a checkpoint resumes from it",
+        "directory where the parameter server writes checkpoint.safetensors (parameters, model buffers, optimizer "
+        "state, steps); a fit refuses a checkpointPath that already holds a checkpoint unless resumeFrom names it",
         typeConverter=_to_optional_string,
     )
     checkpointInterval = Param(
@@ -131,6 +131,14 @@ class _SparkTorchParams(_SharedTorchParams):
     def getAcquireLock(self) -> bool:
         """Whether hogwild mode applies updates one at a time."""
         return self.getOrDefault(self.acquireLock)
+
+    def getAqcuireLock(self) -> bool:
+        """Alias of :meth:`getAcquireLock` (0.2.0's getter name, spelled as it shipped)."""
+        return self.getAcquireLock()
+
+    def getBarrier(self) -> bool:
+        """Alias of :meth:`getUseBarrier` (0.2.0's getter name)."""
+        return self.getUseBarrier()
 
     def getUseBarrier(self) -> bool:
         """Whether the training stage runs in barrier mode."""

@@ -42,19 +42,30 @@ _log = logging.getLogger("sparktorch")
 
 
 def _make_udf(predict: Any, vector_out: bool) -> Any:
-    """Wrap ``predict`` (``pa.Array -> pa.Array``) as a scalar Arrow UDF (pandas UDF on 3.5)."""
+    """Wrap ``predict`` (``pa.Array -> pa.Array``) as a batched scalar UDF.
+
+    PySpark 4.1+ has scalar Arrow UDFs: the Arrow batch goes to ``predict`` as it is. Before
+    that (3.5, 4.0) a scalar pandas UDF carries the same batches: pyarrow turns the Series of
+    per-row arrays back into one ``list<float32>`` array in C++ (no Python loop over rows),
+    and the model still runs once per chunk of ``inferenceBatchSize`` rows.
+    """
     return_type = ArrayType(DoubleType(), containsNull=False) if vector_out else DoubleType()
     try:
         from pyspark.sql.pandas.functions import arrow_udf
-    except ImportError:  # PySpark < 4.1: a pandas UDF over the same function
+    except ImportError:  # PySpark < 4.1
         import pandas as pd
         import pyarrow as pa
         from pyspark.sql.functions import pandas_udf
 
+        list_type = pa.list_(pa.float32())
+
         def via_pandas(series: pd.Series) -> pd.Series:
-            arr = pa.array(series.tolist(), type=pa.list_(pa.float32()))
+            arr = pa.array(series, type=list_type, from_pandas=True)
             return predict(arr).to_pandas()
 
+        # This module postpones annotations (strings); pandas_udf reads the hints to choose
+        # the UDF type, so give it the real classes.
+        via_pandas.__annotations__ = {"series": pd.Series, "return": pd.Series}
         return pandas_udf(via_pandas, return_type)  # type: ignore[call-overload]
     return arrow_udf(predict, return_type)  # scalar: inferred from the pa.Array type hints
 

@@ -16,11 +16,12 @@ ITERS = 50
 
 class Paced(nn.Module):
     """A small classifier whose training forward pass takes at least 50 ms, so that a watcher
-    can kill the driver between two checkpoints (the numerics are those of ``net``)."""
+    can kill the driver between two checkpoints (the numerics are those of ``net``). Its
+    BatchNorm makes the running statistics part of what a checkpoint must carry."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:

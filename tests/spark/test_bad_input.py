@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -76,10 +77,15 @@ def test_feature_size_mismatch_without_metadata(spark):
         _fit(df)
 
 
-def test_minibatch_larger_than_a_partition(spark):
+def test_minibatch_larger_than_a_partition_trains_with_a_warning(spark, caplog):
+    # A partition smaller than miniBatch must not fail the fit late: its steps use every row,
+    # and the driver says so.
     df = spark.sparkContext.parallelize(_rows(20), 2).toDF(["features", "label"])
-    with pytest.raises(ParamError, match="miniBatch=50"):
-        _fit(df, miniBatch=50)
+    with caplog.at_level(logging.WARNING, logger="sparktorch"):
+        fitted = _fit(df, miniBatch=50)
+    assert len(fitted.getTrainingHistory()) == 2 * 3
+    warned = [r.getMessage() for r in caplog.records if "miniBatch=50" in r.getMessage()]
+    assert warned and "2 partition(s)" in warned[0], caplog.text
 
 
 def test_foreign_torch_obj_string(spark):

@@ -464,6 +464,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             "version": c.version,
             "num_workers": c.num_workers,
             "num_params": c.params.len(),
+            "model_buffers": c.model_buffers,
             "optimizer": c.optimizer,
             "hyperparameters": hyper,
             "optimizer_step": c.optimizer_state.step,
@@ -491,9 +492,10 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     println!("mode            {}", c.mode);
     println!("version         {} optimizer steps", c.version);
     println!(
-        "parameters      {} in {} tensors",
+        "parameters      {} in {} tensors ({} of them model buffers)",
         c.params.len(),
-        c.layout.len()
+        c.layout.len(),
+        c.model_buffers
     );
     println!(
         "optimizer       {} {}",

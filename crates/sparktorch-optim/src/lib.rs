@@ -21,6 +21,7 @@ pub mod atomic;
 mod error;
 mod hyper;
 pub mod kernel;
+mod model_buffers;
 mod sgd;
 #[cfg(test)]
 mod tests;
@@ -32,6 +33,7 @@ pub use atomic::AtomicF32;
 pub use error::OptimError;
 pub use hyper::{HyperValue, Hyperparameters};
 pub use kernel::{Elementwise, Parallelism};
+pub use model_buffers::{with_model_buffers, WithModelBuffers};
 pub use sgd::{Sgd, SgdAlgo};
 
 /// A snapshot of an optimizer's state, named as `torch.optim` names it.
@@ -55,6 +57,13 @@ pub trait Optimizer: Send + Sync {
 
     /// Number of parameter elements this optimizer was built for.
     fn len(&self) -> usize;
+
+    /// Number of leading elements the optimizer steps; the rest (model buffers, see
+    /// [`WithModelBuffers`]) is updated by adding the pushed deltas. Equal to [`Self::len`] for
+    /// a plain optimizer.
+    fn trainable_len(&self) -> usize {
+        self.len()
+    }
 
     /// True when built for zero elements.
     fn is_empty(&self) -> bool {

@@ -128,6 +128,10 @@ pub struct Checkpoint {
     pub num_workers: u32,
     /// Tensor names and shapes (`layout`, JSON); never empty (see the module doc).
     pub layout: Layout,
+    /// Elements at the tail of `params` that are model buffers (BatchNorm running statistics,
+    /// ...), not stepped by the optimizer (`model_buffers`; absent in older files: 0). The
+    /// optimizer buffers cover the other `params.len() - model_buffers` elements.
+    pub model_buffers: usize,
     /// Early stopping (`early_stop`, JSON).
     pub early_stop: EarlyStopState,
     /// Seconds since the Unix epoch when it was written (`created_unix`); `created` holds the
@@ -305,6 +309,7 @@ impl Checkpoint {
         put("workers", Value::Object(workers).to_string());
         put("num_workers", self.num_workers.to_string());
         put("layout", json!(self.layout).to_string());
+        put("model_buffers", self.model_buffers.to_string());
         put(
             "early_stop",
             json!({
@@ -562,6 +567,14 @@ impl Checkpoint {
                 .filter(|&t| t <= MAX_PARAMS)
                 .ok_or_else(|| format!("layout exceeds {MAX_PARAMS} elements"))?;
         }
+        let model_buffers = match meta.get("model_buffers") {
+            None => 0,
+            Some(_) => usize::try_from(num("model_buffers")?)
+                .ok()
+                .filter(|&b| b <= n)
+                .ok_or_else(|| format!("model_buffers exceeds the layout's {n} elements"))?,
+        };
+        let trainable = n - model_buffers;
 
         // Tensors: exactly one per layout entry, plus the optimizer buffers; all F32.
         let mut expected_params: BTreeMap<String, &Vec<usize>> = BTreeMap::new();
@@ -589,9 +602,9 @@ impl Checkpoint {
                     ));
                 }
             } else if let Some(b) = name.strip_prefix(OPTIM_PREFIX) {
-                if view.shape() != [n] {
+                if view.shape() != [trainable] {
                     return Err(format!(
-                        "optimizer buffer {name:?} has shape {:?}, expected [{n}]",
+                        "optimizer buffer {name:?} has shape {:?}, expected [{trainable}]",
                         view.shape()
                     ));
                 }
@@ -636,6 +649,7 @@ impl Checkpoint {
             workers,
             num_workers,
             layout,
+            model_buffers,
             early_stop,
             created_unix,
             params: Arc::new(params),
@@ -713,6 +727,7 @@ mod tests {
                 ("fc.weight".into(), vec![2, 2]),
                 ("fc.bias".into(), vec![1]),
             ],
+            model_buffers: 0,
             early_stop: EarlyStopState {
                 best_loss: Some(0.1 + 0.2),
                 bad_evaluations: 2,
@@ -767,6 +782,42 @@ mod tests {
             },
             c
         );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn model_buffers_round_trip_and_shorten_the_optimizer_buffers() -> Result<(), String> {
+        let mut c = sample();
+        // 5 trainable elements as before, plus a BatchNorm-like buffer pair at the tail.
+        c.layout.push(("bn.running_mean".into(), vec![2]));
+        c.layout.push(("bn.num_batches_tracked".into(), vec![]));
+        c.model_buffers = 3;
+        c.params = Arc::new(vec![
+            1.0,
+            -0.0,
+            f32::EPSILON,
+            -3.5e-12,
+            9.0,
+            0.5,
+            -0.5,
+            12.0,
+        ]);
+        let dir = std::env::temp_dir().join(format!("spt-ckpt-buf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let file = dir.join("c.safetensors");
+        c.write(&file).map_err(|e| e.to_string())?;
+        let back = Checkpoint::read(&file).map_err(|e| e.to_string())?;
+        assert_eq!(back.model_buffers, 3);
+        assert_eq!(back.params, c.params);
+        // Optimizer buffers as long as all the values (no room for the model buffers) are refused.
+        c.optimizer_state.buffers[0].1 = vec![0.0; 8];
+        c.write(&file).map_err(|e| e.to_string())?;
+        let err = Checkpoint::read(&file)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("expected [5]"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

@@ -61,7 +61,7 @@ impl ParameterServer {
         params, layout, optimizer, hyperparameters, *, secret, mode = "async",
         host = "127.0.0.1", port = 0, num_workers = 1, round_timeout_s = 600.0,
         lost_worker_policy = "drop", early_stop_patience = -1, io_timeout_s = 60.0,
-        checkpoint_path = None, checkpoint_interval = 0, resume_from = None
+        checkpoint_path = None, checkpoint_interval = 0, resume_from = None, model_buffers = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -82,6 +82,7 @@ impl ParameterServer {
         checkpoint_path: Option<PathBuf>,
         checkpoint_interval: i64,
         resume_from: Option<PathBuf>,
+        model_buffers: usize,
     ) -> PyResult<Self> {
         crate::runtime::init_logging(py);
         let params = f32_array(py, params, "params")?;
@@ -138,8 +139,18 @@ impl ParameterServer {
         }
         config.checkpoint_interval = checkpoint_interval as u64;
         config.checkpoint_dir = checkpoint_path;
-        let opt = sparktorch_optim::build(optimizer, &hyper, values.len())
+        if model_buffers > values.len() {
+            return Err(param_err(
+                py,
+                format!(
+                    "model_buffers={model_buffers} exceeds the {} values of params",
+                    values.len()
+                ),
+            ));
+        }
+        let opt = sparktorch_optim::build(optimizer, &hyper, values.len() - model_buffers)
             .map_err(|e| param_err(py, format!("optimizer: {e}")))?;
+        let opt = sparktorch_optim::with_model_buffers(opt, model_buffers);
         let server = match resume_from {
             None => Server::new(values, layout, opt, config).map_err(|e| ps_err(py, e))?,
             Some(path) => {
@@ -216,6 +227,12 @@ impl ParameterServer {
         self.server.num_params()
     }
 
+    /// Number of leading elements the optimizer steps (the rest are model buffers).
+    #[getter]
+    fn num_trainable(&self) -> usize {
+        self.server.num_trainable()
+    }
+
     /// Number of optimizer steps applied so far.
     fn version(&self) -> u64 {
         self.server.version()
@@ -249,10 +266,15 @@ impl ParameterServer {
             }
         }
         let rebuild = match hyper {
-            Some(h) => Some(
-                sparktorch_optim::build(current, &h, self.server.num_params())
-                    .map_err(|e| param_err(py, format!("state['hyperparameters']: {e}")))?,
-            ),
+            Some(h) => {
+                let trainable = self.server.num_trainable();
+                let opt = sparktorch_optim::build(current, &h, trainable)
+                    .map_err(|e| param_err(py, format!("state['hyperparameters']: {e}")))?;
+                Some(sparktorch_optim::with_model_buffers(
+                    opt,
+                    self.server.num_params() - trainable,
+                ))
+            }
             None => None,
         };
         let server = self.server.clone();
@@ -395,6 +417,7 @@ pub(crate) fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<B
     d.set_item("hyperparameters", hyper_dict(py, &c.hyperparameters)?)?;
     d.set_item("num_workers", c.num_workers)?;
     d.set_item("layout", c.layout.clone())?;
+    d.set_item("model_buffers", c.model_buffers)?;
     let workers = PyDict::new(py);
     for (w, s) in &c.workers {
         let e = PyDict::new(py);

@@ -202,6 +202,16 @@ impl Server {
                 ),
             ));
         }
+        let buffers = optimizer.len() - optimizer.trainable_len();
+        if c.model_buffers != buffers {
+            return Err(mismatch(
+                "model_buffers",
+                format!(
+                    "the checkpoint holds {} model-buffer values after its trainable ones, the model {}",
+                    c.model_buffers, buffers
+                ),
+            ));
+        }
         let given = optimizer.hyperparameters();
         for (name, value) in &given {
             let saved = c
@@ -407,6 +417,12 @@ impl Server {
         self.inner.store.len()
     }
 
+    /// Number of leading elements the optimizer steps; the rest are model buffers (see
+    /// [`sparktorch_optim::WithModelBuffers`]).
+    pub fn num_trainable(&self) -> usize {
+        self.inner.store.with_optimizer(|o| o.trainable_len())
+    }
+
     /// Tensor names and shapes.
     pub fn layout(&self) -> &Layout {
         &self.inner.layout
@@ -560,12 +576,13 @@ impl Inner {
                 should_stop: c.should_stop,
             }
         };
-        let (version, params, optimizer_state, (name, hyperparameters, workers)) =
+        let (version, params, optimizer_state, (name, hyperparameters, workers, model_buffers)) =
             self.store.consistent_snapshot(|opt| {
                 (
                     opt.name(),
                     opt.hyperparameters(),
                     lock(&self.ledger).clone(),
+                    opt.len() - opt.trainable_len(),
                 )
             });
         Checkpoint {
@@ -578,6 +595,7 @@ impl Inner {
             workers,
             num_workers: self.config.num_workers,
             layout: effective_layout(&self.layout, self.store.len()),
+            model_buffers,
             early_stop,
             created_unix: now_unix(),
             params,

@@ -1,0 +1,139 @@
+//! Model buffers beside the trainable parameters: an [`Optimizer`] adapter.
+//!
+//! A model's trained state is more than its trainable parameters: BatchNorm's running mean and
+//! variance (and any buffer a module updates in `forward`) change while it trains. The server
+//! keeps those buffers at the tail of its flat vector, after the `trainable` elements. Workers
+//! push, for the tail, the *change* their forward pass made to the buffers they pulled (a delta,
+//! not a gradient), and the tail is updated by adding it: no optimizer, no learning rate.
+//!
+//! So in every mode the tail follows what the workers' forward passes did to it:
+//! - one worker: the server's buffers are that worker's buffers (plain PyTorch, up to one
+//!   rounding of `x + (y - x)` in `f32`);
+//! - synchronous: the round's deltas are averaged like gradients (weighted by batch size), so a
+//!   BatchNorm running mean moves by the mean of the workers' batch statistics;
+//! - async / hogwild: each push adds its worker's delta, as each push steps the parameters.
+//!
+//! A buffer the model never changes gets a zero delta: `x + 0.0` is `x` exactly.
+
+use crate::atomic::AtomicF32;
+use crate::{Hyperparameters, OptimError, Optimizer, OptimizerState, Parallelism};
+
+/// An optimizer for the first `inner.len()` elements whose tail of `buffers` elements is
+/// updated by adding the pushed values.
+pub struct WithModelBuffers {
+    /// Steps the trainable head.
+    inner: Box<dyn Optimizer>,
+    /// Length of the tail (model buffers).
+    buffers: usize,
+}
+
+impl WithModelBuffers {
+    /// `inner` for the trainable head, plus a tail of `buffers` elements.
+    pub fn new(inner: Box<dyn Optimizer>, buffers: usize) -> Self {
+        Self { inner, buffers }
+    }
+}
+
+/// `inner`, extended by a tail of `buffers` model-buffer elements (`inner` itself when 0).
+pub fn with_model_buffers(inner: Box<dyn Optimizer>, buffers: usize) -> Box<dyn Optimizer> {
+    if buffers == 0 {
+        inner
+    } else {
+        Box::new(WithModelBuffers::new(inner, buffers))
+    }
+}
+
+impl Optimizer for WithModelBuffers {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn hyperparameters(&self) -> Hyperparameters {
+        self.inner.hyperparameters()
+    }
+
+    fn len(&self) -> usize {
+        self.inner.len() + self.buffers
+    }
+
+    fn trainable_len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn set_parallelism(&mut self, par: Parallelism) {
+        self.inner.set_parallelism(par);
+    }
+
+    fn step(&mut self, params: &mut [f32], grads: &[f32]) {
+        let n = self.inner.len();
+        let (head, tail) = params.split_at_mut(n);
+        self.inner.step(head, &grads[..n]);
+        for (b, d) in tail.iter_mut().zip(&grads[n..]) {
+            *b += *d;
+        }
+    }
+
+    fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {
+        let n = self.inner.len();
+        self.inner.step_relaxed(&params[..n], &grads[..n]);
+        for (b, d) in params[n..].iter().zip(&grads[n..]) {
+            b.store(b.load() + *d);
+        }
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        self.inner.export_state()
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
+        self.inner.import_state(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{build, HyperValue};
+
+    fn adam(len: usize) -> Result<Box<dyn Optimizer>, OptimError> {
+        build("Adam", &vec![("lr".into(), HyperValue::Float(0.1))], len)
+    }
+
+    #[test]
+    fn head_is_stepped_by_the_optimizer_and_tail_adds_the_deltas() -> Result<(), OptimError> {
+        let mut plain = adam(2)?;
+        let mut both = with_model_buffers(adam(2)?, 3);
+        assert_eq!((both.len(), both.trainable_len()), (5, 2));
+        let mut p = vec![1.0, -1.0];
+        let mut pb = vec![1.0, -1.0, 0.5, 7.0, 1e30];
+        for _ in 0..3 {
+            plain.step(&mut p, &[0.3, -0.2]);
+            both.step(&mut pb, &[0.3, -0.2, 0.25, 0.0, 0.0]);
+        }
+        assert_eq!(&pb[..2], &p[..]);
+        // Deltas add up; an untouched buffer (zero deltas) keeps its exact value.
+        assert_eq!(&pb[2..], &[1.25, 7.0, 1e30]);
+        assert_eq!(both.export_state(), plain.export_state());
+        Ok(())
+    }
+
+    #[test]
+    fn relaxed_step_matches_the_exclusive_one() -> Result<(), OptimError> {
+        let mut a = with_model_buffers(adam(2)?, 2);
+        let b = with_model_buffers(adam(2)?, 2);
+        let mut pa = vec![0.5, 0.25, 3.0, -4.0];
+        let cells = AtomicF32::vec_from(&pa);
+        let g = [0.1, 0.2, -1.0, 0.5];
+        a.step(&mut pa, &g);
+        b.step_relaxed(&cells, &g);
+        assert_eq!(AtomicF32::snapshot(&cells), pa);
+        Ok(())
+    }
+
+    #[test]
+    fn zero_buffers_is_the_inner_optimizer() -> Result<(), OptimError> {
+        let o = with_model_buffers(adam(4)?, 0);
+        assert_eq!((o.len(), o.trainable_len()), (4, 4));
+        Ok(())
+    }
+}
