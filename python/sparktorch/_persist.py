@@ -51,6 +51,7 @@ from pyspark.sql import SparkSession
 
 from sparktorch._serialize import (
     build_from_spec,
+    check_import_origin,
     load_safetensors_into,
     model_from_parts,
     model_string_from_spec,
@@ -58,6 +59,7 @@ from sparktorch._serialize import (
     spec_format_version,
     split_model_string,
     state_dict_to_safetensors,
+    torch_obj_class_paths,
     torch_obj_encoding,
 )
 from sparktorch.errors import PersistenceError, SerializationError, UnsafeModelError
@@ -117,6 +119,20 @@ def _local_path(spark: SparkSession, path: str) -> str | None:
         return None
     jvm = spark.sparkContext._jvm
     return str(jvm.org.apache.hadoop.fs.Path(path).toUri().getPath())  # type: ignore[union-attr]
+
+
+def _untrusted_root(spark: SparkSession, qualified: str) -> str | None:
+    """The local directory tree a saved stage came from: the stage directory, or the whole
+    outermost pipeline directory for a stage under ``<pipeline>/stages/``. No module is imported from
+    inside it (a saved directory on ``sys.path`` is an importable package). None when the
+    files are not on the local filesystem (Python cannot import from there)."""
+    local = _local_path(spark, qualified)
+    if local is None:
+        return None
+    local = os.path.normpath(local)
+    while os.path.basename(os.path.dirname(local)) == "stages":  # pipelines nest
+        local = os.path.dirname(os.path.dirname(local))
+    return local
 
 
 def _join(path: str, name: str) -> str:
@@ -389,7 +405,11 @@ class SparkTorchModelReader(MLReader[R], Generic[R]):
             spec = doc.get("spec")
             try:
                 # every class is checked to be an nn.Module subclass before it is called
-                module = build_from_spec(spec, what=f"model class in {model_json}")
+                module = build_from_spec(
+                    spec,
+                    what=f"model class in {model_json}",
+                    untrusted_root=_untrusted_root(self.sparkSession, path),
+                )
             except SerializationError as exc:
                 raise PersistenceError(f"cannot rebuild the model of {model_json}: {exc}") from exc
             weights = self._side_file(path, _WEIGHTS, section)
@@ -466,9 +486,17 @@ class SparkTorchParamsReader(MLReader[R], Generic[R]):
             encoding = torch_obj_encoding(value)
         except SerializationError:
             return
+        qualified = _qualify(self.sparkSession, path)
+        meta = _join(qualified, "metadata")
         if encoding == "pickle" and not pickle_allowed(self.sparkSession):
-            meta = _join(_qualify(self.sparkSession, path), "metadata")
             raise _unsafe(meta, "the param torchObj")
+        root = _untrusted_root(self.sparkSession, qualified)
+        if root is not None:
+            for class_path in torch_obj_class_paths(value):
+                try:
+                    check_import_origin(class_path, root, what=f"torchObj in {meta}")
+                except SerializationError as exc:
+                    raise PersistenceError(str(exc)) from exc
 
 
 class SparkTorchParamsWritable(MLWritable):

@@ -47,11 +47,14 @@ import binascii
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import math
+import os
 import struct
+import sys
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -191,14 +194,7 @@ def _resolve(module: str, qualname: str) -> Any:
 _BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
 
 
-def import_class(path: str, *, what: str, base: type | None = None) -> type:
-    """Import the class named ``module:QualName`` (or ``module.Class``); SerializationError if not.
-
-    Nothing is called: the module is imported (which runs its top-level code, as any import)
-    and the attribute looked up. With ``base``, the result must be a subclass of ``base``, so a
-    caller that then builds it only ever calls constructors of that family (never, say,
-    ``subprocess.Popen``).
-    """
+def _split_class_path(path: Any, what: str) -> tuple[str, str]:
     if not isinstance(path, str) or not path:
         raise SerializationError(f"{what}: invalid class path {path!r}")
     if ":" in path:
@@ -207,6 +203,62 @@ def import_class(path: str, *, what: str, base: type | None = None) -> type:
         module, _, qualname = path.rpartition(".")
     if not module or not qualname:
         raise SerializationError(f"{what}: invalid class path {path!r}")
+    return module, qualname
+
+
+def _inside(location: str, root: str) -> bool:
+    real = os.path.realpath(location)
+    return real == root or real.startswith(root + os.sep)
+
+
+def check_import_origin(path: str, untrusted_root: str, *, what: str) -> None:
+    """Refuse a class whose module (or a package on the way to it) would be imported from
+    inside ``untrusted_root``, the directory being loaded.
+
+    A saved directory that sits in a directory on ``sys.path`` (the script's, or the working
+    directory) is itself an importable package: a spec naming ``simple_dnn.evil:Net`` would
+    run ``simple_dnn/__init__.py`` or ``simple_dnn/evil.py``, files that whoever wrote the
+    directory chose. Each not yet imported prefix of the module name is located with
+    ``importlib.util.find_spec`` (which runs only the code of prefixes already checked) before
+    anything of it runs.
+    """
+    module, _ = _split_class_path(path, what)
+    root = os.path.realpath(untrusted_root)
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:  # noqa: BLE001 - not importable: the import reports it
+            return
+        if spec is None:
+            return
+        locations = list(spec.submodule_search_locations or [])
+        if spec.origin and spec.has_location:
+            locations.append(spec.origin)
+        if any(_inside(loc, root) for loc in locations):
+            raise SerializationError(
+                f"{what}: {path!r} would import code from inside the directory being loaded "
+                f"({untrusted_root}); refusing to import {name!r}"
+            )
+
+
+def import_class(
+    path: str, *, what: str, base: type | None = None, untrusted_root: str | None = None
+) -> type:
+    """Import the class named ``module:QualName`` (or ``module.Class``); SerializationError if not.
+
+    Nothing is called: the module is imported (which runs its top-level code, as any import)
+    and the attribute looked up. With ``base``, the result must be a subclass of ``base``, so a
+    caller that then builds it only ever calls constructors of that family (never, say,
+    ``subprocess.Popen``). With ``untrusted_root``, a module that would be imported from inside
+    that directory is refused before it is imported (:func:`check_import_origin`).
+    """
+    module, qualname = _split_class_path(path, what)
+    if untrusted_root is not None:
+        check_import_origin(path, untrusted_root, what=what)
     try:
         obj = _resolve(module, qualname)
     except Exception as exc:  # noqa: BLE001
@@ -303,13 +355,22 @@ def _lazy_doc(path: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {"class": path, "kwargs": _to_json_value(dict(kwargs))}
 
 
-def build_from_spec(doc: Any, *, what: str, _nested: bool = False, _depth: int = 0) -> nn.Module:
+def build_from_spec(
+    doc: Any,
+    *,
+    what: str,
+    untrusted_root: str | None = None,
+    _nested: bool = False,
+    _depth: int = 0,
+) -> nn.Module:
     """Build the module that a JSON model spec describes (see the module docstring).
 
     Every class is resolved with :func:`import_class` and checked to be a ``torch.nn.Module``
     subclass before it is called, with JSON kwargs only; inside a container spec only the
-    three containers and classes from ``torch.nn`` are accepted. Raises SerializationError
-    naming ``what`` for anything else (nothing has been constructed from the offending node).
+    three containers and classes from ``torch.nn`` are accepted. ``untrusted_root``: the
+    directory the spec was read from; no module is imported from inside it. Raises
+    SerializationError naming ``what`` for anything else (nothing has been constructed from the
+    offending node).
     """
     if _depth > _MAX_SPEC_DEPTH:
         raise SerializationError(f"{what}: model spec nested deeper than {_MAX_SPEC_DEPTH}")
@@ -320,7 +381,7 @@ def build_from_spec(doc: Any, *, what: str, _nested: bool = False, _depth: int =
     if "children" in doc:
         if set(doc) != {"class", "children"}:
             raise SerializationError(f"{what}: corrupt container spec (keys {sorted(doc)})")
-        cls = import_class(doc["class"], what=what, base=nn.Module)
+        cls = import_class(doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root)
         if cls not in _CONTAINERS:
             raise SerializationError(
                 f"{what}: {doc['class']!r} is not nn.Sequential, nn.ModuleList or nn.ModuleDict; "
@@ -337,7 +398,12 @@ def build_from_spec(doc: Any, *, what: str, _nested: bool = False, _depth: int =
         if cls is nn.ModuleList and names != [str(i) for i in range(len(names))]:
             raise SerializationError(f"{what}: corrupt ModuleList spec (child names)")
         built = [
-            (name, build_from_spec(child, what=what, _nested=True, _depth=_depth + 1))
+            (
+                name,
+                build_from_spec(
+                    child, what=what, untrusted_root=untrusted_root, _nested=True, _depth=_depth + 1
+                ),
+            )
             for name, child in children
         ]
         try:
@@ -348,7 +414,7 @@ def build_from_spec(doc: Any, *, what: str, _nested: bool = False, _depth: int =
             raise SerializationError(f"{what}: cannot build {doc['class']!r}: {exc}") from exc
     if set(doc) - {"class", "kwargs"}:
         raise SerializationError(f"{what}: corrupt model spec (keys {sorted(doc)})")
-    cls = import_class(doc["class"], what=what, base=nn.Module)
+    cls = import_class(doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root)
     if _nested and not _is_torch_nn(cls):
         raise SerializationError(
             f"{what}: {doc['class']!r} is not a torch.nn layer; a container spec holds only "
@@ -755,6 +821,32 @@ def _build(cls: type, kwargs: dict[str, Any], what: str) -> Any:
         raise SerializationError(
             f"{what}: {cls.__module__}.{cls.__qualname__}(**{kwargs!r}) failed: {exc}"
         ) from exc
+
+
+def torch_obj_class_paths(torch_obj: str) -> list[str]:
+    """Every class path a JSON ``torchObj`` names (model spec tree, criterion, optimizer);
+    [] for other strings. Nothing is imported."""
+    try:
+        if torch_obj_encoding(torch_obj) != "json":
+            return []
+        doc = json.loads(torch_obj.split(";", 2)[2])
+    except (SerializationError, ValueError, IndexError):
+        return []
+    found: list[str] = []
+
+    def walk(node: Any, depth: int = 0) -> None:
+        if not isinstance(node, dict) or depth > _MAX_SPEC_DEPTH:
+            return
+        if isinstance(node.get("class"), str):
+            found.append(node["class"])
+        for child in node.get("children") or []:
+            if isinstance(child, list) and len(child) == 2:
+                walk(child[1], depth + 1)
+
+    if isinstance(doc, dict):
+        for key in ("model", "criterion", "optimizer"):
+            walk(doc.get(key))
+    return found
 
 
 def torch_obj_encoding(torch_obj: str) -> str:

@@ -311,3 +311,41 @@ def test_scheme_less_path_goes_to_the_default_filesystem(spark, raw, tmp_path) -
             import shutil
 
             shutil.rmtree(mount)
+
+
+# ------------------------------------------------------------------ code shipped inside the directory
+
+
+@pytest.mark.parametrize("where", ["__init__.py", "evil.py"])
+def test_spec_cannot_import_code_from_the_saved_directory(tmp_path, monkeypatch, where) -> None:
+    """A saved directory inside a directory on sys.path (the script's, the working directory)
+    is an importable package: a spec naming a module in it must not import it."""
+    lazy = (nn.Linear, {"in_features": 4, "out_features": 3})
+    path = _saved_pipeline(tmp_path, nn.Linear(4, 3), "simple_dnn", model_spec=lazy)
+    marker = str(tmp_path / "pwned")
+    with open(os.path.join(path, where), "w") as fh:
+        fh.write(f"import torch.nn\nopen({marker!r}, 'w').close()\nclass Net(torch.nn.Linear):\n    pass\n")
+    module = "simple_dnn" if where == "__init__.py" else "simple_dnn.evil"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stage = _stage_dir(path)
+    doc = {"kind": "spec", "spec": {"class": f"{module}:Net", "kwargs": {"in_features": 4, "out_features": 3}}}
+    _replace_side_file(stage, "data/model.json", json.dumps(doc).encode())
+    with pytest.raises(PersistenceError, match="inside the directory being loaded"):
+        PipelineModel.load(path)
+    with pytest.raises(PersistenceError, match="inside the directory being loaded"):
+        SparkTorchModel.load(stage)
+    assert not os.path.exists(marker)
+    # the same for a stored torchObj naming code planted in its own directory
+    est_path = str(tmp_path / "est_dnn")
+    est_module = module.replace("simple_dnn", "est_dnn")
+    torch_obj = "sparktorch-torchobj/1;json;" + json.dumps({
+        "model": {"class": f"{est_module}:Net", "kwargs": {"in_features": 4, "out_features": 3}},
+        "criterion": {"class": "torch.nn.modules.loss:MSELoss", "kwargs": {}},
+        "optimizer": {"class": "torch.optim.adam:Adam", "kwargs": {}},
+    })
+    Pipeline(stages=[SparkTorch(torchObj=torch_obj)]).save(est_path)
+    with open(os.path.join(est_path, where), "w") as fh:
+        fh.write(f"open({marker!r}, 'w').close()\n")
+    with pytest.raises(PersistenceError, match="inside the directory being loaded"):
+        Pipeline.load(est_path)
+    assert not os.path.exists(marker)
