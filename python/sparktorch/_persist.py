@@ -4,16 +4,26 @@ Layout of a saved :class:`~sparktorch.SparkTorchModel` directory::
 
     metadata/part-00000        DefaultParamsWriter JSON: class, uid, params (modStr left out),
                                plus "sparktorch": {formatVersion, modelKind, files: {name: sha256}}
-    data/model.json            the model definition: {"kind": "spec", "spec": {class, kwargs}}
+    data/model.json            the model definition: {"kind": "spec", "spec": <model spec>}
                                or {"kind": "pickle"}
     data/weights.safetensors   the weights (state dict)
     data/model.pkl             kind "pickle" only: the cloudpickled module
     data/history.json          the training history (a JSON list)
 
 The ``class`` in the metadata (``sparktorch.model.SparkTorchModel``) is what
-``PipelineModel.load`` uses to find this reader. A "spec" model is rebuilt by importing its class
-and loading safetensors weights: nothing is unpickled. Any failure to read raises
+``PipelineModel.load`` uses to find this reader. A "spec" model (an import path + JSON kwargs,
+or a container tree of ``torch.nn`` layers, see :mod:`sparktorch._serialize`) is rebuilt by
+importing its classes, checking that each is an ``nn.Module`` subclass *before* calling it, and
+loading safetensors weights: nothing is unpickled. A "pickle" model, and an estimator whose
+``torchObj`` is a pickle, load only with the opt-in (:data:`ALLOW_PICKLE_CONF` or
+:data:`ALLOW_PICKLE_ENV`); without it :class:`~sparktorch.errors.UnsafeModelError` names the
+file and the opt-in before anything is unpickled. Any failure to read raises
 :class:`~sparktorch.errors.PersistenceError` naming the file and the cause.
+
+Paths are resolved as Spark resolves the metadata's: a path without a scheme is qualified
+against Hadoop's default filesystem (``fs.defaultFS``) and its working directory, so the side
+files always land next to ``metadata/``. Qualified ``file:`` paths are written with Python I/O
+(temp file + rename); any other filesystem through Hadoop's ``FileSystem`` API.
 
 :class:`SparkTorchParamsWritable` / :class:`SparkTorchParamsReadable` give the same versioned,
 checked persistence to stages whose state is only params (the unfitted ``SparkTorch``).
@@ -40,19 +50,25 @@ from pyspark.ml.util import (
 from pyspark.sql import SparkSession
 
 from sparktorch._serialize import (
-    _from_json_value,
-    _to_json_value,
     build_from_spec,
+    check_import_origin,
     load_safetensors_into,
     model_from_parts,
+    model_string_from_spec,
     serialize_model,
+    spec_format_version,
     split_model_string,
     state_dict_to_safetensors,
+    torch_obj_class_paths,
+    torch_obj_encoding,
 )
-from sparktorch.errors import PersistenceError, SerializationError
+from sparktorch.errors import PersistenceError, SerializationError, UnsafeModelError
 
 __all__ = [
     "FORMAT_VERSION",
+    "ALLOW_PICKLE_CONF",
+    "ALLOW_PICKLE_ENV",
+    "pickle_allowed",
     "SparkTorchModelWriter",
     "SparkTorchModelReader",
     "SparkTorchParamsWriter",
@@ -63,8 +79,13 @@ __all__ = [
 
 _log = logging.getLogger("sparktorch")
 
-#: version of the on-disk layout; readers refuse directories with a newer one
-FORMAT_VERSION = 1
+#: highest version of the on-disk layout this reads; readers refuse directories with a newer
+#: one. Writers stamp the lowest version that holds the content (2: a container-tree spec).
+FORMAT_VERSION = 2
+#: Spark conf that lets readers unpickle a stored pickle (``spark.conf.set(..., "true")``)
+ALLOW_PICKLE_CONF = "spark.sparktorch.allowPickle"
+#: environment variable that does the same (``1``, ``true`` or ``yes``)
+ALLOW_PICKLE_ENV = "SPARKTORCH_ALLOW_PICKLE"
 _MODEL_JSON = "data/model.json"
 _WEIGHTS = "data/weights.safetensors"
 _PICKLE = "data/model.pkl"
@@ -75,24 +96,58 @@ R = TypeVar("R")
 
 
 # --------------------------------------------------------------------------------------------
-# file access: local paths with Python I/O (atomic writes), others through Hadoop's FileSystem
+# file access: resolved like Spark resolves the metadata path (Hadoop's default filesystem);
+# qualified file: paths with Python I/O (atomic writes), others through Hadoop's FileSystem
 
 
-def _local_path(path: str) -> str | None:
-    parsed = urlparse(path)
-    if parsed.scheme == "":
-        return path
-    if parsed.scheme == "file":
-        return parsed.path
-    return None
+def _qualify(spark: SparkSession, path: str) -> str:
+    """``path`` fully qualified on the filesystem Hadoop resolves it to.
+
+    A path without a scheme is resolved against ``fs.defaultFS`` and that filesystem's working
+    directory, exactly where ``DefaultParamsWriter`` puts ``metadata/`` (HDFS, DBFS, ... on a
+    cluster; the JVM's working directory for the local filesystem).
+    """
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
+    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
+    return str(fs.makeQualified(hpath).toString())
+
+
+def _local_path(spark: SparkSession, path: str) -> str | None:
+    """The local file behind a qualified ``file:`` path, else None (use Hadoop)."""
+    if urlparse(path).scheme != "file":
+        return None
+    jvm = spark.sparkContext._jvm
+    return str(jvm.org.apache.hadoop.fs.Path(path).toUri().getPath())  # type: ignore[union-attr]
+
+
+def _untrusted_root(spark: SparkSession, qualified: str) -> str | None:
+    """The local directory tree a saved stage came from: the stage directory, or the whole
+    outermost pipeline directory for a stage under ``<pipeline>/stages/``. No module is imported from
+    inside it (a saved directory on ``sys.path`` is an importable package). None when the
+    files are not on the local filesystem (Python cannot import from there)."""
+    local = _local_path(spark, qualified)
+    if local is None:
+        return None
+    local = os.path.normpath(local)
+    while os.path.basename(os.path.dirname(local)) == "stages":  # pipelines nest
+        local = os.path.dirname(os.path.dirname(local))
+    return local
 
 
 def _join(path: str, name: str) -> str:
     return path.rstrip("/") + "/" + name
 
 
+def _hadoop_fs(spark: SparkSession, path: str) -> tuple[Any, Any]:
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath  # type: ignore[union-attr]
+
+
 def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
-    local = _local_path(path)
+    """Write ``data`` to the qualified ``path``."""
+    local = _local_path(spark, path)
     if local is not None:
         os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(local) or ".")
@@ -107,9 +162,7 @@ def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
         return
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
+    fs, hpath = _hadoop_fs(spark, path)
     out = fs.create(hpath, True)
     try:
         out.write(bytearray(data))
@@ -118,21 +171,53 @@ def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
 
 
 def _read_bytes(spark: SparkSession, path: str) -> bytes:
-    local = _local_path(path)
+    """Read the qualified ``path`` (refusing files over the size bound)."""
+    local = _local_path(spark, path)
     if local is not None:
         size = os.path.getsize(local)
         if size > _MAX_SIDE_FILE_BYTES:
             raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
         with open(local, "rb") as fh:
             return fh.read()
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
+    fs, hpath = _hadoop_fs(spark, path)
+    size = int(fs.getFileStatus(hpath).getLen())
+    if size > _MAX_SIDE_FILE_BYTES:
+        raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
     stream = fs.open(hpath)
     try:
+        jvm = spark.sparkContext._jvm
         return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))  # type: ignore[union-attr]
     finally:
         stream.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the pickle opt-in
+
+
+def pickle_allowed(spark: SparkSession | None) -> bool:
+    """True when the user opted into unpickling stored pickles: the environment variable
+    ``SPARKTORCH_ALLOW_PICKLE`` is ``1``/``true``/``yes``, or the Spark conf
+    ``spark.sparktorch.allowPickle`` is ``true``."""
+    if os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    if spark is None:
+        return False
+    try:
+        value = spark.conf.get(ALLOW_PICKLE_CONF, "false")
+    except Exception:  # noqa: BLE001 - no conf: no opt-in
+        return False
+    return str(value).strip().lower() == "true"
+
+
+def _unsafe(file: str, what: str) -> UnsafeModelError:
+    return UnsafeModelError(
+        f"{file} holds {what} as a pickle, and unpickling it can run arbitrary code, so it is "
+        f"not loaded without an opt-in: set the Spark conf {ALLOW_PICKLE_CONF}=true "
+        f"(spark.conf.set({ALLOW_PICKLE_CONF!r}, 'true')) or the environment variable "
+        f"{ALLOW_PICKLE_ENV}=1, and only for files you trust. (Models of importable classes "
+        "or of torch.nn layers are saved without pickle by this sparktorch.)"
+    )
 
 
 def _sha256(data: bytes) -> str:
@@ -143,8 +228,8 @@ def _sha256(data: bytes) -> str:
 # metadata
 
 
-def _sparktorch_meta(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"formatVersion": FORMAT_VERSION}
+def _sparktorch_meta(extra: dict[str, Any] | None = None, version: int = 1) -> dict[str, Any]:
+    meta: dict[str, Any] = {"formatVersion": version}
     try:
         from importlib.metadata import version
 
@@ -201,7 +286,7 @@ def _set_params(instance: Any, metadata: dict[str, Any], path: str) -> None:
 
 class SparkTorchModelWriter(MLWriter):
     """Saves a :class:`~sparktorch.SparkTorchModel`: JSON params, safetensors weights, model
-    definition (import path + JSON kwargs, or a cloudpickle for models without one), history."""
+    definition (a JSON model spec, or a cloudpickle for models without one), history."""
 
     def __init__(self, instance: Any) -> None:
         super().__init__()
@@ -213,15 +298,14 @@ class SparkTorchModelWriter(MLWriter):
         mod_str = inst.getModStr()
         files: dict[str, bytes] = {}
         kind = "none"
+        version = 1
         if mod_str:
             parts = split_model_string(mod_str)
             kind = parts.kind
             if parts.kind == "spec":
                 assert parts.spec is not None
-                doc = {
-                    "kind": "spec",
-                    "spec": {"class": parts.spec[0], "kwargs": _to_json_value(parts.spec[1])},
-                }
+                doc = {"kind": "spec", "spec": parts.spec}
+                version = spec_format_version(parts.spec)
                 files[_WEIGHTS] = parts.payload
             else:
                 doc = {"kind": "pickle"}
@@ -237,16 +321,21 @@ class SparkTorchModelWriter(MLWriter):
         }
         extra = {
             "sparktorch": _sparktorch_meta(
-                {"modelKind": kind, "files": {name: _sha256(data) for name, data in files.items()}}
+                {"modelKind": kind, "files": {name: _sha256(data) for name, data in files.items()}},
+                version,
             )
         }
         # metadata first: without overwrite() it fails on an existing path before any side file
         DefaultParamsWriter.saveMetadata(inst, path, spark, extraMetadata=extra, paramMap=params)
+        root = _qualify(spark, path)  # where Hadoop just put metadata/
         for name, data in files.items():
             try:
-                _write_bytes(spark, _join(path, name), data)
+                _write_bytes(spark, _join(root, name), data)
             except OSError as exc:
-                raise PersistenceError(f"cannot write {_join(path, name)}: {exc}") from exc
+                raise PersistenceError(f"cannot write {_join(root, name)}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - Hadoop errors through py4j
+                cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise PersistenceError(f"cannot write {_join(root, name)}: {cause}") from exc
 
 
 class SparkTorchModelReader(MLReader[R], Generic[R]):
@@ -275,9 +364,18 @@ class SparkTorchModelReader(MLReader[R], Generic[R]):
 
     def load(self, path: str) -> R:
         metadata, section = _load_metadata(path, self.sparkSession)
+        for key in ("paramMap", "defaultParamMap"):
+            if (metadata.get(key) or {}).get("modStr"):
+                # the writer keeps the model in data/; a model string here would be loaded
+                # (maybe unpickled) without the checks below
+                raise PersistenceError(
+                    f"corrupt {_join(path, 'metadata')}: it holds a modStr param in {key}; "
+                    "sparktorch keeps the model in data/ and refuses a model string in metadata"
+                )
         instance = self.cls()
         _set_params(instance, metadata, path)
         kind = section.get("modelKind")
+        path = _qualify(self.sparkSession, path)  # the side files are next to metadata/
         if kind in ("spec", "pickle"):
             instance._set(modStr=self._load_model_string(path, section, kind))
         elif kind != "none":
@@ -302,37 +400,45 @@ class SparkTorchModelReader(MLReader[R], Generic[R]):
                 raise ValueError(f"kind {doc['kind']!r} but metadata says {kind!r}")
         except (ValueError, KeyError, TypeError) as exc:
             raise PersistenceError(f"corrupt {model_json}: {exc}") from exc
+        weights_file = _join(path, _WEIGHTS)
         if kind == "spec":
+            spec = doc.get("spec")
             try:
-                spec = (doc["spec"]["class"], _from_json_value(doc["spec"]["kwargs"] or {}))
-            except (KeyError, TypeError) as exc:
-                raise PersistenceError(f"corrupt {model_json}: {exc}") from exc
-            try:
-                module = build_from_spec(spec, what=f"model class in {model_json}")
+                # every class is checked to be an nn.Module subclass before it is called
+                module = build_from_spec(
+                    spec,
+                    what=f"model class in {model_json}",
+                    untrusted_root=_untrusted_root(self.sparkSession, path),
+                )
             except SerializationError as exc:
                 raise PersistenceError(f"cannot rebuild the model of {model_json}: {exc}") from exc
-        else:
-            pickle_file = _join(path, _PICKLE)
-            payload = self._side_file(path, _PICKLE, section)
-            _log.info("sparktorch: unpickling the model definition %s", pickle_file)
-            try:
-                import cloudpickle
-
-                module = cloudpickle.loads(payload)
-            except Exception as exc:  # noqa: BLE001
-                raise PersistenceError(
-                    f"cannot unpickle {pickle_file}: {type(exc).__name__}: {exc}"
-                ) from exc
-            spec = None
-        names = section.get("files") or {}
-        if kind == "spec" or _WEIGHTS in names:
             weights = self._side_file(path, _WEIGHTS, section)
             try:
-                load_safetensors_into(module, weights, what=_join(path, _WEIGHTS))
+                load_safetensors_into(module, weights, what=weights_file)
+            except SerializationError as exc:
+                raise PersistenceError(str(exc)) from exc
+            return model_string_from_spec(spec, weights)
+        pickle_file = _join(path, _PICKLE)
+        if not pickle_allowed(self.sparkSession):
+            raise _unsafe(pickle_file, "the model")
+        payload = self._side_file(path, _PICKLE, section)
+        _log.info("sparktorch: unpickling the model definition %s", pickle_file)
+        try:
+            import cloudpickle
+
+            module = cloudpickle.loads(payload)
+        except Exception as exc:  # noqa: BLE001
+            raise PersistenceError(
+                f"cannot unpickle {pickle_file}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if _WEIGHTS in (section.get("files") or {}):
+            weights = self._side_file(path, _WEIGHTS, section)
+            try:
+                load_safetensors_into(module, weights, what=weights_file)
             except SerializationError as exc:
                 raise PersistenceError(str(exc)) from exc
         try:
-            return serialize_model(module, spec)
+            return serialize_model(module)
         except SerializationError as exc:
             raise PersistenceError(f"cannot use the model of {model_json}: {exc}") from exc
 
@@ -364,7 +470,33 @@ class SparkTorchParamsReader(MLReader[R], Generic[R]):
         metadata, _ = _load_metadata(path, self.sparkSession)
         instance = self.cls()
         _set_params(instance, metadata, path)
+        self._check_torch_obj(instance, path)
         return instance
+
+    def _check_torch_obj(self, instance: Any, path: str) -> None:
+        """Refuse a pickle ``torchObj`` read from storage unless the user opted in: ``fit``
+        would unpickle it. A JSON one is checked class by class when ``fit`` builds it; a
+        foreign or sparktorch 0.2.0 string is refused by ``fit`` and never unpickled."""
+        if not instance.hasParam("torchObj") or not instance.isDefined("torchObj"):
+            return
+        value = instance.getOrDefault("torchObj")
+        if not value:
+            return
+        try:
+            encoding = torch_obj_encoding(value)
+        except SerializationError:
+            return
+        qualified = _qualify(self.sparkSession, path)
+        meta = _join(qualified, "metadata")
+        if encoding == "pickle" and not pickle_allowed(self.sparkSession):
+            raise _unsafe(meta, "the param torchObj")
+        root = _untrusted_root(self.sparkSession, qualified)
+        if root is not None:
+            for class_path in torch_obj_class_paths(value):
+                try:
+                    check_import_origin(class_path, root, what=f"torchObj in {meta}")
+                except SerializationError as exc:
+                    raise PersistenceError(str(exc)) from exc
 
 
 class SparkTorchParamsWritable(MLWritable):

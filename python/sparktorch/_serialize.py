@@ -5,10 +5,24 @@ Two string formats, both versioned and recognisable by their prefix:
 ``torchObj`` (what :func:`serialize_torch_obj` / :func:`serialize_torch_obj_lazy` return)::
 
     sparktorch-torchobj/1;json;{...}        lazy, importable classes, JSON-able kwargs
+    sparktorch-torchobj/2;json;{...}        a model instance as a structural spec + its weights
+                                            (safetensors, base64) + criterion and optimizer specs
     sparktorch-torchobj/1;pickle;<base64>   anything else (cloudpickle, by value)
 
-The JSON form names classes by import path (``package.module.Class``) and carries their
-constructor kwargs; reading it imports those modules but never unpickles anything.
+The JSON form names classes by import path (``package.module:Class``) and carries their
+constructor kwargs; reading it imports those modules, checks that each named class is a
+subclass of what it must be (``torch.nn.Module``, ``torch.optim.Optimizer``) *before* calling
+it, and never unpickles anything.
+
+A *model spec* (JSON) rebuilds an architecture without pickle::
+
+    {"class": "pkg.module:Net", "kwargs": {...}}                  Net(**kwargs)
+    {"class": "torch.nn.modules.container:Sequential",
+     "children": [["0", {spec}], ["1", {spec}], ...]}             a container tree
+
+Containers are ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict``; every class inside a
+container spec must come from ``torch.nn``. :func:`structural_spec` derives such a spec from a
+module instance and keeps it only if the rebuilt module has the same structure (see there).
 
 ``modStr`` (the serialized model a :class:`~sparktorch.model.SparkTorchModel` carries)::
 
@@ -17,7 +31,13 @@ constructor kwargs; reading it imports those modules but never unpickles anythin
 where the container is ``b"STMD"`` + a little-endian ``u32`` header length + a JSON header +
 a payload. With header ``{"kind": "spec", "spec": {...}}`` the payload is the weights as
 ``safetensors`` bytes and the model is rebuilt from its import path and kwargs (no pickle);
-with ``{"kind": "pickle"}`` the payload is the cloudpickled module.
+with ``{"kind": "pickle"}`` the payload is the cloudpickled module. Version 2 is written only
+when the spec is a container tree (``children``), so older readers refuse it with "upgrade".
+
+Strings are trusted like the Python objects they came from: :func:`load_torch_obj` and
+:func:`deserialize_model` unpickle a pickle-kind string unless called with
+``allow_pickle=False``. Everything that reads from *storage* (``sparktorch._persist``) refuses
+pickles unless the user opted in.
 """
 
 from __future__ import annotations
@@ -27,11 +47,15 @@ import binascii
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import math
+import os
 import struct
+import sys
+from collections import OrderedDict
 from typing import Any, Mapping
 
 import cloudpickle
@@ -48,14 +72,18 @@ __all__ = [
     "serialize_model",
     "deserialize_model",
     "model_string_key",
+    "structural_spec",
+    "build_from_spec",
+    "torch_obj_encoding",
 ]
 
 _log = logging.getLogger("sparktorch")
 
 TORCHOBJ_PREFIX = "sparktorch-torchobj/"
-TORCHOBJ_VERSION = 1
+TORCHOBJ_VERSION = 2  # highest version read; writers stamp the lowest one that fits
 MODEL_PREFIX = "sparktorch-model/"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # likewise
+_MAX_SPEC_DEPTH = 64  # nesting of container specs
 _CONTAINER_MAGIC = b"STMD"
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -163,14 +191,74 @@ def _resolve(module: str, qualname: str) -> Any:
     return obj
 
 
-def import_class(path: str, *, what: str) -> type:
-    """Import the class named ``module:QualName`` (or ``module.Class``); SerializationError if not."""
+_BASE_NAMES = {nn.Module: "torch.nn.Module", torch.optim.Optimizer: "torch.optim.Optimizer"}
+
+
+def _split_class_path(path: Any, what: str) -> tuple[str, str]:
     if not isinstance(path, str) or not path:
         raise SerializationError(f"{what}: invalid class path {path!r}")
     if ":" in path:
         module, _, qualname = path.partition(":")
     else:
         module, _, qualname = path.rpartition(".")
+    if not module or not qualname:
+        raise SerializationError(f"{what}: invalid class path {path!r}")
+    return module, qualname
+
+
+def _inside(location: str, root: str) -> bool:
+    real = os.path.realpath(location)
+    return real == root or real.startswith(root + os.sep)
+
+
+def check_import_origin(path: str, untrusted_root: str, *, what: str) -> None:
+    """Refuse a class whose module (or a package on the way to it) would be imported from
+    inside ``untrusted_root``, the directory being loaded.
+
+    A saved directory that sits in a directory on ``sys.path`` (the script's, or the working
+    directory) is itself an importable package: a spec naming ``simple_dnn.evil:Net`` would
+    run ``simple_dnn/__init__.py`` or ``simple_dnn/evil.py``, files that whoever wrote the
+    directory chose. Each not yet imported prefix of the module name is located with
+    ``importlib.util.find_spec`` (which runs only the code of prefixes already checked) before
+    anything of it runs.
+    """
+    module, _ = _split_class_path(path, what)
+    root = os.path.realpath(untrusted_root)
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except Exception:  # noqa: BLE001 - not importable: the import reports it
+            return
+        if spec is None:
+            return
+        locations = list(spec.submodule_search_locations or [])
+        if spec.origin and spec.has_location:
+            locations.append(spec.origin)
+        if any(_inside(loc, root) for loc in locations):
+            raise SerializationError(
+                f"{what}: {path!r} would import code from inside the directory being loaded "
+                f"({untrusted_root}); refusing to import {name!r}"
+            )
+
+
+def import_class(
+    path: str, *, what: str, base: type | None = None, untrusted_root: str | None = None
+) -> type:
+    """Import the class named ``module:QualName`` (or ``module.Class``); SerializationError if not.
+
+    Nothing is called: the module is imported (which runs its top-level code, as any import)
+    and the attribute looked up. With ``base``, the result must be a subclass of ``base``, so a
+    caller that then builds it only ever calls constructors of that family (never, say,
+    ``subprocess.Popen``). With ``untrusted_root``, a module that would be imported from inside
+    that directory is refused before it is imported (:func:`check_import_origin`).
+    """
+    module, qualname = _split_class_path(path, what)
+    if untrusted_root is not None:
+        check_import_origin(path, untrusted_root, what=what)
     try:
         obj = _resolve(module, qualname)
     except Exception as exc:  # noqa: BLE001
@@ -179,7 +267,12 @@ def import_class(path: str, *, what: str) -> type:
             "that defines it on the driver and on every executor"
         ) from exc
     if not isinstance(obj, type):
-        raise SerializationError(f"{what}: {path!r} is not a class")
+        raise SerializationError(f"{what}: {path!r} is not a class; refusing to call it")
+    if base is not None and not issubclass(obj, base):
+        name = _BASE_NAMES.get(base, f"{base.__module__}.{base.__qualname__}")
+        raise SerializationError(
+            f"{what}: {path!r} is not a {name} subclass; refusing to call it"
+        )
     return obj
 
 
@@ -190,7 +283,7 @@ def _criterion_spec(criterion: Any) -> dict[str, Any] | None:
     the rebuilt instance is compared with the original; only an exact match is accepted.
     """
     if isinstance(criterion, type):
-        path = import_path(criterion)
+        path = import_path(criterion) if issubclass(criterion, nn.Module) else None
         return {"class": path, "kwargs": {}} if path else None
     cls = type(criterion)
     path = import_path(cls)
@@ -236,6 +329,260 @@ def _modules_equal(a: nn.Module, b: nn.Module) -> bool:
         return bool(da == db)
     except Exception:  # noqa: BLE001
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# model specs: import path + JSON kwargs, or a container tree of torch.nn layers
+
+_CONTAINERS: tuple[type, ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# constructor arguments that a subclass with an ``(*args, **kwargs)`` __init__ passes to its
+# base itself (nn.LSTM calls nn.RNNBase.__init__("LSTM", ...)), so they are not recovered
+_SUPPLIED_BY_SUBCLASS: dict[type, tuple[str, ...]] = {nn.RNNBase: ("mode",)}
+# keyword arguments such a subclass takes on top of its base's (read back like the others)
+_EXTRA_KWARGS: dict[type, tuple[str, ...]] = {nn.RNN: ("nonlinearity",)}
+_SKIPPED_KWARGS = frozenset({"device", "dtype"})
+
+
+def _is_torch_nn(cls: type) -> bool:
+    return (getattr(cls, "__module__", "") or "").startswith("torch.nn.")
+
+
+def _spec_has_children(doc: Any) -> bool:
+    return isinstance(doc, dict) and "children" in doc
+
+
+def _lazy_doc(path: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"class": path, "kwargs": _to_json_value(dict(kwargs))}
+
+
+def build_from_spec(
+    doc: Any,
+    *,
+    what: str,
+    untrusted_root: str | None = None,
+    _nested: bool = False,
+    _depth: int = 0,
+) -> nn.Module:
+    """Build the module that a JSON model spec describes (see the module docstring).
+
+    Every class is resolved with :func:`import_class` and checked to be a ``torch.nn.Module``
+    subclass before it is called, with JSON kwargs only; inside a container spec only the
+    three containers and classes from ``torch.nn`` are accepted. ``untrusted_root``: the
+    directory the spec was read from; no module is imported from inside it. Raises
+    SerializationError naming ``what`` for anything else (nothing has been constructed from the
+    offending node).
+    """
+    if _depth > _MAX_SPEC_DEPTH:
+        raise SerializationError(f"{what}: model spec nested deeper than {_MAX_SPEC_DEPTH}")
+    if isinstance(doc, tuple) and len(doc) == 2:  # (path, kwargs) as TorchObj.model_spec
+        doc = {"class": doc[0], "kwargs": _to_json_value(dict(doc[1] or {}))}
+    if not isinstance(doc, dict) or not isinstance(doc.get("class"), str):
+        raise SerializationError(f"{what}: corrupt model spec (no class)")
+    if "children" in doc:
+        if set(doc) != {"class", "children"}:
+            raise SerializationError(f"{what}: corrupt container spec (keys {sorted(doc)})")
+        cls = import_class(doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root)
+        if cls not in _CONTAINERS:
+            raise SerializationError(
+                f"{what}: {doc['class']!r} is not nn.Sequential, nn.ModuleList or nn.ModuleDict; "
+                "only these have children in a model spec"
+            )
+        children = doc["children"]
+        if not isinstance(children, list) or not all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) for c in children
+        ):
+            raise SerializationError(f"{what}: corrupt container spec (children)")
+        names = [c[0] for c in children]
+        if len(set(names)) != len(names):
+            raise SerializationError(f"{what}: corrupt container spec (duplicate child names)")
+        if cls is nn.ModuleList and names != [str(i) for i in range(len(names))]:
+            raise SerializationError(f"{what}: corrupt ModuleList spec (child names)")
+        built = [
+            (
+                name,
+                build_from_spec(
+                    child, what=what, untrusted_root=untrusted_root, _nested=True, _depth=_depth + 1
+                ),
+            )
+            for name, child in children
+        ]
+        try:
+            if cls is nn.ModuleList:
+                return nn.ModuleList([m for _, m in built])
+            return cls(OrderedDict(built))
+        except Exception as exc:  # noqa: BLE001 - e.g. a child name with a "."
+            raise SerializationError(f"{what}: cannot build {doc['class']!r}: {exc}") from exc
+    if set(doc) - {"class", "kwargs"}:
+        raise SerializationError(f"{what}: corrupt model spec (keys {sorted(doc)})")
+    cls = import_class(doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root)
+    if _nested and not _is_torch_nn(cls):
+        raise SerializationError(
+            f"{what}: {doc['class']!r} is not a torch.nn layer; a container spec holds only "
+            "torch.nn classes"
+        )
+    kwargs = _from_json_value(doc.get("kwargs") or {})
+    if not isinstance(kwargs, dict):
+        raise SerializationError(f"{what}: corrupt model spec (kwargs is not an object)")
+    module = _build(cls, kwargs, what)
+    if not isinstance(module, nn.Module):
+        raise SerializationError(f"{what}: {doc['class']!r} did not build a torch.nn.Module")
+    return module
+
+
+def _init_params(cls: type) -> list[inspect.Parameter]:
+    """The named constructor parameters of ``cls`` (through ``(*args, **kwargs)`` subclasses)."""
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY)
+        for klass, names in _EXTRA_KWARGS.items()
+        if issubclass(cls, klass)
+        for name in names
+    ]
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object:
+            return extra
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]
+        except (TypeError, ValueError):
+            return extra
+        named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if named:
+            drop = _SUPPLIED_BY_SUBCLASS.get(klass, ()) if klass is not cls else ()
+            return [p for p in named if p.name not in drop] + extra
+        if len(params) == 0:
+            return extra
+    return extra
+
+
+def _recover_kwargs(module: nn.Module) -> dict[str, Any] | None:
+    """Constructor kwargs of a layer read back from attributes of the same name.
+
+    A ``bias``-like flag (bool default) whose attribute is a tensor or None becomes
+    ``attribute is not None``; other tensors are left to their default. The result is only a
+    candidate: :func:`structural_spec` rebuilds and compares before using it.
+    """
+    kwargs: dict[str, Any] = {}
+    for param in _init_params(type(module)):
+        name = param.name
+        if name in _SKIPPED_KWARGS or not hasattr(module, name):
+            continue
+        value = getattr(module, name)
+        if isinstance(param.default, bool) and (value is None or isinstance(value, torch.Tensor)):
+            value = value is not None
+        elif isinstance(value, (torch.Tensor, nn.Module)):
+            continue
+        try:
+            if param.default is not param.empty and type(value) is type(param.default) and value == param.default:
+                continue  # the default: leave it out (nn.GRU refuses even proj_size=0)
+        except Exception:  # noqa: BLE001 - odd __eq__: keep the value
+            pass
+        kwargs[name] = value
+    return kwargs if _json_kwargs(kwargs) is not None else None
+
+
+def _derive_spec(module: nn.Module, depth: int) -> dict[str, Any] | None:
+    cls = type(module)
+    if depth > _MAX_SPEC_DEPTH:
+        return None
+    path = import_path(cls)
+    if path is None:
+        return None
+    if cls in _CONTAINERS:
+        children = []
+        for name, child in module._modules.items():
+            sub = _derive_spec(child, depth + 1) if child is not None else None
+            if sub is None:
+                return None
+            children.append([name, sub])
+        return {"class": path, "children": children}
+    if not _is_torch_nn(cls):
+        return None
+    kwargs = _recover_kwargs(module)
+    return None if kwargs is None else _lazy_doc(path, kwargs)
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+
+
+def _same_architecture(orig: nn.Module, rebuilt: nn.Module) -> bool:
+    """True when ``rebuilt`` is ``orig``'s architecture: the same module tree (names, exact
+    types, public attributes), the same parameters and buffers (names, shapes, dtypes,
+    requires_grad), the same ``repr``; and ``orig`` has no hooks, no non-persistent buffers
+    (their values are not saved) and no module or parameter used twice (ties are not saved)."""
+    try:
+        mods_a, mods_b = dict(orig.named_modules()), dict(rebuilt.named_modules())
+        if list(mods_a) != list(mods_b):
+            return False
+        if len(list(orig.named_modules(remove_duplicate=False))) != len(mods_a):
+            return False
+        for name, a in mods_a.items():
+            b = mods_b[name]
+            if type(a) is not type(b) or a._non_persistent_buffers_set:
+                return False
+            if any(getattr(a, h, None) for h in _HOOK_DICTS):
+                return False
+            if not bool(_plain_attrs(a) == _plain_attrs(b)):
+                return False
+        params_a = list(orig.named_parameters(remove_duplicate=False))
+        if len({id(p) for _, p in params_a}) != len(params_a):
+            return False
+        params_b = dict(rebuilt.named_parameters())
+        if [n for n, _ in params_a] != list(params_b):
+            return False
+        if any(p.requires_grad != params_b[n].requires_grad for n, p in params_a):
+            return False
+        sa, sb = orig.state_dict(), rebuilt.state_dict()
+        if list(sa) != list(sb):
+            return False
+        for key, value in sa.items():
+            other = sb[key]
+            if not (isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)):
+                return False
+            if value.shape != other.shape or value.dtype != other.dtype:
+                return False
+        return repr(orig) == repr(rebuilt)
+    except Exception:  # noqa: BLE001 - anything odd: not this kind
+        return False
+
+
+def structural_spec(module: nn.Module) -> dict[str, Any] | None:
+    """A JSON model spec that rebuilds ``module``'s architecture from ``torch.nn``, or None.
+
+    Covers a ``torch.nn`` layer and ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict``
+    trees of them. Layer kwargs are read back from attributes named like the constructor
+    parameters; the spec is then built (on the ``meta`` device: nothing allocated) and kept
+    only if :func:`_same_architecture` holds. Anything else (user classes, hooks, tied
+    weights, parametrizations, non-float32 layers, ...) gives None: the caller pickles.
+    """
+    if not isinstance(module, nn.Module):
+        return None
+    doc = _derive_spec(module, 0)
+    if doc is None:
+        return None
+    try:
+        with torch.device("meta"):
+            rebuilt = build_from_spec(doc, what="structural spec")
+    except Exception:  # noqa: BLE001 - some layers cannot be built on meta: try for real
+        try:
+            rebuilt = build_from_spec(doc, what="structural spec")
+        except Exception:  # noqa: BLE001
+            return None
+    return doc if _same_architecture(module, rebuilt) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +643,7 @@ def _encode_pickle_torchobj(payload: dict[str, Any]) -> str:
     finally:
         for module in local:
             cloudpickle.unregister_pickle_by_value(module)
-    return f"{TORCHOBJ_PREFIX}{TORCHOBJ_VERSION};pickle;{base64.b64encode(data).decode('ascii')}"
+    return f"{TORCHOBJ_PREFIX}1;pickle;{base64.b64encode(data).decode('ascii')}"
 
 
 def serialize_torch_obj(
@@ -314,9 +661,12 @@ def serialize_torch_obj(
         **optimizer_kwargs: keyword arguments for the optimizer (``lr=...``).
 
     Returns:
-        The ``torchObj`` string for ``SparkTorch(torchObj=...)``. The objects are stored with
-        cloudpickle by value; prefer :func:`serialize_torch_obj_lazy` with importable classes
-        for a model that later loads without unpickling.
+        The ``torchObj`` string for ``SparkTorch(torchObj=...)``. When the model is a
+        ``torch.nn`` layer or an ``nn.Sequential``/``ModuleList``/``ModuleDict`` tree of them
+        (:func:`structural_spec`), the criterion can be rebuilt from its constructor arguments
+        and the optimizer kwargs are JSON-able, the string is JSON (specs + the weights as
+        safetensors) and is never unpickled, also when read back from a saved estimator.
+        Otherwise the objects are stored with cloudpickle by value.
 
     Raises:
         SerializationError: a wrong argument type, or an object that cannot be pickled.
@@ -328,6 +678,9 @@ def serialize_torch_obj(
             f"criterion must be a loss instance such as nn.CrossEntropyLoss(), got {criterion!r}"
         )
     _check_optimizer(optimizer)
+    doc = _spec_torchobj_doc(model, criterion, optimizer, optimizer_kwargs)
+    if doc is not None:
+        return f"{TORCHOBJ_PREFIX}2;json;{json.dumps(doc, sort_keys=True)}"
     return _encode_pickle_torchobj(
         {
             "model": model,
@@ -336,6 +689,27 @@ def serialize_torch_obj(
             "optimizer_params": dict(optimizer_kwargs),
         }
     )
+
+
+def _spec_torchobj_doc(
+    model: nn.Module, criterion: Any, optimizer: type, optimizer_kwargs: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The JSON torchObj of a model instance (structural spec + weights), or None."""
+    optimizer_path = import_path(optimizer)
+    opt_kwargs = _json_kwargs(optimizer_kwargs)
+    crit = _criterion_spec(criterion)
+    if None in (optimizer_path, opt_kwargs, crit):
+        return None
+    spec = structural_spec(model)
+    weights = state_dict_to_safetensors(model) if spec is not None else None
+    if spec is None or weights is None:
+        return None
+    return {
+        "model": spec,
+        "weights": base64.b64encode(weights).decode("ascii"),
+        "criterion": crit,
+        "optimizer": {"class": optimizer_path, "kwargs": opt_kwargs},
+    }
 
 
 def serialize_torch_obj_lazy(
@@ -385,7 +759,7 @@ def serialize_torch_obj_lazy(
             "criterion": crit,
             "optimizer": {"class": optimizer_path, "kwargs": opt_kwargs},
         }
-        return f"{TORCHOBJ_PREFIX}{TORCHOBJ_VERSION};json;{json.dumps(doc, sort_keys=True)}"
+        return f"{TORCHOBJ_PREFIX}1;json;{json.dumps(doc, sort_keys=True)}"
     _log.info(
         "serialize_torch_obj_lazy: classes or kwargs are not importable/JSON-able; "
         "storing them with cloudpickle"
@@ -449,16 +823,74 @@ def _build(cls: type, kwargs: dict[str, Any], what: str) -> Any:
         ) from exc
 
 
-def load_torch_obj(torch_obj: str) -> TorchObj:
+def torch_obj_class_paths(torch_obj: str) -> list[str]:
+    """Every class path a JSON ``torchObj`` names (model spec tree, criterion, optimizer);
+    [] for other strings. Nothing is imported."""
+    try:
+        if torch_obj_encoding(torch_obj) != "json":
+            return []
+        doc = json.loads(torch_obj.split(";", 2)[2])
+    except (SerializationError, ValueError, IndexError):
+        return []
+    found: list[str] = []
+
+    def walk(node: Any, depth: int = 0) -> None:
+        if not isinstance(node, dict) or depth > _MAX_SPEC_DEPTH:
+            return
+        if isinstance(node.get("class"), str):
+            found.append(node["class"])
+        for child in node.get("children") or []:
+            if isinstance(child, list) and len(child) == 2:
+                walk(child[1], depth + 1)
+
+    if isinstance(doc, dict):
+        for key in ("model", "criterion", "optimizer"):
+            walk(doc.get(key))
+    return found
+
+
+def torch_obj_encoding(torch_obj: str) -> str:
+    """``"json"`` or ``"pickle"``: how a ``torchObj`` string is encoded (nothing is loaded).
+
+    Raises:
+        SerializationError: a string that :func:`load_torch_obj` would refuse on its header.
+    """
+    rest = _split_prefixed(
+        torch_obj, TORCHOBJ_PREFIX, TORCHOBJ_VERSION, "torchObj string", _RESERIALIZE_HINT
+    )
+    kind, sep, _ = rest.partition(";")
+    if kind not in ("json", "pickle") or not sep:
+        raise SerializationError(f"unknown torchObj encoding {kind!r}; {_RESERIALIZE_HINT}")
+    return kind
+
+
+def _pickle_refused(what: str) -> SerializationError:
+    from sparktorch.errors import UnsafeModelError
+
+    return UnsafeModelError(
+        f"{what} is a pickle: loading it can run arbitrary code, and it was read with "
+        "allow_pickle=False; load it only if you trust where it came from"
+    )
+
+
+def load_torch_obj(torch_obj: str, *, allow_pickle: bool = True) -> TorchObj:
     """Read a ``torchObj`` string made by :func:`serialize_torch_obj` or its lazy variant.
 
-    A lazy object's model is built here. The JSON form imports the named classes and never
-    unpickles; the pickle form is unpickled (it trusts whoever made the string).
+    The model is built here. The JSON form imports the named classes, checks each before
+    calling it (model and criterion: ``torch.nn.Module`` subclasses; optimizer: a
+    ``torch.optim.Optimizer`` subclass), calls them with JSON kwargs only and never unpickles.
+    The pickle form is unpickled: it trusts whoever made the string.
+
+    Args:
+        torch_obj: the string.
+        allow_pickle: False refuses a pickle-kind string with
+            :class:`~sparktorch.errors.UnsafeModelError` before unpickling it (use it for a
+            string read from storage you do not control).
 
     Raises:
         SerializationError: a string not made by sparktorch (including sparktorch 0.2.0's dill
             strings, which are refused rather than unpickled), a newer format version, or a
-            class that cannot be imported or built.
+            class that cannot be imported, is not of the expected kind, or cannot be built.
     """
     rest = _split_prefixed(
         torch_obj, TORCHOBJ_PREFIX, TORCHOBJ_VERSION, "torchObj string", _RESERIALIZE_HINT
@@ -467,29 +899,45 @@ def load_torch_obj(torch_obj: str) -> TorchObj:
     if kind == "json" and sep:
         try:
             doc = json.loads(body)
-            model_cls = import_class(doc["model"]["class"], what="torchObj model")
-            model_kwargs = _from_json_value(doc["model"]["kwargs"] or {})
-            crit_cls = import_class(doc["criterion"]["class"], what="torchObj criterion")
+            model_doc = doc["model"]
+            weights = doc.get("weights")
+            crit_cls = import_class(
+                doc["criterion"]["class"], what="torchObj criterion", base=nn.Module
+            )
             crit_kwargs = _from_json_value(doc["criterion"]["kwargs"] or {})
-            opt_cls = import_class(doc["optimizer"]["class"], what="torchObj optimizer")
+            opt_cls = import_class(
+                doc["optimizer"]["class"], what="torchObj optimizer", base=torch.optim.Optimizer
+            )
             opt_kwargs = _from_json_value(doc["optimizer"]["kwargs"] or {})
+            if not isinstance(crit_kwargs, dict) or not isinstance(opt_kwargs, dict):
+                raise TypeError("kwargs is not an object")
+            if weights is not None and not isinstance(weights, str):
+                raise TypeError("weights is not a string")
         except SerializationError:
             raise
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SerializationError(f"corrupt torchObj JSON ({exc}); {_RESERIALIZE_HINT}") from exc
-        _check_optimizer(opt_cls)
-        model = _build(model_cls, model_kwargs, "torchObj model")
-        if not isinstance(model, nn.Module):
-            raise SerializationError("torchObj model class did not build a torch.nn.Module")
-        path = import_path(model_cls) or doc["model"]["class"]
+        model = build_from_spec(model_doc, what="torchObj model")
+        if weights is not None:
+            try:
+                raw = base64.b64decode(weights, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise SerializationError(f"corrupt torchObj weights ({exc})") from exc
+            load_safetensors_into(model, raw, what="torchObj model")
+        model_spec = None
+        if not _spec_has_children(model_doc):
+            cls = type(model)
+            model_spec = (import_path(cls) or model_doc["class"], _from_json_value(model_doc.get("kwargs") or {}))
         return TorchObj(
             model=model,
             criterion=_build(crit_cls, crit_kwargs, "torchObj criterion"),
             optimizer=opt_cls,
             optimizer_params=opt_kwargs,
-            model_spec=(path, model_kwargs),
+            model_spec=model_spec,
         )
     if kind == "pickle" and sep:
+        if not allow_pickle:
+            raise _pickle_refused("this torchObj string")
         try:
             payload = cloudpickle.loads(base64.b64decode(body, validate=True))
         except ModuleNotFoundError as exc:
@@ -553,33 +1001,30 @@ def load_safetensors_into(module: nn.Module, data: bytes, *, what: str) -> None:
         raise SerializationError(f"{what}: weights do not fit the model ({exc})") from exc
 
 
-def build_from_spec(spec: ModelSpec, *, what: str) -> nn.Module:
-    """Build a module from ``(import path, kwargs)``."""
-    path, kwargs = spec
-    cls = import_class(path, what=what)
-    module = _build(cls, dict(kwargs), what)
-    if not isinstance(module, nn.Module):
-        raise SerializationError(f"{what}: {path!r} did not build a torch.nn.Module")
-    return module
+def normalize_spec(module: nn.Module, model_spec: Any) -> dict[str, Any] | None:
+    """Return the JSON model spec that rebuilds ``module``, or None (then it is pickled).
 
-
-def normalize_spec(module: nn.Module, model_spec: Any) -> ModelSpec | None:
-    """Return a usable spec for ``module`` or None (then the module is pickled).
-
-    Accepts ``(path, kwargs)`` or ``(class, kwargs)``; the class must be importable, the kwargs
-    JSON-able, and the spec must build a module with the same state-dict keys and shapes
-    (checked on the ``meta`` device, so nothing is allocated).
+    ``model_spec`` (``(path, kwargs)`` or ``(class, kwargs)``) is used when the class is
+    importable, the kwargs JSON-able and it builds a module with the same state-dict keys and
+    shapes (checked on the ``meta`` device, so nothing is allocated). Otherwise, or without
+    one, the module's own structure is tried (:func:`structural_spec`).
     """
-    if model_spec is None:
-        return None
+    if model_spec is not None:
+        doc = _user_spec(module, model_spec)
+        if doc is not None:
+            return doc
+    return structural_spec(module)
+
+
+def _user_spec(module: nn.Module, model_spec: Any) -> dict[str, Any] | None:
     try:
         target, kwargs = model_spec
     except (TypeError, ValueError) as exc:
         raise SerializationError("model_spec must be (import path or class, kwargs)") from exc
-    cls = target if isinstance(target, type) else import_class(target, what="model_spec")
+    cls = target if isinstance(target, type) else import_class(target, what="model_spec", base=nn.Module)
     path = import_path(cls)
     if path is None or _json_kwargs(kwargs) is None or type(module) is not cls:
-        _log.info("model_spec of %s is not usable; the model is stored with cloudpickle", cls)
+        _log.info("model_spec of %s is not usable; trying the module's structure", cls)
         return None
     try:
         with torch.device("meta"):
@@ -587,16 +1032,27 @@ def normalize_spec(module: nn.Module, model_spec: Any) -> ModelSpec | None:
         want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
         if want != got:
-            _log.info("model_spec of %s builds other weights; storing with cloudpickle", cls)
+            _log.info("model_spec of %s builds other weights; trying the module's structure", cls)
             return None
     except Exception:  # noqa: BLE001 - cannot probe on meta: trust the spec, weights load strict
         pass
-    return (path, dict(kwargs or {}))
+    return _lazy_doc(path, dict(kwargs or {}))
 
 
 def _container(header: dict[str, Any], payload: bytes) -> bytes:
     head = json.dumps(header, sort_keys=True).encode("utf-8")
     return _CONTAINER_MAGIC + struct.pack("<I", len(head)) + head + payload
+
+
+def spec_format_version(doc: Any) -> int:
+    """The lowest ``modStr`` / saved-directory format version that can hold spec ``doc``."""
+    return 2 if _spec_has_children(doc) else 1
+
+
+def model_string_from_spec(doc: dict[str, Any], weights: bytes) -> str:
+    """The ``modStr`` of a spec-kind model (``doc`` a JSON model spec, ``weights`` safetensors)."""
+    blob = _container({"kind": "spec", "spec": doc}, weights)
+    return f"{MODEL_PREFIX}{spec_format_version(doc)};{base64.b64encode(blob).decode('ascii')}"
 
 
 def serialize_model(module: nn.Module, model_spec: Any = None) -> str:
@@ -605,8 +1061,10 @@ def serialize_model(module: nn.Module, model_spec: Any = None) -> str:
     Args:
         module: the network (its current weights are stored).
         model_spec: ``(import path or class, constructor kwargs)`` that rebuilds ``module``'s
-            architecture; when usable, the string holds the spec and the weights (safetensors)
-            and reading it never unpickles. Otherwise the module is cloudpickled.
+            architecture. Without a usable one, a ``torch.nn`` layer or container tree of them
+            is described by its structure (:func:`structural_spec`). Either way the string
+            holds a JSON spec and the weights (safetensors) and reading it never unpickles.
+            Any other module is cloudpickled.
 
     Raises:
         SerializationError: ``module`` is not an ``nn.Module`` or cannot be pickled.
@@ -616,19 +1074,17 @@ def serialize_model(module: nn.Module, model_spec: Any = None) -> str:
     spec = normalize_spec(module, model_spec)
     weights = state_dict_to_safetensors(module) if spec is not None else None
     if spec is not None and weights is not None:
-        header = {"kind": "spec", "spec": {"class": spec[0], "kwargs": _to_json_value(spec[1])}}
-        blob = _container(header, weights)
-    else:
-        if any(t.device.type != "cpu" for t in module.state_dict().values() if isinstance(t, torch.Tensor)):
-            import copy
+        return model_string_from_spec(spec, weights)
+    if any(t.device.type != "cpu" for t in module.state_dict().values() if isinstance(t, torch.Tensor)):
+        import copy
 
-            module = copy.deepcopy(module).to("cpu")  # loadable on hosts without that device
-        try:
-            pickled = cloudpickle.dumps(module)
-        except Exception as exc:  # noqa: BLE001
-            raise SerializationError(f"cannot pickle the model: {exc}") from exc
-        blob = _container({"kind": "pickle"}, pickled)
-    return f"{MODEL_PREFIX}{MODEL_VERSION};{base64.b64encode(blob).decode('ascii')}"
+        module = copy.deepcopy(module).to("cpu")  # loadable on hosts without that device
+    try:
+        pickled = cloudpickle.dumps(module)
+    except Exception as exc:  # noqa: BLE001
+        raise SerializationError(f"cannot pickle the model: {exc}") from exc
+    blob = _container({"kind": "pickle"}, pickled)
+    return f"{MODEL_PREFIX}1;{base64.b64encode(blob).decode('ascii')}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,7 +1092,7 @@ class ModelParts:
     """A ``modStr`` taken apart without building anything."""
 
     kind: str  # "spec" or "pickle"
-    spec: ModelSpec | None
+    spec: dict[str, Any] | None  # the JSON model spec (kind "spec")
     payload: bytes  # safetensors weights (spec) or the cloudpickled module (pickle)
 
 
@@ -657,7 +1113,9 @@ def split_model_string(mod_str: str) -> ModelParts:
         kind = header["kind"]
         spec = None
         if kind == "spec":
-            spec = (header["spec"]["class"], _from_json_value(header["spec"]["kwargs"] or {}))
+            spec = header["spec"]
+            if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+                raise ValueError("spec without a class")
         elif kind != "pickle":
             raise ValueError(f"unknown kind {kind!r}")
     except (ValueError, KeyError, TypeError) as exc:
@@ -665,21 +1123,30 @@ def split_model_string(mod_str: str) -> ModelParts:
     return ModelParts(kind=kind, spec=spec, payload=blob[8 + head_len :])
 
 
-def deserialize_model(mod_str: str) -> nn.Module:
+def deserialize_model(mod_str: str, *, allow_pickle: bool = True) -> nn.Module:
     """Rebuild the module of a ``modStr`` made by :func:`serialize_model`.
+
+    Args:
+        mod_str: the string.
+        allow_pickle: False refuses a pickle-kind string with
+            :class:`~sparktorch.errors.UnsafeModelError` before unpickling it (use it for a
+            string read from storage you do not control). A spec-kind string never unpickles.
 
     Raises:
         SerializationError: a foreign or upstream (dill) string, a newer format version, a
-            corrupt string, or a model class that cannot be imported.
+            corrupt string, or a model class that cannot be imported or is not an
+            ``nn.Module`` subclass.
     """
     parts = split_model_string(mod_str)
+    if parts.kind == "pickle" and not allow_pickle:
+        raise _pickle_refused("this modStr string")
     return model_from_parts(parts)
 
 
 def model_from_parts(parts: ModelParts) -> nn.Module:
-    """Build the module described by ``parts``."""
+    """Build the module described by ``parts`` (a pickle-kind one is unpickled: in-process
+    strings only; readers of storage check the opt-in first)."""
     if parts.kind == "spec":
-        assert parts.spec is not None
         module = build_from_spec(parts.spec, what="modStr model")
         load_safetensors_into(module, parts.payload, what="modStr model")
         return module

@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "SerializationError",
     "PersistenceError",
+    "UnsafeModelError",
     "EngineError",
     "ProtocolError",
     "AuthenticationError",
@@ -48,6 +49,16 @@ class SerializationError(SparkTorchError, ValueError):
 
 class PersistenceError(SparkTorchError, OSError):
     """A saved stage could not be written or read (corrupt, truncated, newer format, ...)."""
+
+
+class UnsafeModelError(PersistenceError, SerializationError):
+    """A stored model or torch object is a pickle, which can run arbitrary code when loaded,
+    and loading pickles was not opted into.
+
+    Raised before anything is unpickled. The message names the file (or the string) and the
+    opt-in: the Spark conf ``spark.sparktorch.allowPickle=true`` or the environment variable
+    ``SPARKTORCH_ALLOW_PICKLE=1`` (see ``docs/persistence.md``).
+    """
 
 
 class EngineError(SparkTorchError, RuntimeError):

@@ -1,5 +1,5 @@
-"""Saving and loading with plain save / load: round trips, no pickle for lazy models, and
-PersistenceError naming the file for broken directories."""
+"""Saving and loading with plain save / load: round trips, no pickle for lazy and torch.nn
+models, and PersistenceError naming the file for broken directories."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from sparktorch.errors import PersistenceError
 from sparktorch.inference import attach_pytorch_model_to_pipeline, create_spark_torch_model
 from sparktorch.model import SparkTorchModel
 from sparktorch.pipeline_util import PysparkPipelineWrapper
+from nets import TwoLayer
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("spark")]
 
@@ -38,6 +39,17 @@ def raw(spark):
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Softmax(dim=1))
+
+
+def _custom() -> nn.Module:
+    """A model of a user class without a spec: stored as a pickle."""
+    torch.manual_seed(0)
+    return TwoLayer(n_in=4, hidden=8, n_out=3)
+
+
+@pytest.fixture
+def allow_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARKTORCH_ALLOW_PICKLE", "1")
 
 
 def _lazy_model(**kw) -> SparkTorchModel:
@@ -59,11 +71,17 @@ def _no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(mod, name, boom)
 
 
-@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("how", ["pickle", "structure", "lazy"])
 @pytest.mark.parametrize("vector_out", [False, True], ids=["double", "vector"])
-def test_pipeline_round_trip(raw, tmp_path, lazy: bool, vector_out: bool) -> None:
+def test_pipeline_round_trip(raw, tmp_path, monkeypatch, how: str, vector_out: bool) -> None:
     assembler = VectorAssembler(inputCols=COLS, outputCol="features")
-    stage = _lazy_model(useVectorOut=vector_out) if lazy else create_spark_torch_model(_mlp(), useVectorOut=vector_out)
+    if how == "lazy":
+        stage = _lazy_model(useVectorOut=vector_out)
+    else:
+        net = _custom() if how == "pickle" else _mlp()
+        stage = create_spark_torch_model(net, useVectorOut=vector_out)
+    if how == "pickle":
+        monkeypatch.setenv("SPARKTORCH_ALLOW_PICKLE", "1")
     fitted = Pipeline(stages=[assembler, stage]).fit(raw)  # Model stages pass through fit
     before = _preds(fitted.transform(raw))
     path = str(tmp_path / "pipe")
@@ -74,7 +92,7 @@ def test_pipeline_round_trip(raw, tmp_path, lazy: bool, vector_out: bool) -> Non
     assert PysparkPipelineWrapper.unwrap(loaded) is loaded
     assert _preds(loaded.transform(raw)) == before
     kind = json.load(open(os.path.join(path, "stages", sorted(os.listdir(os.path.join(path, "stages")))[1], "data", "model.json")))["kind"]
-    assert kind == ("spec" if lazy else "pickle")
+    assert kind == ("pickle" if how == "pickle" else "spec")
 
 
 def test_lazy_pipeline_loads_without_unpickling(raw, tmp_path, monkeypatch) -> None:
@@ -93,7 +111,7 @@ def test_lazy_pipeline_loads_without_unpickling(raw, tmp_path, monkeypatch) -> N
 
 def test_model_save_load_keeps_params_and_history(tmp_path) -> None:
     hist = [{"worker": 0, "step": 1, "loss": 0.5, "val_loss": None}]
-    model = SparkTorchModel._from_module(_mlp(), inputCol="x", predictionCol="y", useVectorOut=True, history=hist)
+    model = SparkTorchModel._from_module(_lazy_model().getPytorchModel(), inputCol="x", predictionCol="y", useVectorOut=True, history=hist)
     model.setInferenceBatchSize(17)
     path = str(tmp_path / "m")
     model.save(path)
@@ -102,7 +120,7 @@ def test_model_save_load_keeps_params_and_history(tmp_path) -> None:
     assert (back.getInputCol(), back.getPredictionCol(), back.getUseVectorOut(), back.getInferenceBatchSize()) == ("x", "y", True, 17)
     assert back.getTrainingHistory() == hist
     x = torch.randn(4, 4)
-    assert torch.equal(back.getPytorchModel()(x), _mlp()(x))
+    assert torch.equal(back.getPytorchModel()(x), _lazy_model().getPytorchModel()(x))
     meta_dir = os.path.join(path, "metadata")
     meta = open(os.path.join(meta_dir, next(f for f in os.listdir(meta_dir) if f.startswith("part-")))).read()
     assert "modStr" not in json.loads(meta)["paramMap"]  # the model lives in data/, not in JSON
@@ -157,7 +175,7 @@ def saved_dirs(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved")
     lazy, eager = str(root / "lazy"), str(root / "eager")
     _lazy_model().save(lazy)
-    create_spark_torch_model(_mlp()).save(eager)
+    create_spark_torch_model(_custom()).save(eager)
     return lazy, eager
 
 
@@ -187,7 +205,7 @@ def test_truncated_weights(saved_dirs, tmp_path) -> None:
         SparkTorchModel.load(path)
 
 
-def test_missing_definition(saved_dirs, tmp_path) -> None:
+def test_missing_definition(saved_dirs, tmp_path, allow_pickle) -> None:
     path = _copy(saved_dirs[1], tmp_path / "m")
     os.unlink(os.path.join(path, "data", "model.pkl"))
     with pytest.raises(PersistenceError, match="model.pkl"):
