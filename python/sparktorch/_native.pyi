@@ -25,8 +25,10 @@ class ParameterServer:
     """A parameter server running on its own threads inside this process.
 
     The model is one flat float32 buffer: every trainable tensor (``named_parameters()`` order)
-    back to back; ``layout`` names them. The optimizer runs here, in Rust, with torch.optim's
-    numerics.
+    back to back, then ``model_buffers`` elements of model buffers (BatchNorm running statistics,
+    ...); ``layout`` names them all. The optimizer runs here, in Rust, with torch.optim's
+    numerics, over the trainable head; the buffer tail is updated by adding what workers push for
+    it (the change their forward pass made), averaged per round in synchronous mode.
 
     Modes:
       - ``"hogwild"``: lock-free; pushes apply concurrently over relaxed atomics.
@@ -55,6 +57,7 @@ class ParameterServer:
         checkpoint_path: str | None = None,
         checkpoint_interval: int = 0,
         resume_from: str | None = None,
+        model_buffers: int = 0,
     ) -> None:
         """Bind ``host:port`` (0 = chosen by the OS) and start serving.
 
@@ -92,6 +95,10 @@ class ParameterServer:
     @property
     def num_params(self) -> int:
         """Number of float32 elements in the flat buffer."""
+
+    @property
+    def num_trainable(self) -> int:
+        """Number of leading elements the optimizer steps (the rest are model buffers)."""
 
     def version(self) -> int:
         """Number of optimizer steps applied so far."""
@@ -221,7 +228,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     """Read and validate a checkpoint (a file, or a directory holding
     ``checkpoint.safetensors``). Returns ``{"path", "format", "format_version",
     "engine_version", "mode", "version", "optimizer", "hyperparameters", "num_workers",
-    "layout": [(name, shape)], "workers": {worker: {"next_step", "attempt"}},
+    "layout": [(name, shape)], "model_buffers", "workers": {worker: {"next_step", "attempt"}},
     "early_stop": {"best_loss", "bad_evaluations", "should_stop"}, "created_unix", "created",
     "params": flat float32 ndarray, "optimizer_state": same form as
     :meth:`ParameterServer.optimizer_state`}``. Raises

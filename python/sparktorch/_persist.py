@@ -244,7 +244,8 @@ def _load_metadata(path: str, spark: SparkSession) -> tuple[dict[str, Any], dict
     """Read and check ``path/metadata``; return (metadata, its "sparktorch" section)."""
     meta_path = _join(path, "metadata")
     try:
-        metadata = DefaultParamsReader.loadMetadata(path, spark)
+        # The SparkContext: PySpark 3.5 needs it, 4.x takes it as well as a session.
+        metadata = DefaultParamsReader.loadMetadata(path, spark.sparkContext)
     except Exception as exc:  # noqa: BLE001 - JVM, JSON and missing-file errors alike
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PersistenceError(
@@ -326,7 +327,8 @@ class SparkTorchModelWriter(MLWriter):
             )
         }
         # metadata first: without overwrite() it fails on an existing path before any side file
-        DefaultParamsWriter.saveMetadata(inst, path, spark, extraMetadata=extra, paramMap=params)
+        # The SparkContext: PySpark 3.5 needs it, 4.x takes it as well as a session.
+        DefaultParamsWriter.saveMetadata(inst, path, spark.sparkContext, extraMetadata=extra, paramMap=params)
         root = _qualify(spark, path)  # where Hadoop just put metadata/
         for name, data in files.items():
             try:
@@ -454,7 +456,7 @@ class SparkTorchParamsWriter(DefaultParamsWriter):
         DefaultParamsWriter.saveMetadata(
             self.instance,
             path,
-            self.sparkSession,
+            self.sparkSession.sparkContext,
             extraMetadata={"sparktorch": _sparktorch_meta({"modelKind": "none"})},
         )
 

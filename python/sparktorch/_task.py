@@ -121,6 +121,7 @@ def first_loss(criterion: object, out: object, tb: object, label_kind: str) -> t
         as_long = tb.long()  # type: ignore[attr-defined]
         if not bool((as_long == tb).all()):  # type: ignore[attr-defined]
             raise
+        check_class_range(criterion, out, as_long.cpu().numpy())
         try:
             loss = _loss(criterion, out, as_long)
         except Exception:  # noqa: BLE001 - the float error is the one to report
@@ -246,13 +247,14 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
                         f"inputCol: the model cannot take this partition's vectors of {x_np.shape[1]} features "
                         f"({type(e).__name__}: {str(e).splitlines()[0]})"
                     ) from e
+                check_class_range(criterion, out, y_t)
                 loss, to_indices = first_loss(criterion, out, tb, cfg.label_kind)
                 if to_indices:
                     y_t = class_indices(criterion, y_np)  # type: ignore[arg-type]
+                    check_class_range(criterion, out, y_t)
                     t_dev = t_dev.long()
                     if val_t is not None:
                         val_t = val_t.long()
-                check_class_range(criterion, out, y_t)
                 checked = True
             else:
                 out = forward(xb)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import VectorAssembler
 
-from nets import BNConvNet, TwoLayer
+from nets import BNConvNet
 from sparktorch import SparkTorch, serialize_torch_obj
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,7 +51,9 @@ def test_fit_transform_save_load(spark, tmp_path, mode, lock, barrier):
     torch.manual_seed(0)
     x, y = blobs(120)
     df = columns_frame(spark, x, y, 2)
-    obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    # The seed's shape: torch.nn layers in a Sequential (saved as a spec, no pickle).
+    net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    obj = serialize_torch_obj(net, nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
     assembler = VectorAssembler(inputCols=[f"f{i}" for i in range(5)], outputCol="features")
     est = SparkTorch(
         inputCol="features", labelCol="label", predictionCol="predicted", torchObj=obj, iters=40,
@@ -66,6 +68,8 @@ def test_fit_transform_save_load(spark, tmp_path, mode, lock, barrier):
     acc = float(np.mean([r["label"] == r["predicted"] for r in rows]))
     assert acc >= 0.9
 
+    Pipeline(stages=[assembler, est]).write().overwrite().save(str(tmp_path / "unfitted"))
+    assert Pipeline.load(str(tmp_path / "unfitted")).getStages()[-1].getIters() == 40
     fitted.write().overwrite().save(str(tmp_path / "p"))
     loaded = PipelineModel.load(str(tmp_path / "p"))
     again = loaded.transform(df).select("label", "predicted").collect()
