@@ -63,6 +63,7 @@ impl Client {
         let options = ClientOptions {
             timeout: timeout_arg(py, "timeout_s", timeout_s)?,
             connect_timeout: timeout_arg(py, "connect_timeout_s", connect_timeout_s)?,
+            server_fingerprint: None,
         };
         crate::runtime::init_logging(py);
         let host = host.to_string();
