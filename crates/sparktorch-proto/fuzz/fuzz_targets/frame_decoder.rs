@@ -20,10 +20,7 @@ fn roundtrip(frame: &Frame) {
     // A frame the decoder accepted must encode again, and decode to itself (compared as
     // bytes: NaN payloads are not equal to themselves as floats).
     let Ok(bytes) = frame.encode() else {
-        panic!(
-            "a decoded frame does not encode: {:?}",
-            frame.message.kind()
-        );
+        panic!("a decoded frame does not encode: {:?}", frame.message.kind());
     };
     match Decoder::new(MAX_PAYLOAD).decode_exact(&bytes) {
         Ok(again) => match again.encode() {
@@ -41,12 +38,7 @@ fn handshake(message: &Message) {
         Message::Hello { server_nonce, .. } => {
             let client_nonce = [7u8; 32];
             let proof = auth::client_proof(SECRET, server_nonce, &client_nonce);
-            assert!(auth::verify_client_proof(
-                SECRET,
-                server_nonce,
-                &client_nonce,
-                &proof
-            ));
+            assert!(auth::verify_client_proof(SECRET, server_nonce, &client_nonce, &proof));
             let _ = auth::verify_server_proof(SECRET, server_nonce, &client_nonce, &proof);
         }
         Message::Auth {
