@@ -100,6 +100,7 @@ def validate(est: Any) -> FitPlan:
             raise ParamError(f"{name}={value}: must be a positive number of seconds")
     if not est.getTorchObj():
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
+    _validate_ps_encryption(est)
     checkpoint_path, interval, resume_from = _checkpoint_plan(est)
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
@@ -182,6 +183,60 @@ def server_host(sc: Any) -> tuple[str, str]:
     connect = conf.get("spark.driver.host", "127.0.0.1")
     bind = conf.get("spark.driver.bindAddress", connect)
     return bind, connect
+
+
+def _validate_ps_encryption(est: Any) -> None:
+    from .estimator import PS_ENCRYPTION
+
+    setting = est.getPsEncryption()
+    if setting not in PS_ENCRYPTION:
+        raise ParamError(f"psEncryption={setting!r}: expected one of {', '.join(PS_ENCRYPTION)}")
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (a host name other than ``localhost`` may resolve
+    anywhere: not loopback)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def use_tls(setting: str, conf: Any, bind: str) -> bool:
+    """Whether the parameter server speaks TLS (param ``psEncryption``).
+
+    ``'on'`` / ``'off'``: as set. ``'auto'``: on when Spark's own RPC encryption is on
+    (``spark.network.crypto.enabled``, ``spark.ssl.rpc.enabled`` or ``spark.ssl.enabled``), or
+    when the server binds an address that is not loopback (``0.0.0.0`` and host names included).
+    """
+    if setting in ("on", "off"):
+        return setting == "on"
+
+    def enabled(key: str) -> bool:
+        return str(conf.get(key, "false")).strip().lower() == "true"
+
+    if any(enabled(k) for k in ("spark.network.crypto.enabled", "spark.ssl.rpc.enabled", "spark.ssl.enabled")):
+        return True
+    return not _is_loopback(bind)
+
+
+def _stop_server(server: Any) -> None:
+    """Stop the server. A failed final checkpoint is reported (logged and warned: the fitted model
+    is still returned, but the checkpoint directory holds an older state or none) rather than
+    raised, so that it never hides the fit's result nor the fit's own error."""
+    import warnings
+
+    from .errors import CheckpointError
+
+    try:
+        server.stop()
+    except CheckpointError as e:
+        log.error("the final checkpoint failed: %s", e)
+        warnings.warn(f"the final checkpoint failed (a resume would start from an older one, or none): {e}", RuntimeWarning, stacklevel=3)
 
 
 def _dry_run(model: Any, criterion: Any, feature_dim: int | None, label_kind: str, input_col: str) -> None:
@@ -310,6 +365,7 @@ def _run_jobs(
             seed=est.getSeed() + shuffle,
             io_timeout_s=est.getIoTimeout(),
             connect_timeout_s=min(60.0, est.getIoTimeout()),
+            tls_fingerprint=server.tls_fingerprint,
         )
         trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
         if est.getUseBarrier():
@@ -372,7 +428,16 @@ def reshuffled(frame: Any, num_parts: int, seed: int) -> Any:
 
 
 def _start_server(
-    native: Any, state: StateLayout, opt_name: str, hyper: Any, secret: bytes, bind: str, plan: FitPlan, num_parts: int, est: Any
+    native: Any,
+    state: StateLayout,
+    opt_name: str,
+    hyper: Any,
+    secret: bytes,
+    bind: str,
+    plan: FitPlan,
+    num_parts: int,
+    est: Any,
+    tls: bool = False,
 ) -> Any:
     """Start the fit's parameter server (raises ``OSError`` when the address cannot be bound)."""
     return native.ParameterServer(
@@ -393,6 +458,7 @@ def _start_server(
         checkpoint_interval=plan.checkpoint_interval,
         resume_from=plan.resume_from,
         model_buffers=state.num_buffers,
+        tls=tls,
     )
 
 
@@ -437,8 +503,9 @@ def fit(est: Any, dataset: Any) -> Any:
 
     secret = os.urandom(32)
     bind, connect = server_host(sc)
+    tls = use_tls(est.getPsEncryption(), sc.getConf(), bind)
     try:
-        server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est)
+        server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est, tls=tls)
     except SparkTorchError:
         raise  # e.g. a CheckpointError (also an OSError) when resuming
     except OSError as e:
@@ -447,7 +514,7 @@ def fit(est: Any, dataset: Any) -> Any:
             "choose a free port, or 0 to let the OS choose"
         ) from e
     host, port = server.address
-    log.info("parameter server (%s) listening on %s:%d for %d workers", plan.engine_mode, host, port, num_parts)
+    log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles
     try:
         with _Progress(server, total, plan.verbose):
@@ -465,7 +532,7 @@ def fit(est: Any, dataset: Any) -> Any:
         ]
         opt_state = server.optimizer_state()
     finally:
-        server.stop()
+        _stop_server(server)
 
     state.load(np.asarray(final))
     log.info("fit done: %d steps over %d workers", len(history), num_parts)

@@ -58,10 +58,16 @@ class ParameterServer:
         checkpoint_interval: int = 0,
         resume_from: str | None = None,
         model_buffers: int = 0,
+        tls: bool = False,
     ) -> None:
         """Bind ``host:port`` (0 = chosen by the OS) and start serving.
 
         ``secret`` (at least 16 bytes) authenticates clients (HMAC over a server nonce).
+        ``tls=True``: every connection is TLS 1.3 (rustls) with a key pair and self-signed
+        certificate generated for this server (the private key never leaves this process);
+        clients pin :attr:`tls_fingerprint`. The HMAC handshake then runs inside TLS.
+        Connections that have not authenticated yet are capped at 64 (further ones wait in the
+        kernel's backlog).
         ``num_workers``: the tasks that take part (synchronous rounds wait for each live one;
         a task with no data registers and leaves at once). ``round_timeout_s``: how long a
         synchronous round waits for a missing worker before ``lost_worker_policy`` applies
@@ -81,8 +87,14 @@ class ParameterServer:
         and shapes), optimizer name and mode must equal the ones given here
         (:class:`~sparktorch.errors.CheckpointError` naming the mismatch); the hyperparameters
         given here win (a warning is logged where they differ). A missing, corrupt or foreign
-        file raises :class:`~sparktorch.errors.CheckpointError` naming the file.
+        file raises :class:`~sparktorch.errors.CheckpointError` naming the file. A failed final
+        checkpoint makes :meth:`stop` raise :class:`~sparktorch.errors.CheckpointError`.
         """
+
+    @property
+    def tls_fingerprint(self) -> bytes | None:
+        """With ``tls=True``: the SHA-256 digest (32 bytes) of this server's certificate, for
+        clients to pin (``Client(..., tls_fingerprint=...)``); else None."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -141,7 +153,10 @@ class ParameterServer:
         (``val_loss`` is NaN when none was reported)."""
 
     def stop(self) -> None:
-        """Close the listener and every connection, and join the server threads. Idempotent."""
+        """Close the listener and every connection, and join the server threads. With
+        ``checkpoint_path``, the final checkpoint is written; if that fails, raises
+        :class:`~sparktorch.errors.CheckpointError` (the server is stopped all the same).
+        Idempotent."""
 
     def __enter__(self) -> "ParameterServer": ...
     def __exit__(self, *exc: object) -> None: ...
@@ -151,9 +166,12 @@ class Client:
 
     Connects, checks the protocol version, proves the secret and registers ``worker`` (the
     partition index) with ``attempt`` (Spark's attempt number). Each call is one round trip on
-    a persistent connection; the GIL is released during I/O; every read and write is bounded by
-    ``timeout_s`` (a synchronous round may take longer: waits for a round are bounded by the
-    server's ``round_timeout_s`` plus ``timeout_s``).
+    a persistent connection; the GIL is released during I/O. Each exchange (a request and its
+    whole answer) must end within ``timeout_s``, however the server paces its bytes (a wait for
+    a synchronous round may take longer: it is bounded by the server's ``round_timeout_s`` plus
+    its grace plus ``timeout_s``). ``connect_timeout_s`` bounds connecting, the host-name lookup
+    included. With ``tls_fingerprint`` (the server's :attr:`ParameterServer.tls_fingerprint`)
+    the connection is TLS and only that certificate is accepted.
     """
 
     def __init__(
@@ -166,10 +184,14 @@ class Client:
         attempt: int = 0,
         timeout_s: float = 60.0,
         connect_timeout_s: float = 30.0,
+        tls_fingerprint: bytes | None = None,
     ) -> None:
         """Raises :class:`~sparktorch.errors.ServerUnavailableError` (names the address) when
         the server cannot be reached in time, :class:`~sparktorch.errors.AuthenticationError`
-        on a wrong secret or protocol version."""
+        on a wrong secret or protocol version, a certificate that does not match
+        ``tls_fingerprint``, or a server without TLS when a fingerprint is given;
+        :class:`~sparktorch.errors.EngineTimeoutError` when a TLS server is addressed without
+        one (it waits for a TLS handshake)."""
 
     @property
     def num_params(self) -> int:

@@ -49,6 +49,8 @@ class TaskConfig:
     seed: int
     io_timeout_s: float
     connect_timeout_s: float
+    # SHA-256 of the parameter server's TLS certificate (pinned); None: plaintext.
+    tls_fingerprint: bytes | None = None
 
 
 def task_device(requested: str) -> str:
@@ -172,6 +174,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
         attempt=attempt,
         timeout_s=cfg.io_timeout_s,
         connect_timeout_s=cfg.connect_timeout_s,
+        tls_fingerprint=cfg.tls_fingerprint,
     )
     try:
         if rows == 0:

@@ -20,6 +20,7 @@ from ._persist import SparkTorchParamsReadable, SparkTorchParamsWritable
 MODES = ("hogwild", "async", "synchronous")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOST_WORKER_POLICIES = ("drop", "fail")
+PS_ENCRYPTION = ("auto", "on", "off")
 
 
 def _to_optional_string(value: Any) -> str | None:
@@ -82,8 +83,17 @@ class _SparkTorchParams(_SharedTorchParams):
         typeConverter=TypeConverters.toString,
     )
 
+    psEncryption = Param(
+        Params._dummy(),
+        "psEncryption",
+        "TLS for parameter traffic: 'auto' (on when Spark's RPC encryption is on or the server binds a "
+        "non-loopback address), 'on' or 'off'",
+        typeConverter=TypeConverters.toString,
+    )
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
+        self._setDefault(psEncryption="auto")
         self._setDefault(
             labelCol=None,
             torchObj="",
@@ -200,6 +210,10 @@ class _SparkTorchParams(_SharedTorchParams):
         """Synchronous mode: 'drop' or 'fail' a worker missing past the round timeout."""
         return self.getOrDefault(self.lostWorkerPolicy)
 
+    def getPsEncryption(self) -> str:
+        """TLS for parameter traffic: 'auto', 'on' or 'off'."""
+        return self.getOrDefault(self.psEncryption)
+
 
 class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTorchParamsWritable):
     """Train a PyTorch model on a DataFrame across the Spark cluster.
@@ -245,6 +259,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         checkpointPath: str | None = None,
         checkpointInterval: int | None = None,
         resumeFrom: str | None = None,
+        psEncryption: str | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -278,6 +293,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         checkpointPath: str | None = None,
         checkpointInterval: int | None = None,
         resumeFrom: str | None = None,
+        psEncryption: str | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs

@@ -4,6 +4,7 @@
 //! ```text
 //! sparktorch-ps serve --params 1000000 --mode async --workers 4      # prints its address
 //! sparktorch-ps bench --params 25000000 --clients 4 --seconds 5      # loopback throughput
+//! sparktorch-ps bench --params 25000000 --tls                        # the same over TLS
 //! sparktorch-ps inspect ckpt/                                        # a checkpoint's contents
 //! ```
 //! Logs go to stderr, filtered by `SPARKTORCH_LOG` (default `info`).
@@ -18,7 +19,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sparktorch_optim::HyperValue;
 use sparktorch_ps::checkpoint::{self, Checkpoint};
-use sparktorch_ps::{Client, ClientOptions, LostWorkerPolicy, Mode, Server, ServerConfig};
+use sparktorch_ps::{
+    Client, ClientOptions, LostWorkerPolicy, Mode, Server, ServerConfig, ServerTls,
+};
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +99,10 @@ struct ServeArgs {
     /// match it.
     #[arg(long)]
     resume_from: Option<PathBuf>,
+    /// Serve over TLS with a fresh key pair; prints the certificate's SHA-256 fingerprint
+    /// (hex) for clients to pin.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +125,9 @@ struct BenchArgs {
     /// Also measure raw loopback TCP throughput (one stream) as the ceiling.
     #[arg(long)]
     loopback: bool,
+    /// Clients and server speak TLS (a fresh key pair, the certificate pinned).
+    #[arg(long)]
+    tls: bool,
 }
 
 fn main() -> Result<()> {
@@ -178,6 +188,10 @@ fn serve(a: ServeArgs) -> Result<()> {
         .ok_or_else(|| anyhow!("--lost-worker-policy must be drop or fail"))?;
     config.checkpoint_dir = a.checkpoint_dir.clone();
     config.checkpoint_interval = a.checkpoint_interval;
+    if a.tls {
+        config.tls = Some(ServerTls::generate()?);
+    }
+    let fingerprint = config.tls.as_ref().map(|t| t.fingerprint());
     let hyper = vec![("lr".to_string(), HyperValue::Float(a.lr))];
     let opt = sparktorch_optim::build(&a.optimizer, &hyper, a.params)?;
     let server = match &a.resume_from {
@@ -200,6 +214,12 @@ fn serve(a: ServeArgs) -> Result<()> {
             "sparktorch-ps listening on {addr} (mode {mode}, {} params)",
             a.params
         );
+        if let Some(f) = fingerprint {
+            println!(
+                "TLS certificate fingerprint (SHA-256): {}",
+                sparktorch_ps::tls::hex(&f)
+            );
+        }
         server
             .run(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -251,6 +271,13 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut config = ServerConfig::new(secret.clone(), mode);
     config.num_workers = a.clients;
     config.round_timeout = Duration::from_secs(30);
+    if a.tls {
+        config.tls = Some(ServerTls::generate()?);
+    }
+    let options = ClientOptions {
+        server_fingerprint: config.tls.as_ref().map(|t| t.fingerprint()),
+        ..ClientOptions::default()
+    };
     let hyper = vec![("lr".to_string(), HyperValue::Float(1e-9))];
     let opt = sparktorch_optim::build("SGD", &hyper, a.params)?;
     let server = Server::new(random_init(a.params, 1), vec![], opt, config)?;
@@ -269,8 +296,11 @@ fn bench(a: BenchArgs) -> Result<()> {
     });
     let mb = a.params as f64 * 4.0 / 1e6;
     println!(
-        "params={} ({mb:.1} MB/tensor) clients={} mode={mode} seconds/op={}",
-        a.params, a.clients, a.seconds
+        "params={} ({mb:.1} MB/tensor) clients={} mode={mode} seconds/op={} transport={}",
+        a.params,
+        a.clients,
+        a.seconds,
+        if a.tls { "TLS 1.3" } else { "plaintext" }
     );
     println!(
         "{:<10} {:>10} {:>12} {:>12} {:>10}",
@@ -295,14 +325,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 );
                 let n = a.params;
                 std::thread::spawn(move || -> Result<u64> {
-                    let mut c = Client::connect(
-                        "127.0.0.1",
-                        port,
-                        &secret,
-                        w,
-                        0,
-                        ClientOptions::default(),
-                    )?;
+                    let mut c = Client::connect("127.0.0.1", port, &secret, w, 0, options)?;
                     let grads = vec![1e-3f32; n];
                     let mut out = vec![0f32; n];
                     let mut step = c.resume_step();

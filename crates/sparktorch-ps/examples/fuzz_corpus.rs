@@ -1,8 +1,11 @@
-//! Writes the seed corpus of the `frame_decoder` fuzz target: one valid frame of every kind
-//! (and a valid handshake exchange), encoded by the protocol crate itself.
+//! Writes the seed corpora of the fuzz targets, encoded by the protocol crate itself:
+//! `frame_decoder` gets one valid frame of every kind (and a valid handshake exchange);
+//! `server_session` (second directory, optional) gets a control byte per state (see that
+//! target) followed by a worker's typical conversations.
 //!
 //! ```text
-//! cargo run -p sparktorch-ps --example fuzz_corpus -- crates/sparktorch-proto/fuzz/corpus/frame_decoder
+//! cargo run -p sparktorch-ps --example fuzz_corpus -- \
+//!     crates/sparktorch-proto/fuzz/corpus/frame_decoder crates/sparktorch-proto/fuzz/corpus/server_session
 //! ```
 
 use sparktorch_proto::{auth, ErrorCode, Frame, Message, Mode, PushMeta, PROTOCOL_VERSION};
@@ -128,5 +131,82 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // A whole client conversation's first frames back to back (the decoder loops over them).
     std::fs::write(format!("{dir}/seed-handshake-stream"), handshake)?;
+    if let Some(session_dir) = std::env::args().nth(2) {
+        session_seeds(&session_dir, meta)?;
+    }
+    Ok(())
+}
+
+/// Seeds of `server_session`: control byte (mode and state) + requests of a model of 8
+/// parameters, as worker 0 sends them after the harness registered it.
+fn session_seeds(dir: &str, meta: PushMeta) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    let grads = vec![0.5f32; 8];
+    let push = |step: u64| PushMeta {
+        worker: 0,
+        attempt: 0,
+        step,
+        ..meta
+    };
+    let frame = |message: Message, payload: &[f32]| {
+        Frame {
+            message,
+            payload: payload.to_vec(),
+        }
+        .encode()
+    };
+    let mut training = Vec::new();
+    training.extend(frame(Message::Pull { newer_than: -1 }, &[])?);
+    training.extend(frame(Message::Push(push(0)), &grads)?);
+    training.extend(frame(Message::PushPull(push(1)), &grads)?);
+    training.extend(frame(Message::Push(push(1)), &grads)?); // a replay
+    training.extend(frame(Message::Pull { newer_than: 1 }, &[])?);
+    training.extend(frame(Message::StatsRequest, &[])?);
+    training.extend(frame(Message::EarlyStopRequest, &[])?);
+    training.extend(frame(Message::Bye, &[])?);
+    let mut reregister = frame(
+        Message::Register {
+            worker: 1,
+            attempt: 3,
+        },
+        &[],
+    )?;
+    reregister.extend(frame(
+        Message::PushPull(PushMeta {
+            worker: 1,
+            attempt: 3,
+            ..push(0)
+        }),
+        &grads,
+    )?);
+    let hello_back = frame(
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            server_nonce: [1; 32],
+        },
+        &[],
+    )?;
+    let register = frame(
+        Message::Register {
+            worker: 0,
+            attempt: 0,
+        },
+        &[],
+    )?;
+    let seeds: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("async-training", 0, training.clone()),
+        ("hogwild-training", 1, training.clone()),
+        ("sync-training", 2, training),
+        ("async-reregister", 0, reregister.clone()),
+        ("sync-reregister", 2, reregister),
+        ("unauthenticated-register", 4, register.clone()),
+        ("unauthenticated-hello", 4, hello_back),
+        ("unregistered-register", 8, register),
+    ];
+    for (name, control, body) in seeds {
+        let mut bytes = vec![control];
+        bytes.extend(body);
+        std::fs::write(format!("{dir}/seed-{name}"), bytes)?;
+    }
     Ok(())
 }

@@ -1,11 +1,17 @@
-//! The blocking client used by executor tasks: `std::net::TcpStream` with read and write
-//! timeouts, no runtime and no threads (PySpark forks its Python workers).
+//! The blocking client used by executor tasks: `std::net::TcpStream` (under rustls when the
+//! server uses TLS), no runtime and no threads (PySpark forks its Python workers; the only
+//! thread is a short-lived one for a host-name lookup, see [`resolve`]).
 //!
 //! Each call is one round trip on a persistent connection. Payloads are written straight from
 //! the caller's slice and read straight into the caller's buffer.
+//!
+//! Deadlines are per exchange (a request and its answer), not per system call: every read and
+//! write gets what is left of the exchange's deadline as its socket timeout, so a server that
+//! trickles bytes cannot stretch a call beyond its bound.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sparktorch_proto::{
@@ -13,16 +19,21 @@ use sparktorch_proto::{
     PushMeta, HEADER_LEN, MAX_META_BYTES, MAX_PAYLOAD_BYTES, NONCE_LEN,
 };
 
+use crate::tls::{self, Fingerprint};
 use crate::ClientError;
 
-/// Timeouts of a client.
+/// Timeouts and transport of a client.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientOptions {
-    /// Bound on every read and write (a wait for a synchronous round adds the server's
-    /// round timeout).
+    /// Bound on each exchange: a request and its whole answer (a wait for a newer version
+    /// adds the server's round timeout and grace, see `pull_wait`).
     pub timeout: Duration,
-    /// How long to keep trying to connect (refused connections are retried until then).
+    /// How long to keep trying to connect, address lookup included (refused connections are
+    /// retried until then).
     pub connect_timeout: Duration,
+    /// `Some`: speak TLS and accept only the server certificate with this SHA-256 digest.
+    /// `None`: plaintext TCP.
+    pub server_fingerprint: Option<Fingerprint>,
 }
 
 impl Default for ClientOptions {
@@ -30,6 +41,95 @@ impl Default for ClientOptions {
         Self {
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
+            server_fingerprint: None,
+        }
+    }
+}
+
+/// A socket whose reads and writes share one deadline: each system call gets what is left of
+/// it as its timeout, and none starts once it has passed.
+struct Timed {
+    /// The socket.
+    tcp: TcpStream,
+    /// When the current exchange must be over.
+    deadline: Instant,
+}
+
+impl Timed {
+    /// Time left before the deadline, or `TimedOut`.
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the exchange's deadline passed",
+            ))
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.tcp.set_write_timeout(Some(left))?;
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// The connection: plaintext, or TLS over the same deadline-bounded socket.
+enum Transport {
+    /// Plain TCP.
+    Plain(Timed),
+    /// TLS 1.3 (rustls), the server certificate pinned.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Timed>>),
+}
+
+impl Transport {
+    /// Start an exchange that must end within `within`.
+    fn set_deadline(&mut self, within: Duration) {
+        let timed = match self {
+            Self::Plain(t) => t,
+            Self::Tls(s) => &mut s.sock,
+        };
+        timed.deadline = Instant::now() + within;
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(t) => t.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(t) => t.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(t) => t.flush(),
+            Self::Tls(s) => s.flush(),
         }
     }
 }
@@ -47,8 +147,8 @@ pub struct PushOutcome {
 
 /// A connected, authenticated, registered worker.
 pub struct Client {
-    /// The socket (`None` once closed or broken).
-    stream: Option<TcpStream>,
+    /// The connection (`None` once closed or broken).
+    stream: Option<Transport>,
     /// `host:port` for messages.
     addr: String,
     /// This worker's id.
@@ -65,8 +165,10 @@ pub struct Client {
     mode: Mode,
     /// The server's round timeout.
     round_timeout: Duration,
-    /// Per-operation timeout.
+    /// Bound on one exchange.
     timeout: Duration,
+    /// The bound of the exchange in progress (for error messages).
+    budget: Duration,
     /// Last early-stop flag seen.
     should_stop: bool,
     /// Header encoding buffer.
@@ -92,8 +194,9 @@ fn io_err(addr: &str, what: &'static str, after: Duration, e: io::Error) -> Clie
 }
 
 impl Client {
-    /// Connect to `host:port`, check the protocol version, prove `secret`, register `worker`
-    /// with `attempt`.
+    /// Connect to `host:port` (TLS with the pinned certificate when
+    /// `options.server_fingerprint` is set), check the protocol version, prove `secret`,
+    /// register `worker` with `attempt`.
     pub fn connect(
         host: &str,
         port: u16,
@@ -109,13 +212,18 @@ impl Client {
             reason: e.to_string(),
         };
         stream.set_nodelay(true).map_err(unavailable)?;
+        // The whole handshake (TLS and proof of the secret) shares one deadline.
         let hs = options.timeout.min(sparktorch_proto::HANDSHAKE_TIMEOUT);
-        stream.set_read_timeout(Some(hs)).map_err(unavailable)?;
-        stream
-            .set_write_timeout(Some(options.timeout))
-            .map_err(unavailable)?;
+        let timed = Timed {
+            tcp: stream,
+            deadline: Instant::now() + hs,
+        };
+        let transport = match options.server_fingerprint {
+            None => Transport::Plain(timed),
+            Some(pin) => Transport::Tls(Box::new(tls_handshake(&addr, timed, pin, hs)?)),
+        };
         let mut c = Self {
-            stream: Some(stream),
+            stream: Some(transport),
             addr: addr.clone(),
             worker,
             attempt,
@@ -125,11 +233,12 @@ impl Client {
             mode: Mode::Async,
             round_timeout: Duration::ZERO,
             timeout: options.timeout,
+            budget: hs,
             should_stop: false,
             out: Vec::with_capacity(256),
         };
-        c.handshake(secret, hs)?;
-        c.set_read_timeout(options.timeout)?;
+        c.handshake(secret, options.server_fingerprint.is_some())?;
+        c.begin(options.timeout)?;
         c.send(&Message::Register { worker, attempt }, &[])?;
         match c.recv_small("Registered")? {
             Message::Registered {
@@ -150,8 +259,24 @@ impl Client {
         }
     }
 
-    fn handshake(&mut self, secret: &[u8], hs: Duration) -> Result<(), ClientError> {
-        let (header, hello) = match self.recv_head(0, "Hello", hs) {
+    fn handshake(&mut self, secret: &[u8], tls: bool) -> Result<(), ClientError> {
+        let hello_from = if tls {
+            "Hello"
+        } else {
+            "Hello (a server with TLS on waits for a TLS client: pass its fingerprint)"
+        };
+        let (header, hello) = match self.recv_head(0, hello_from) {
+            Err(ClientError::Protocol {
+                source: sparktorch_proto::ProtoError::BadMagic { .. },
+                ..
+            }) if !tls => {
+                return Err(ClientError::Auth {
+                    addr: self.addr.clone(),
+                    reason: "the server did not answer with the sparktorch protocol (a server \
+                             with TLS on needs a client given its fingerprint)"
+                        .into(),
+                })
+            }
             Err(ClientError::Protocol {
                 source: sparktorch_proto::ProtoError::UnsupportedVersion { found, supported },
                 ..
@@ -182,7 +307,7 @@ impl Client {
             },
             &[],
         )?;
-        match self.recv_head(0, "AuthOk", hs) {
+        match self.recv_head(0, "AuthOk") {
             Ok((_, Message::AuthOk { server_proof })) => {
                 if auth::verify_server_proof(secret, &server_nonce, &client_nonce, &server_proof) {
                     Ok(())
@@ -248,7 +373,7 @@ impl Client {
         &self.addr
     }
 
-    fn stream(&mut self) -> Result<&mut TcpStream, ClientError> {
+    fn stream(&mut self) -> Result<&mut Transport, ClientError> {
         match self.stream.as_mut() {
             Some(s) => Ok(s),
             None => Err(ClientError::Unavailable {
@@ -258,14 +383,11 @@ impl Client {
         }
     }
 
-    fn set_read_timeout(&mut self, t: Duration) -> Result<(), ClientError> {
-        let addr = self.addr.clone();
-        self.stream()?
-            .set_read_timeout(Some(t))
-            .map_err(|e| ClientError::Unavailable {
-                addr,
-                reason: e.to_string(),
-            })
+    /// Start an exchange that must end within `within`.
+    fn begin(&mut self, within: Duration) -> Result<(), ClientError> {
+        self.stream()?.set_deadline(within);
+        self.budget = within;
+        Ok(())
     }
 
     /// Fail and drop the connection: its framing state is unknown after an error.
@@ -297,7 +419,7 @@ impl Client {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let encoded = encode_head(msg, bytes.len(), &mut out);
-        let timeout = self.timeout;
+        let timeout = self.budget;
         let addr = self.addr.clone();
         let result = match encoded {
             Err(source) => Err(ClientError::Protocol { addr, source }),
@@ -311,6 +433,7 @@ impl Client {
                         .write_all(&out)
                         .and_then(|()| stream.write_all(&bytes))
                 };
+                let r = r.and_then(|()| stream.flush());
                 r.map_err(|e| io_err(&addr, "sending a request", timeout, e))
             }
         };
@@ -318,14 +441,14 @@ impl Client {
         result.map_err(|e| self.broken(e))
     }
 
-    /// Read a header + meta with read timeout `wait` (restored afterwards).
+    /// Read a header + meta (within the current exchange's deadline).
     fn recv_head(
         &mut self,
         max_payload: usize,
         what: &'static str,
-        wait: Duration,
     ) -> Result<(FrameHeader, Message), ClientError> {
         let addr = self.addr.clone();
+        let wait = self.budget;
         let stream = self.stream()?;
         let mut head = [0u8; HEADER_LEN];
         let r = stream
@@ -353,16 +476,12 @@ impl Client {
     }
 
     fn recv_small(&mut self, what: &'static str) -> Result<Message, ClientError> {
-        let t = self.timeout;
-        Ok(self.recv_head(0, what, t)?.1)
+        Ok(self.recv_head(0, what)?.1)
     }
 
-    /// Receive a `Params` frame into `out`; `wait` bounds the wait for its header.
-    fn recv_params(&mut self, out: &mut [f32], wait: Duration) -> Result<u64, ClientError> {
-        self.set_read_timeout(wait)?;
-        let head = self.recv_head(MAX_PAYLOAD_BYTES, "Params", wait);
-        self.set_read_timeout(self.timeout)?;
-        let (header, msg) = head?;
+    /// Receive a `Params` frame into `out` (within the current exchange's deadline).
+    fn recv_params(&mut self, out: &mut [f32]) -> Result<u64, ClientError> {
+        let (header, msg) = self.recv_head(MAX_PAYLOAD_BYTES, "Params")?;
         let Message::Params {
             version,
             should_stop,
@@ -379,7 +498,7 @@ impl Client {
             return Err(self.broken(e));
         }
         let addr = self.addr.clone();
-        let timeout = self.timeout;
+        let timeout = self.budget;
         let r = self
             .stream()?
             .read_exact(payload::as_wire_bytes_mut(out))
@@ -402,7 +521,8 @@ impl Client {
         Ok(())
     }
 
-    /// How long to wait for an answer that may wait for a version newer than some.
+    /// The bound of an exchange whose answer may wait for a version newer than some: the
+    /// server's own wait, then one `timeout` for the transfer.
     fn wait_bound(&self) -> Duration {
         sparktorch_proto::pull_wait(self.round_timeout).saturating_add(self.timeout)
     }
@@ -412,13 +532,14 @@ impl Client {
     pub fn pull(&mut self, out: &mut [f32], newer_than: Option<u64>) -> Result<u64, ClientError> {
         self.check_len("out", out.len())?;
         let newer = newer_than.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
-        self.send(&Message::Pull { newer_than: newer }, &[])?;
-        let wait = if newer_than.is_some() {
+        let within = if newer_than.is_some() {
             self.wait_bound()
         } else {
             self.timeout
         };
-        self.recv_params(out, wait)
+        self.begin(within)?;
+        self.send(&Message::Pull { newer_than: newer }, &[])?;
+        self.recv_params(out)
     }
 
     fn push_meta(&self, step: u64, batch_size: u64, loss: f64, val_loss: Option<f64>) -> PushMeta {
@@ -462,12 +583,14 @@ impl Client {
     ) -> Result<PushOutcome, ClientError> {
         self.check_len("grads", grads.len())?;
         let meta = self.push_meta(step, batch_size, loss, val_loss);
+        self.begin(self.timeout)?;
         self.send(&Message::Push(meta), grads)?;
         self.recv_ack()
     }
 
     /// Push then pull (newer than the push's base version in synchronous mode) in one round
-    /// trip. Returns the push outcome and the version pulled.
+    /// trip. Returns the push outcome and the version pulled. Two deadlines: the push and its
+    /// acknowledgement, then the parameters (which may wait for a synchronous round).
     pub fn push_pull(
         &mut self,
         grads: &[f32],
@@ -480,19 +603,22 @@ impl Client {
         self.check_len("grads", grads.len())?;
         self.check_len("out", out.len())?;
         let meta = self.push_meta(step, batch_size, loss, val_loss);
+        self.begin(self.timeout)?;
         self.send(&Message::PushPull(meta), grads)?;
         let ack = self.recv_ack()?;
-        let wait = if self.mode == Mode::Synchronous {
+        let within = if self.mode == Mode::Synchronous {
             self.wait_bound()
         } else {
             self.timeout
         };
-        let version = self.recv_params(out, wait)?;
+        self.begin(within)?;
+        let version = self.recv_params(out)?;
         Ok((ack, version))
     }
 
     /// Ask the server for the global early-stop flag.
     pub fn should_stop(&mut self) -> Result<bool, ClientError> {
+        self.begin(self.timeout)?;
         self.send(&Message::EarlyStopRequest, &[])?;
         match self.recv_small("EarlyStop")? {
             Message::EarlyStop { should_stop, .. } => {
@@ -505,6 +631,7 @@ impl Client {
 
     /// Ask the server for its headline counters: `(version, updates, workers_live)`.
     pub fn remote_stats(&mut self) -> Result<(u64, u64, u32), ClientError> {
+        self.begin(self.timeout)?;
         self.send(&Message::StatsRequest, &[])?;
         match self.recv_small("Stats")? {
             Message::Stats {
@@ -523,7 +650,7 @@ impl Client {
         if self.stream.is_none() {
             return;
         }
-        if self.send(&Message::Bye, &[]).is_ok() {
+        if self.begin(self.timeout).is_ok() && self.send(&Message::Bye, &[]).is_ok() {
             let _ = self.recv_small("Bye");
         }
         self.stream = None;
@@ -542,7 +669,98 @@ impl Drop for Client {
     }
 }
 
-/// Resolve and connect, retrying refused connections until `connect_timeout`.
+/// The TLS handshake over `timed` (whose deadline bounds it), accepting only the certificate
+/// whose SHA-256 digest is `pin`.
+fn tls_handshake(
+    addr: &str,
+    timed: Timed,
+    pin: Fingerprint,
+    hs: Duration,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, Timed>, ClientError> {
+    let auth = |reason: String| ClientError::Auth {
+        addr: addr.to_string(),
+        reason,
+    };
+    let config = tls::client_config(pin).map_err(|e| auth(format!("TLS setup: {e}")))?;
+    let conn = rustls::ClientConnection::new(config, tls::server_name())
+        .map_err(|e| auth(format!("TLS setup: {e}")))?;
+    let mut s = rustls::StreamOwned::new(conn, timed);
+    while s.conn.is_handshaking() {
+        if let Err(e) = s.conn.complete_io(&mut s.sock) {
+            // Tell the server why (best effort): rustls queued an alert.
+            let _ = s.conn.write_tls(&mut s.sock);
+            return Err(match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
+                    addr: addr.to_string(),
+                    what: "the TLS handshake",
+                    after: hs,
+                },
+                _ => {
+                    let pinned = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+                    let reason = match pinned {
+                        Some(rustls::Error::InvalidCertificate(_)) => format!(
+                            "TLS: the server's certificate does not match the pinned fingerprint \
+                             {}",
+                            tls::hex(&pin)
+                        ),
+                        _ => format!(
+                            "TLS handshake failed (is the server running without TLS?): {e}"
+                        ),
+                    };
+                    auth(reason)
+                }
+            });
+        }
+    }
+    Ok(s)
+}
+
+/// Resolve `host` within `within`. Numeric addresses need no lookup; names are looked up on a
+/// helper thread, since the system resolver cannot be cancelled: a lookup that outlives its
+/// bound is abandoned (its thread ends when the resolver returns) and reported as a timeout.
+pub(crate) fn resolve(host: &str, port: u16, within: Duration) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<IpAddr>()
+    {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let name = host.to_string();
+    resolve_with(
+        move || {
+            (name.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect)
+        },
+        within,
+    )
+}
+
+/// Run `lookup` on a helper thread and wait for it at most `within`.
+fn resolve_with(
+    lookup: impl FnOnce() -> io::Result<Vec<SocketAddr>> + Send + 'static,
+    within: Duration,
+) -> io::Result<Vec<SocketAddr>> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("sparktorch-resolve".into())
+        .spawn(move || {
+            let _ = tx.send(lookup());
+        })?;
+    match rx.recv_timeout(within) {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the address lookup did not finish within {:.1}s",
+                within.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+/// Resolve and connect, retrying refused connections until `connect_timeout` (which bounds the
+/// address lookup too).
 fn connect_with_retry(
     host: &str,
     port: u16,
@@ -553,8 +771,9 @@ fn connect_with_retry(
     let mut backoff = Duration::from_millis(20);
     let mut last = String::from("no address to try");
     loop {
-        let addrs: Vec<SocketAddr> = match (host, port).to_socket_addrs() {
-            Ok(a) => a.collect(),
+        let left = deadline.saturating_duration_since(Instant::now());
+        let addrs: Vec<SocketAddr> = match resolve(host, port, left.max(Duration::from_millis(1))) {
+            Ok(a) => a,
             Err(e) => {
                 return Err(ClientError::Unavailable {
                     addr: addr.to_string(),
@@ -584,5 +803,34 @@ fn connect_with_retry(
         }
         std::thread::sleep(backoff.min(left));
         backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hanging_address_lookup_is_abandoned_at_its_bound() {
+        let t0 = Instant::now();
+        let err = resolve_with(
+            || {
+                std::thread::sleep(Duration::from_secs(5));
+                Ok(vec![])
+            },
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn numeric_addresses_need_no_lookup() {
+        let a = resolve("127.0.0.1", 7, Duration::from_millis(1)).unwrap();
+        assert_eq!(a, vec![SocketAddr::from(([127, 0, 0, 1], 7))]);
+        let a = resolve("::1", 7, Duration::from_millis(1)).unwrap();
+        assert_eq!(a.len(), 1);
+        assert!(resolve("localhost", 7, Duration::from_secs(5)).is_ok());
     }
 }

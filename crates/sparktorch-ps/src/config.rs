@@ -5,7 +5,14 @@ use std::time::Duration;
 
 use sparktorch_proto::{Mode, MIN_SECRET_LEN};
 
+use crate::tls::ServerTls;
 use crate::PsError;
+
+/// Default cap on connections that have not authenticated yet
+/// ([`ServerConfig::max_unauthenticated`]). Workers connect once per task, so a fit needs a
+/// handful at a time; the cap bounds what unauthenticated peers can hold (sockets, tasks,
+/// handshake buffers).
+pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 64;
 
 /// What a synchronous round does about a worker that has not pushed within the round timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +64,14 @@ pub struct ServerConfig {
     /// Versions between two automatic checkpoints; 0: only the final one (needs
     /// `checkpoint_dir`).
     pub checkpoint_interval: u64,
+    /// TLS for every connection (`None`: plaintext TCP). Clients must pin
+    /// [`ServerTls::fingerprint`].
+    pub tls: Option<ServerTls>,
+    /// Connections that may be open at once before they authenticate (TLS handshake and HMAC
+    /// proof). At the cap the server stops accepting: further connections wait in the
+    /// kernel's backlog until a slot frees up (an unauthenticated connection holds its slot
+    /// at most `handshake_timeout` per handshake step).
+    pub max_unauthenticated: usize,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -71,13 +86,15 @@ impl std::fmt::Debug for ServerConfig {
             .field("io_timeout", &self.io_timeout)
             .field("checkpoint_dir", &self.checkpoint_dir)
             .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("tls", &self.tls)
+            .field("max_unauthenticated", &self.max_unauthenticated)
             .finish()
     }
 }
 
 impl ServerConfig {
     /// Defaults of the Python API: one worker, 600 s rounds, drop policy, no early stop, 60 s
-    /// I/O timeout.
+    /// I/O timeout, no TLS, [`MAX_UNAUTHENTICATED_CONNECTIONS`].
     pub fn new(secret: impl Into<Vec<u8>>, mode: Mode) -> Self {
         Self {
             secret: secret.into(),
@@ -90,6 +107,8 @@ impl ServerConfig {
             handshake_timeout: sparktorch_proto::HANDSHAKE_TIMEOUT,
             checkpoint_dir: None,
             checkpoint_interval: 0,
+            tls: None,
+            max_unauthenticated: MAX_UNAUTHENTICATED_CONNECTIONS,
         }
     }
 
@@ -116,6 +135,9 @@ impl ServerConfig {
         }
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout", "must be > 0".into());
+        }
+        if self.max_unauthenticated == 0 {
+            return bad("max_unauthenticated", "must be >= 1".into());
         }
         if self.checkpoint_interval > 0 && self.checkpoint_dir.is_none() {
             return bad(

@@ -11,6 +11,8 @@
 //! - [`stats`]: [`Stats`], the snapshot of the counters;
 //! - [`checkpoint`]: [`Checkpoint`], one `safetensors` file with the parameters, the optimizer
 //!   state and what a resume needs (atomic writes, validated reads);
+//! - [`tls`]: the per-server TLS identity ([`ServerTls`]) and the clients' pinned-certificate
+//!   configuration;
 //! - [`error`]: [`PsError`] (server side) and [`ClientError`].
 //!
 //! Threading, modes and the protocol are described in `docs/engine.md` and `docs/protocol.md`.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod tls;
 mod wire;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
@@ -32,6 +35,7 @@ pub use server::Server;
 pub use sparktorch_proto::{Mode, PROTOCOL_VERSION};
 pub use stats::Stats;
 pub use store::Layout;
+pub use tls::{Fingerprint, ServerTls};
 
 /// Lock a std mutex, recovering the data if a panicking thread poisoned it (the state it
 /// protects is kept consistent by each critical section, which never panics midway by design).

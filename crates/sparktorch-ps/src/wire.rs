@@ -36,8 +36,30 @@ pub(crate) async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
     max_payload: usize,
 ) -> Result<Option<(FrameHeader, Message)>, ReadError> {
+    read_head_after(r, None, max_payload).await
+}
+
+/// Wait for the first byte of the next frame. `Ok(None)` when the peer closed cleanly.
+pub(crate) async fn read_first_byte<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<u8>> {
+    let mut b = [0u8; 1];
+    match r.read(&mut b).await? {
+        0 => Ok(None),
+        _ => Ok(Some(b[0])),
+    }
+}
+
+/// [`read_head`] for a frame whose first byte was already read (by [`read_first_byte`]).
+pub(crate) async fn read_head_after<R: AsyncRead + Unpin>(
+    r: &mut R,
+    first: Option<u8>,
+    max_payload: usize,
+) -> Result<Option<(FrameHeader, Message)>, ReadError> {
     let mut head = [0u8; HEADER_LEN];
     let mut got = 0;
+    if let Some(b) = first {
+        head[0] = b;
+        got = 1;
+    }
     while got < HEADER_LEN {
         let n = r.read(&mut head[got..]).await?;
         if n == 0 {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
+use sparktorch_ps::tls::{Fingerprint, FINGERPRINT_LEN};
 use sparktorch_ps::ClientOptions;
 
 use crate::convert::{f32_array, f32_array_mut};
@@ -37,7 +38,10 @@ fn reported(v: Option<f64>) -> Option<f64> {
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (host, port, secret, *, worker, attempt = 0, timeout_s = 60.0, connect_timeout_s = 30.0))]
+    #[pyo3(signature = (
+        host, port, secret, *, worker, attempt = 0, timeout_s = 60.0, connect_timeout_s = 30.0,
+        tls_fingerprint = None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,7 +52,26 @@ impl Client {
         attempt: i64,
         timeout_s: f64,
         connect_timeout_s: f64,
+        tls_fingerprint: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let server_fingerprint = match tls_fingerprint.filter(|f| !f.is_none()) {
+            None => None,
+            Some(f) => {
+                let bytes = f
+                    .cast::<PyBytes>()
+                    .map_err(|_| param_err(py, "tls_fingerprint must be bytes or None"))?
+                    .as_bytes();
+                Some(<Fingerprint>::try_from(bytes).map_err(|_| {
+                    param_err(
+                        py,
+                        format!(
+                            "tls_fingerprint must be {FINGERPRINT_LEN} bytes (a SHA-256 digest), got {}",
+                            bytes.len()
+                        ),
+                    )
+                })?)
+            }
+        };
         let secret = secret
             .cast::<PyBytes>()
             .map_err(|_| param_err(py, "secret must be bytes"))?
@@ -63,6 +86,7 @@ impl Client {
         let options = ClientOptions {
             timeout: timeout_arg(py, "timeout_s", timeout_s)?,
             connect_timeout: timeout_arg(py, "connect_timeout_s", connect_timeout_s)?,
+            server_fingerprint,
         };
         crate::runtime::init_logging(py);
         let host = host.to_string();

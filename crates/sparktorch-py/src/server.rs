@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 use sparktorch_proto::Mode;
 use sparktorch_ps::checkpoint::{self, Checkpoint};
 use sparktorch_ps::config::seconds;
-use sparktorch_ps::{LostWorkerPolicy, Server, ServerConfig};
+use sparktorch_ps::{LostWorkerPolicy, Server, ServerConfig, ServerTls};
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -61,7 +61,8 @@ impl ParameterServer {
         params, layout, optimizer, hyperparameters, *, secret, mode = "async",
         host = "127.0.0.1", port = 0, num_workers = 1, round_timeout_s = 600.0,
         lost_worker_policy = "drop", early_stop_patience = -1, io_timeout_s = 60.0,
-        checkpoint_path = None, checkpoint_interval = 0, resume_from = None, model_buffers = 0
+        checkpoint_path = None, checkpoint_interval = 0, resume_from = None, model_buffers = 0,
+        tls = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -83,6 +84,7 @@ impl ParameterServer {
         checkpoint_interval: i64,
         resume_from: Option<PathBuf>,
         model_buffers: usize,
+        tls: bool,
     ) -> PyResult<Self> {
         crate::runtime::init_logging(py);
         let params = f32_array(py, params, "params")?;
@@ -139,6 +141,9 @@ impl ParameterServer {
         }
         config.checkpoint_interval = checkpoint_interval as u64;
         config.checkpoint_dir = checkpoint_path;
+        if tls {
+            config.tls = Some(ServerTls::generate().map_err(|e| ps_err(py, e))?);
+        }
         if model_buffers > values.len() {
             return Err(param_err(
                 py,
@@ -212,6 +217,17 @@ impl ParameterServer {
     #[getter]
     fn address(&self) -> (String, u16) {
         self.address.clone()
+    }
+
+    /// With TLS: the SHA-256 fingerprint of this server's certificate (32 bytes), which
+    /// clients pin; `None` without TLS.
+    #[getter]
+    fn tls_fingerprint<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.server
+            .config()
+            .tls
+            .as_ref()
+            .map(|t| PyBytes::new(py, &t.fingerprint()))
     }
 
     /// False once stopped (or failed).
@@ -326,7 +342,9 @@ impl ParameterServer {
         self.server.history()
     }
 
-    /// Close the listener and every connection, and join the server threads. Idempotent.
+    /// Close the listener and every connection, and join the server threads; with
+    /// `checkpoint_path`, write the final checkpoint and raise `CheckpointError` if that
+    /// fails. Idempotent.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
         let running = self
             .running
@@ -373,9 +391,10 @@ impl ParameterServer {
 
     fn __repr__(&self) -> String {
         format!(
-            "ParameterServer(address={}:{}, mode={}, num_params={}, version={}, running={})",
+            "ParameterServer(address={}:{}, tls={}, mode={}, num_params={}, version={}, running={})",
             self.address.0,
             self.address.1,
+            self.server.config().tls.is_some(),
             self.server.mode(),
             self.server.num_params(),
             self.server.version(),

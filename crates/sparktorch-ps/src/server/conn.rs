@@ -1,4 +1,5 @@
-//! One connection: the handshake, then requests read whole and answered one at a time.
+//! One connection: the TLS handshake (when configured), the protocol handshake, then requests
+//! read whole and answered one at a time.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,9 @@ use std::time::Duration;
 use sparktorch_proto::{
     auth, ErrorCode, Message, Mode, ProtoError, PushMeta, NONCE_LEN, PROTOCOL_VERSION,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
@@ -16,7 +19,9 @@ use super::coord::{eval_loss, Coord, Status, Worker};
 use super::round::Contribution;
 use super::{Inner, Server};
 use crate::lock;
-use crate::wire::{read_head, read_payload, write_frame, ReadError};
+use crate::wire::{
+    read_first_byte, read_head, read_head_after, read_payload, write_frame, ReadError,
+};
 
 /// How long a connection refused with an error keeps discarding the peer's bytes before closing.
 const LINGER_TIME: Duration = Duration::from_millis(250);
@@ -32,13 +37,15 @@ pub(super) type Refusal = (ErrorCode, String);
 
 /// How a connection ended, for the log.
 #[derive(Debug)]
-enum End {
+pub(super) enum End {
     /// The peer closed between frames, said `Bye`, or the server stopped.
     Closed,
     /// A bounded wait ran out.
     Timeout(&'static str),
     /// The socket failed.
     Io(std::io::Error),
+    /// The TLS handshake failed (a plaintext client, a client pinning another certificate).
+    Tls(std::io::Error),
     /// The peer broke the protocol.
     Proto(ProtoError),
     /// A request was refused and the connection closed.
@@ -46,7 +53,7 @@ enum End {
 }
 
 /// Decrements the open-connections gauge when a connection task ends.
-struct ConnGuard(Arc<Inner>);
+pub(super) struct ConnGuard(pub(super) Arc<Inner>);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
@@ -54,17 +61,65 @@ impl Drop for ConnGuard {
     }
 }
 
-pub(super) async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
+/// Serve one accepted TCP connection: TLS first when the server has it, then the protocol.
+/// `permit` is the connection's slot among the unauthenticated ones, released once it
+/// authenticates.
+pub(super) async fn serve_connection(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
     inner.counters.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(inner.clone());
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "set_nodelay failed");
     }
+    let (end, worker) = match inner.config.tls.clone() {
+        None => serve_stream(inner.clone(), stream, peer, Some(permit)).await,
+        Some(tls) => {
+            let mut stop = inner.stop.subscribe();
+            let accepted = tokio::select! {
+                a = timeout(inner.config.handshake_timeout, tls.acceptor().accept(stream)) => Some(a),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            match accepted {
+                None => (End::Closed, None),
+                Some(Ok(Ok(tls_stream))) => {
+                    serve_stream(inner.clone(), tls_stream, peer, Some(permit)).await
+                }
+                Some(Ok(Err(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    // Connect-and-close (a port scanner): nothing to count.
+                    (End::Closed, None)
+                }
+                Some(Ok(Err(e))) => {
+                    inner.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    (End::Tls(e), None)
+                }
+                Some(Err(_)) => {
+                    inner.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    (End::Timeout("TLS handshake"), None)
+                }
+            }
+        }
+    };
+    log_end(peer, worker, end);
+}
+
+/// Serve one connection over any byte stream (plaintext protocol; TLS, when used, is already
+/// established underneath). Returns how it ended and the worker it registered, if any.
+pub(super) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    inner: Arc<Inner>,
+    stream: S,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+) -> (End, Option<u32>) {
     let mut stop = inner.stop.subscribe();
     let mut conn = Conn {
         inner: inner.clone(),
         stream,
         peer,
+        preauth: permit,
         who: None,
         grads: Vec::new(),
         scratch: Vec::new(),
@@ -74,11 +129,16 @@ pub(super) async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer:
         end = conn.run() => end,
         _ = stop.wait_for(|s| *s) => End::Closed,
     };
-    let worker = conn.who.map(|w| w.0);
+    (end, conn.who.map(|w| w.0))
+}
+
+/// Log how a connection ended.
+pub(super) fn log_end(peer: SocketAddr, worker: Option<u32>, end: End) {
     match end {
         End::Closed => debug!(%peer, ?worker, "connection closed"),
         End::Timeout(what) => info!(%peer, ?worker, what, "connection timed out"),
         End::Io(e) => info!(%peer, ?worker, error = %e, "connection failed"),
+        End::Tls(e) => warn!(%peer, error = %e, "TLS handshake failed"),
         End::Proto(e) => warn!(%peer, ?worker, error = %e, "connection closed: protocol violation"),
         End::Refused(code, msg) => {
             info!(%peer, ?worker, ?code, reason = %msg, "connection closed: request refused")
@@ -87,13 +147,15 @@ pub(super) async fn serve_connection(inner: Arc<Inner>, stream: TcpStream, peer:
 }
 
 /// One connection's state.
-struct Conn {
+struct Conn<S> {
     /// Shared server state.
     inner: Arc<Inner>,
-    /// The socket.
-    stream: TcpStream,
+    /// The socket (or the TLS stream over it).
+    stream: S,
     /// The peer's address, for logs.
     peer: SocketAddr,
+    /// The connection's slot among the unauthenticated ones; released after the handshake.
+    preauth: Option<OwnedSemaphorePermit>,
     /// `(worker, attempt)` once registered.
     who: Option<(u32, u32)>,
     /// Gradient buffer, reused across pushes.
@@ -104,11 +166,13 @@ struct Conn {
     out: Vec<u8>,
 }
 
-impl Conn {
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn run(&mut self) -> End {
         if let Err(end) = self.handshake().await {
             return end;
         }
+        // Authenticated: this connection no longer counts against the pre-auth cap.
+        self.preauth = None;
         loop {
             if let Err(end) = self.request().await {
                 return end;
@@ -274,14 +338,14 @@ impl Conn {
         // next request up to the larger of the I/O and round timeouts; the frame itself must
         // then arrive within the I/O timeout.
         let idle = io.max(inner.config.round_timeout);
-        let mut first = [0u8; 1];
-        match timeout(idle, self.stream.peek(&mut first)).await {
+        let first = match timeout(idle, read_first_byte(&mut self.stream)).await {
             Err(_) => return Err(End::Timeout("next request")),
-            Ok(Ok(0)) => return Err(End::Closed),
+            Ok(Ok(None)) => return Err(End::Closed),
             Ok(Err(e)) => return Err(End::Io(e)),
-            Ok(Ok(_)) => {}
-        }
-        let (header, msg) = match timeout(io, read_head(&mut self.stream, n * 4)).await {
+            Ok(Ok(Some(b))) => b,
+        };
+        let read = read_head_after(&mut self.stream, Some(first), n * 4);
+        let (header, msg) = match timeout(io, read).await {
             Err(_) => return Err(End::Timeout("request")),
             Ok(Ok(None)) => return Err(End::Closed),
             Ok(Err(e)) => return Err(self.reject(e).await),
@@ -602,6 +666,8 @@ impl Conn {
                     ),
                 ));
             }
+            // Checked before anything is booked: a refused push leaves no trace.
+            round.check_batch(p.batch_size)?;
             let Some(staleness) = coord.check_push(p, inner.store.version())? else {
                 drop(coord);
                 drop(round);
@@ -612,7 +678,7 @@ impl Conn {
         inner.counters.updates.fetch_add(1, Ordering::Relaxed);
         let opened = round.pending.is_empty();
         let grads = std::mem::take(&mut self.grads);
-        round.pending.insert(
+        round.add(
             p.worker,
             Contribution {
                 batch_size: p.batch_size,

@@ -117,13 +117,21 @@ impl Coord {
         if p.step < w.next_step {
             return Ok(None);
         }
+        // Client-sent numbers are checked, never wrapped: a step of u64::MAX would make the
+        // resume step 0 again, and every earlier step new.
+        let Some(next_step) = p.step.checked_add(1) else {
+            return Err((
+                ErrorCode::Protocol,
+                format!("step {} is out of range (no step can follow it)", p.step),
+            ));
+        };
         if w.status != Status::Live {
             // A worker dropped for missing a round (it was slow, not dead), or one that said
             // Bye and pushes again: it takes part again from this push on.
             info!(worker = p.worker, attempt = p.attempt, "worker rejoined");
             w.status = Status::Live;
         }
-        w.next_step = p.step + 1;
+        w.next_step = next_step;
         let base = w.last_pulled.unwrap_or(p.base_version);
         Ok(Some(version.saturating_sub(base)))
     }
@@ -138,7 +146,7 @@ impl Coord {
             }
             w.recent.push_back(p.loss);
         }
-        self.staleness_sum += staleness;
+        self.staleness_sum = self.staleness_sum.saturating_add(staleness);
         self.staleness_count += 1;
         self.staleness_max = self.staleness_max.max(staleness);
     }

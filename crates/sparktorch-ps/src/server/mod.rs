@@ -25,7 +25,7 @@ use std::time::Duration;
 use sparktorch_optim::{HyperValue, Optimizer, OptimizerState};
 use sparktorch_proto::{Mode, MAX_PARAMS};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
@@ -352,14 +352,25 @@ impl Server {
         info!(%local, mode = %self.inner.config.mode, num_params = self.inner.store.len(),
               num_workers = self.inner.config.num_workers, "parameter server listening");
         let mut tasks = JoinSet::new();
+        // One permit per connection that has not authenticated yet: at the cap, stop accepting
+        // (the kernel's backlog holds further connections) until a handshake ends.
+        let preauth = Arc::new(Semaphore::new(self.inner.config.max_unauthenticated));
         tokio::pin!(shutdown);
         loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                permit = preauth.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break, // never closed
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
             tokio::select! {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let inner = self.inner.clone();
-                        tasks.spawn(serve_connection(inner, stream, peer));
+                        tasks.spawn(serve_connection(inner, stream, peer, permit));
                     }
                     Err(e) => {
                         // E.g. out of file descriptors: back off instead of spinning.
@@ -373,12 +384,39 @@ impl Server {
         self.inner.stop.send_replace(true);
         drop(listener);
         while tasks.join_next().await.is_some() {}
+        let mut result = Ok(());
         if self.inner.config.checkpoint_dir.is_some() {
+            // The final checkpoint is what a resume starts from: its failure is the caller's
+            // to know (it is also logged and counted like any other).
             let inner = self.inner.clone();
-            let _ = tokio::task::spawn_blocking(move || inner.write_automatic("final")).await;
+            result = match tokio::task::spawn_blocking(move || inner.write_automatic("final")).await
+            {
+                Ok(written) => written.map_err(PsError::Checkpoint),
+                Err(e) => Err(PsError::Checkpoint(CheckpointError::Io {
+                    path: self.inner.config.checkpoint_dir.clone().unwrap_or_default(),
+                    op: "write the final checkpoint",
+                    source: std::io::Error::other(e.to_string()),
+                })),
+            };
         }
         info!(%local, "parameter server stopped");
-        Ok(())
+        result
+    }
+
+    /// Serve one already-established connection over any byte stream (an in-memory pipe in
+    /// tests and in the session fuzz target), as `run` serves an accepted socket after its TLS
+    /// handshake: protocol handshake, then requests, until the peer leaves, a limit is hit, or
+    /// the server stops. Not counted against `max_unauthenticated`.
+    pub async fn serve_io<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let inner = self.inner.clone();
+        inner.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let _guard = conn::ConnGuard(inner.clone());
+        let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+        let (end, worker) = conn::serve_stream(inner, stream, peer, None).await;
+        conn::log_end(peer, worker, end);
     }
 
     /// A checkpoint of the current state (see [`Store::consistent_snapshot`] for what
@@ -613,10 +651,10 @@ impl Inner {
     }
 
     /// Write the automatic checkpoint (`reason`: "periodic" or "final"); a failure is logged
-    /// and counted, never fatal.
-    fn write_automatic(&self, reason: &'static str) {
+    /// and counted (never fatal to training), and returned.
+    fn write_automatic(&self, reason: &'static str) -> Result<(), CheckpointError> {
         let Some(dir) = &self.config.checkpoint_dir else {
-            return;
+            return Ok(());
         };
         let file = dir.join(CHECKPOINT_FILE);
         let written = std::fs::create_dir_all(dir)
@@ -628,11 +666,13 @@ impl Inner {
             .and_then(|()| self.write_checkpoint(&file));
         match written {
             Ok((version, path)) => {
-                info!(version, path = %path.display(), reason, "checkpoint written")
+                info!(version, path = %path.display(), reason, "checkpoint written");
+                Ok(())
             }
             Err(e) => {
                 self.checkpoints.errors.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, reason, "checkpoint failed");
+                Err(e)
             }
         }
     }
@@ -662,7 +702,8 @@ impl Inner {
                     (v / i).saturating_add(1).saturating_mul(i),
                     Ordering::Release,
                 );
-                inner.write_automatic("periodic");
+                // Counted and logged; training goes on.
+                let _ = inner.write_automatic("periodic");
                 continue;
             }
             inner

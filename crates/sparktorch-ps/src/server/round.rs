@@ -8,6 +8,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use tracing::{debug, warn};
 
+use sparktorch_proto::ErrorCode;
+
+use super::conn::Refusal;
 use super::coord::{Status, Worker};
 use super::Inner;
 use crate::config::LostWorkerPolicy;
@@ -33,15 +36,52 @@ pub(super) struct Round {
     /// Rounds closed so far.
     pub(super) number: u64,
     /// Gradients received in this round, by worker id (so averaging runs in worker order).
+    /// Added to only by [`Round::add`], which keeps `batch_total` in step.
     pub(super) pending: BTreeMap<u32, Contribution>,
+    /// Sum of the pending contributions' batch sizes (checked when each is added, so the
+    /// average never overflows).
+    pub(super) batch_total: u64,
     /// The round's lost-worker timer, aborted when the round closes in time.
     pub(super) timer: Option<tokio::task::AbortHandle>,
+}
+
+impl Round {
+    /// Refuse a batch size that would overflow the round's total (batch sizes are
+    /// client-sent numbers).
+    pub(super) fn check_batch(&self, batch_size: u64) -> Result<(), Refusal> {
+        match self.batch_total.checked_add(batch_size) {
+            Some(_) => Ok(()),
+            None => Err((
+                ErrorCode::Protocol,
+                format!(
+                    "batch_size {batch_size} is out of range: the round's batch sizes would add \
+                     up to more than {}",
+                    u64::MAX
+                ),
+            )),
+        }
+    }
+
+    /// Add a worker's contribution (its batch size passed [`Round::check_batch`]).
+    pub(super) fn add(&mut self, worker: u32, c: Contribution) {
+        self.batch_total = self.batch_total.saturating_add(c.batch_size);
+        if let Some(old) = self.pending.insert(worker, c) {
+            self.batch_total = self.batch_total.saturating_sub(old.batch_size);
+        }
+    }
+
+    /// Take the pending contributions, leaving the round empty.
+    fn take(&mut self) -> BTreeMap<u32, Contribution> {
+        self.batch_total = 0;
+        std::mem::take(&mut self.pending)
+    }
 }
 
 /// The batch-size weighted average of the round's gradients: accumulated in `f64` in worker-id
 /// order, then cast to `f32`. With every batch size 0 the plain mean is taken.
 pub(super) fn weighted_average(pending: &BTreeMap<u32, Contribution>, len: usize) -> Vec<f32> {
-    let total: u64 = pending.values().map(|c| c.batch_size).sum();
+    // u128: no overflow for any number of u64 batch sizes (Round::add also bounds the sum).
+    let total: u128 = pending.values().map(|c| u128::from(c.batch_size)).sum();
     let parts: Vec<(f64, &[f32])> = pending
         .values()
         .map(|c| {
@@ -73,7 +113,7 @@ impl Inner {
     /// Close the synchronous round: average, step once, bump the version, evaluate early
     /// stopping over the round's losses, wake waiting pulls.
     pub(super) async fn close_round(self: &Arc<Self>, round: &mut Round) {
-        let pending = std::mem::take(&mut round.pending);
+        let pending = round.take();
         round.number += 1;
         if let Some(timer) = round.timer.take() {
             timer.abort();
