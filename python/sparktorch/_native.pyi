@@ -256,3 +256,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     :meth:`ParameterServer.optimizer_state`}``. Raises
     :class:`~sparktorch.errors.CheckpointError` naming the file (missing, truncated, corrupt,
     not a checkpoint, newer format)."""
+
+def cli_main(argv: list[str]) -> int:
+    """Run the ``sparktorch-ps`` command (``argv[0]`` is the program name); returns its exit
+    code. Used by the ``sparktorch-ps`` console script (:mod:`sparktorch.cli`)."""

@@ -7,7 +7,8 @@
 //!
 //! Modules: [`errors`] (the error mapping), [`runtime`] (the lazy per-process tokio runtime and
 //! log setup), [`server`] (`ParameterServer`), [`client`] (`Client`), [`convert`] (dicts and
-//! arrays to engine types and back).
+//! arrays to engine types and back), and `cli_main` (the `sparktorch-ps` command, so that the
+//! package ships it).
 
 use pyo3::prelude::*;
 
@@ -25,5 +26,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::ParameterServer>()?;
     m.add_class::<client::Client>()?;
     m.add_function(wrap_pyfunction!(server::read_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     Ok(())
+}
+
+/// Run the `sparktorch-ps` command with `argv` (the program name first) and return its exit
+/// code; the GIL is released while it runs (`serve` runs until Ctrl-C).
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(move || sparktorch_cli::run(argv))
 }
