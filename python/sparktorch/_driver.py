@@ -7,7 +7,7 @@ Order of events in :func:`fit`:
 2. a :class:`sparktorch._native.ParameterServer` starts on the driver's address with a fresh
    per-fit secret (it travels to the tasks inside the Spark closure);
 3. one Spark job per partition shuffle runs :func:`sparktorch._task.train_partition` on every
-   partition, while a driver thread turns the server's stats into a progress bar;
+   partition, while a driver thread shows the fit's phase and steps (:mod:`sparktorch._progress`);
 4. the server's final parameters are loaded into the model, the server is stopped (on success,
    failure and Ctrl-C alike) and a :class:`~sparktorch.SparkTorchModel` is returned.
 """
@@ -19,13 +19,12 @@ import logging
 import math
 import os
 import re
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._progress import Progress
 from ._state import StateLayout
 from .errors import (
     DataError,
@@ -278,61 +277,16 @@ def translate_job_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-class _Progress:
-    """Turns the server's stats into driver-side progress while a fit runs.
-
-    ``verbose >= 1``: a progress bar (steps done / total, mean recent loss, updates/s).
-    ``verbose >= 2``: also one log line per applied step (worker, step, loss, validation loss).
-    """
-
-    POLL_S = 0.5
-
-    def __init__(self, server: Any, total: int, verbose: int) -> None:
-        self._server = server
-        self._total = total
-        self._verbose = verbose
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_Progress":
-        if self._verbose >= 1:
-            self._thread = threading.Thread(target=self._run, name="sparktorch-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        from tqdm.auto import tqdm
-
-        t0 = time.monotonic()
-        logged = 0
-        with tqdm(total=self._total, desc="sparktorch", unit="step", leave=True) as bar:
-            while True:
-                stopping = self._stop.wait(self.POLL_S)
-                try:
-                    st = self._server.stats()
-                    history = self._server.history() if self._verbose >= 2 else []
-                except Exception:  # noqa: BLE001 - the server is gone: the fit reports why
-                    break
-                for worker, step, loss, val_loss in history[logged:]:
-                    log.info("worker %d step %d: loss %.5f, validation loss %.5f", worker, step, loss, val_loss)
-                logged = max(logged, len(history))
-                done = min(int(st.get("updates", 0)), self._total)
-                bar.update(done - bar.n)
-                losses = [v for v in st.get("recent_loss", {}).values() if v == v]
-                rate = done / max(time.monotonic() - t0, 1e-9)
-                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}" if losses else "-", upd_s=f"{rate:.1f}")
-                if stopping:
-                    break
-
-
 def _run_jobs(
-    est: Any, plan: FitPlan, frame: Any, label_kind: str, server: Any, connect: str, secret: bytes, num_parts: int
+    est: Any,
+    plan: FitPlan,
+    frame: Any,
+    label_kind: str,
+    server: Any,
+    connect: str,
+    secret: bytes,
+    num_parts: int,
+    progress: Progress | None = None,
 ) -> list[Any]:
     """Run one Spark job per partition shuffle; return the tasks' result rows.
 
@@ -375,6 +329,8 @@ def _run_jobs(
         description = f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}"
         try:
             with _job_tagged(sc, description) as tag:
+                if progress is not None:
+                    progress.job_started(tag)
                 try:
                     rows = trained.collect()
                 except KeyboardInterrupt:
@@ -517,8 +473,8 @@ def fit(est: Any, dataset: Any) -> Any:
     log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles
     try:
-        with _Progress(server, total, plan.verbose):
-            results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts)
+        with Progress(server, total, plan.verbose, num_parts, sc=sc, barrier=est.getUseBarrier()) as progress:
+            results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts, progress)
         if sum(r["rows"] for r in results) == 0:
             raise DataError("the DataFrame has zero rows: nothing to train on")
         _warn_clamped_batches(plan, results)
