@@ -10,6 +10,9 @@ Order of events in :func:`fit`:
    partition, while a driver thread shows the fit's phase and steps (:mod:`sparktorch._progress`);
 4. the server's final parameters are loaded into the model, the server is stopped (on success,
    failure and Ctrl-C alike) and a :class:`~sparktorch.SparkTorchModel` is returned.
+
+With an active MLflow run (and ``mlflowLogging``), params are logged before step 2 and the
+per-step metrics and the model after step 4 (:mod:`sparktorch._mlflow`).
 """
 
 from __future__ import annotations
@@ -423,7 +426,7 @@ def fit(est: Any, dataset: Any) -> Any:
     import numpy as np
     import torch
 
-    from . import _native
+    from . import _mlflow, _native
     from ._data import training_frame
     from ._optim import resolve_optimizer
     from .model import SparkTorchModel
@@ -457,6 +460,19 @@ def fit(est: Any, dataset: Any) -> Any:
             "(or coalesce the DataFrame)"
         )
 
+    tracker = _mlflow.start(
+        est.getMlflowLogging(),
+        est,
+        {
+            "optimizer": opt_name,
+            **{f"optimizer.{k}": v for k, v in hyper.items()},
+            "workers": num_parts,
+            "engine_mode": plan.engine_mode,
+            "model_class": type(model).__name__,
+            "num_params": sum(p.numel() for p in model.parameters()),
+        },
+    )
+
     secret = os.urandom(32)
     bind, connect = server_host(sc)
     tls = use_tls(est.getPsEncryption(), sc.getConf(), bind)
@@ -482,11 +498,13 @@ def fit(est: Any, dataset: Any) -> Any:
         if err:
             raise EngineError(f"training failed: {err}")
         final = server.parameters()
+        raw_history = server.history()
         history = [
             {"worker": int(w), "step": int(s), "loss": float(loss), "val_loss": None if vl != vl else float(vl)}
-            for (w, s, loss, vl) in server.history()
+            for (w, s, loss, vl) in raw_history
         ]
         opt_state = server.optimizer_state()
+        final_stats = server.stats()
     finally:
         _stop_server(server)
 
@@ -502,6 +520,8 @@ def fit(est: Any, dataset: Any) -> Any:
         history=history,
     )
     out._optimizer_state = opt_state  # type: ignore[attr-defined]
+    if tracker is not None:
+        tracker.log_end(raw_history, final_stats, model, info.feature_dim)
     return out
 
 

@@ -91,9 +91,16 @@ class _SparkTorchParams(_SharedTorchParams):
         typeConverter=TypeConverters.toString,
     )
 
+    mlflowLogging = Param(
+        Params._dummy(),
+        "mlflowLogging",
+        "when an MLflow run is active, log the fit's params, per-step losses, staleness and the fitted model to it",
+        typeConverter=TypeConverters.toBoolean,
+    )
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._setDefault(psEncryption="auto")
+        self._setDefault(psEncryption="auto", mlflowLogging=True)
         self._setDefault(
             labelCol=None,
             torchObj="",
@@ -214,6 +221,10 @@ class _SparkTorchParams(_SharedTorchParams):
         """TLS for parameter traffic: 'auto', 'on' or 'off'."""
         return self.getOrDefault(self.psEncryption)
 
+    def getMlflowLogging(self) -> bool:
+        """Whether a fit logs to the active MLflow run (when there is one)."""
+        return self.getOrDefault(self.mlflowLogging)
+
 
 class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTorchParamsWritable):
     """Train a PyTorch model on a DataFrame across the Spark cluster.
@@ -260,6 +271,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         checkpointInterval: int | None = None,
         resumeFrom: str | None = None,
         psEncryption: str | None = None,
+        mlflowLogging: bool | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -294,6 +306,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         checkpointInterval: int | None = None,
         resumeFrom: str | None = None,
         psEncryption: str | None = None,
+        mlflowLogging: bool | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs
