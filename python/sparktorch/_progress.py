@@ -105,6 +105,19 @@ def release_console_progress(sc: Any) -> None:
         log.debug("could not release Spark's console progress bar: %s", e)
 
 
+def _has_real_handler(logger: logging.Logger) -> bool:
+    """Whether a record of ``logger`` reaches a handler other than a ``NullHandler`` (the
+    package's own, which ``hasHandlers`` counts)."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent  # type: ignore[assignment]
+    return False
+
+
 class Progress:
     """Driver-side progress of one fit; a context manager around the fit's Spark jobs.
 
@@ -180,7 +193,7 @@ class Progress:
         if progress_log.level == logging.NOTSET and not progress_log.isEnabledFor(logging.INFO):
             progress_log.setLevel(logging.INFO)
             self._level_set = True
-        if not progress_log.hasHandlers():
+        if not _has_real_handler(progress_log):
             self._handler = logging.StreamHandler(self._stream)
             self._handler.setFormatter(logging.Formatter("%(message)s"))
             progress_log.addHandler(self._handler)

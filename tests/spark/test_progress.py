@@ -70,3 +70,38 @@ def test_phase_follows_the_server():
     assert progress.phase({"updates": 0, "workers_live": 2}) == "starting 4 workers"
     assert progress.phase({"updates": 10, "workers_live": 4}) == TRAINING
     assert progress.phase({"updates": 100, "workers_live": 4}) == FINISHING
+
+
+class _CountingServer:
+    """Stats of a fit that applies 10 steps per poll, all workers connected."""
+
+    def __init__(self, total):
+        self.total, self.done = total, 0
+
+    def stats(self):
+        self.done = min(self.total, self.done + 10)
+        return {"updates": self.done, "workers_live": 4, "recent_loss": {0: 0.5}}
+
+
+def test_plain_lines_reach_stderr_when_logging_is_not_configured(monkeypatch):
+    """No handler anywhere (a plain script): the lines still show, on the display's stream."""
+    import io
+    import logging
+    import time
+
+    from sparktorch._progress import Progress
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(Progress, "POLL_S", 0.005)
+    stream = io.StringIO()
+    server = _CountingServer(1000)
+    with Progress(server, total=1000, verbose=1, num_workers=4, stream=stream):
+        deadline = time.monotonic() + 20
+        while server.done < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+    lines = stream.getvalue().splitlines()
+    assert 5 <= len(lines) <= 16, lines
+    assert all(LINE.search(line) for line in lines), lines
+    assert "[end] 1000/1000" in lines[-1]
