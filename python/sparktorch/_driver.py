@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,6 +173,87 @@ def cluster_slots(sc: Any) -> int:
     if m:
         return max(1, int(m.group(1)) * int(m.group(2)) // task_cpus)
     return max(1, sc.defaultParallelism // task_cpus)
+
+
+DAEMON_MODULE = "sparktorch._daemon"
+_DAEMON_CONF = "spark.python.daemon.module"
+
+
+def use_preloading_daemon(sc: Any) -> bool:
+    """In local mode, fork Spark's Python workers from :mod:`sparktorch._daemon` (torch imported
+    once, before the fork) unless ``spark.python.daemon.module`` is set. Returns whether it is in use.
+
+    Spark reads the setting from the running context's configuration each time it starts a task's
+    Python runner, so setting it on the live configuration takes effect for the next Python
+    task (a new daemon starts for it; workers of the old one are left alone). On a cluster the
+    executors' configuration is fixed when they start: set
+    ``spark.python.daemon.module=sparktorch._daemon`` there. ``pyspark.daemon`` as the setting
+    turns this off.
+    """
+    master = sc.master
+    if not master.startswith("local") or master.startswith("local-cluster"):
+        return False
+    try:
+        conf = sc._jsc.sc().conf()
+        if conf.contains(_DAEMON_CONF):
+            return str(conf.get(_DAEMON_CONF)) == DAEMON_MODULE
+        conf.set(_DAEMON_CONF, DAEMON_MODULE)
+        log.info("Python workers now fork from %s (torch imported once per executor)", DAEMON_MODULE)
+        return True
+    except Exception as e:  # noqa: BLE001 - an optimisation: never fail over it
+        log.debug("could not set %s: %s", _DAEMON_CONF, e)
+        return False
+
+
+_DAEMON_STARTED: set[str] = set()
+"""Spark application ids whose preloading daemon a fit has started ahead of its data stage."""
+
+
+def _touch_worker(batches: Iterator[Any]) -> Iterator[Any]:
+    """Task body that only starts a Python worker (and with it the daemon) and imports the
+    training task's module."""
+    import pyarrow as pa
+
+    from . import _task  # noqa: F401 - numpy, pyarrow and the package, as a training task needs
+
+    for _ in batches:
+        pass
+    yield pa.RecordBatch.from_pydict({"ok": [1]})
+
+
+def prestart_python_workers(spark: Any, wait_s: float = 1.0) -> threading.Thread | None:
+    """Start the Python worker daemon while Spark still runs the fit's data stage.
+
+    The first Python task of a session starts the daemon, which imports torch
+    (:mod:`sparktorch._daemon`): seconds that a fit used to spend after its data stage, when the
+    training tasks began. A one-row job of one task, submitted just before the fit's own job
+    (Spark schedules jobs first come, first served, so it gets a slot ahead of the data stage),
+    starts the daemon meanwhile; its worker is then reused by a training task. Once per
+    application, only where the preloading daemon is in use.
+    """
+    sc = spark.sparkContext
+    key = sc.applicationId
+    if key in _DAEMON_STARTED:
+        return None
+    _DAEMON_STARTED.add(key)
+    tracker = sc.statusTracker()
+    before = set(tracker.getActiveJobsIds())
+
+    def run() -> None:
+        try:
+            sc.setLocalProperty("spark.job.description", "sparktorch: start the Python worker daemon")
+            spark.range(1, numPartitions=1).mapInArrow(_touch_worker, "ok long").collect()
+        except Exception as e:  # noqa: BLE001 - an optimisation: the fit starts workers anyway
+            log.debug("pre-starting the Python workers failed: %s", e)
+
+    thread = threading.Thread(target=run, name="sparktorch-prestart", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and thread.is_alive():
+        if set(tracker.getActiveJobsIds()) - before:
+            break
+        time.sleep(0.02)
+    return thread
 
 
 def server_host(sc: Any) -> tuple[str, str]:
@@ -445,6 +528,7 @@ def fit(est: Any, dataset: Any) -> Any:
 
     spark = dataset.sparkSession
     sc = spark.sparkContext
+    preloading = use_preloading_daemon(sc)
     if plan.partitions > 0:
         frame = frame.repartition(plan.partitions)
     num_parts = frame.rdd.getNumPartitions() if plan.partitions <= 0 else plan.partitions
@@ -488,6 +572,8 @@ def fit(est: Any, dataset: Any) -> Any:
     host, port = server.address
     log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles
+    if preloading:
+        prestart_python_workers(spark)
     try:
         with Progress(server, total, plan.verbose, num_parts, sc=sc, barrier=est.getUseBarrier()) as progress:
             results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts, progress)
