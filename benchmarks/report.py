@@ -80,7 +80,7 @@ def short_error(text: str, limit: int = 300) -> str:
 # ------------------------------------------------------------------------------------ loading
 def load(results: Path) -> dict[str, Any]:
     meta = json.loads((results / "run.json").read_text()) if (results / "run.json").exists() else {}
-    data = {n: read_jsonl(results / f"{n}.jsonl") for n in ("ps", "e2e", "transform", "plain", "cli")}
+    data = {n: read_jsonl(results / f"{n}.jsonl") for n in ("ps", "e2e", "transform", "plain", "cli", "profile")}
     tb = results / "transform_bench.json"
     data["transform_bench"] = json.loads(tb.read_text()) if tb.exists() else None
     data["meta"] = meta
@@ -254,6 +254,7 @@ def section(d: dict[str, Any], results: Path, made: list[str]) -> str:
     out += upstream_needs(d)
     out += ps_section(d)
     out += e2e_section(d, seed_iters)
+    out += profile_section(d)
     out += transform_section(d)
     if meta.get("skipped"):
         out += ["### Not measured in this run", ""] + [f"- {s}" for s in meta["skipped"]] + [""]
@@ -475,6 +476,16 @@ def e2e_section(d: dict[str, Any], seed_iters: int) -> list[str]:
                 warm = f"; warm refit {ww[key_o]:.1f} s vs {ww[key_u]:.1f} s ({ww[key_u] / ww[key_o]:.1f}× {'faster' if ww[key_o] < ww[key_u] else 'slower'})"
             notes.append(f"{MODE_LABEL[key_o]} vs {MODE_LABEL[key_u]}: first fit {cw[key_o]:.1f} s vs {cw[key_u]:.1f} s "
                          f"({(1 / r if r < 1 else r):.1f}× {'faster' if r < 1 else 'slower'}){warm}.")
+    for key_o in (("ours", "async"), ("ours", "hogwild")):
+        key_u = ("upstream", "hogwild")
+        if key_o in cw and key_u in cw:
+            parts = [f"first fit {cw[key_o] / cw[key_u]:.2f}"]
+            fo, fu = first_s.get(key_o, {}).get("median"), first_s.get(key_u, {}).get("median")
+            if fo and fu:
+                parts.append(f"parameters first change {fo / fu:.2f}")
+            if key_o in ww and key_u in ww:
+                parts.append(f"warm refit {ww[key_o] / ww[key_u]:.2f}")
+            notes.append(f"Ratios, {MODE_LABEL[key_o]} ÷ {MODE_LABEL[key_u]} (medians, this run; lower is better): " + ", ".join(parts) + ".")
     if any(k[0] == "ours" for k in cw) and any(k in ww for k in cw if k[0] == "ours"):
         gaps = [cw[k] - ww[k] for k in cw if k in ww and k[0] == "ours"]
         notes.append(f"Most of our first fit is Spark warming up, not training: the warm refit takes {min(gaps):.0f}–{max(gaps):.0f} s "
@@ -533,6 +544,26 @@ def e2e_section(d: dict[str, Any], seed_iters: int) -> list[str]:
                 "synchronous mode has no server to copy from: markers only. Plain torch: accuracy against its training-loop "
                 "time.", "", "![time to accuracy](plots/side_by_side_time_to_accuracy.png)", ""]
     return out
+
+
+def profile_section(d: dict[str, Any]) -> list[str]:
+    """Our fit's start-up, stage by stage (``benchmarks/fit_profile.py``)."""
+    recs = [r for r in d.get("profile", []) if r.get("stages")]
+    if not recs:
+        return []
+    out = ["#### Start-up profile of our fit", "",
+           "`benchmarks/fit_profile.py` in the same run (seed pipeline, hogwild + acquireLock, a fresh session: the cold "
+           "fit, then a warm refit): seconds from the call to `Pipeline.fit`. Stages from Spark's status store (the "
+           "one-task stage before the data stage starts the Python worker daemon, see docs/benchmarks.md \"Fit "
+           "start-up\"); server marks from polling the parameter server every 20 ms.", "",
+           "| fit | server up | stages: tasks, submitted → first task → completed | first worker connected | parameters first change | fit returns |",
+           "|---|---|---|---|---|---|"]
+    for r in recs:
+        m = r.get("marks", {})
+        stages = "; ".join(f"{st['tasks']}: {st['submitted']} → {st['first_task']} → {st['completed']}" for st in r["stages"])
+        out.append(f"| {'cold' if r.get('cold') else 'warm'} | {m.get('server started', '—')} | {stages} | "
+                   f"{m.get('first worker connected', '—')} | {m.get('parameters first change', '—')} | {r.get('fit_s')} |")
+    return out + [""]
 
 
 def transform_section(d: dict[str, Any]) -> list[str]:

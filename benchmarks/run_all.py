@@ -14,7 +14,8 @@ Steps:
    - ``transform_cell.py``: ``create_spark_torch_model(...).transform`` over 100,000 rows;
    - ``plain_torch.py``: the same training steps in one plain PyTorch process;
    plus, once, ``transform_bench.py`` (the inference benchmark of our side, owned by the
-   inference work) and ``sparktorch-ps bench`` (the Rust load generator) when it is built.
+   inference work), ``sparktorch-ps bench`` (the Rust load generator) when it is built, and
+   ``fit_profile.py`` (where our first fit's start-up goes, stage by stage).
 3. ``report.py``: tables into docs/benchmarks.md, plots into docs/plots/.
 
 Raw results: ``benchmarks/results/<full|quick>/*.jsonl`` (one JSON object per line) and
@@ -23,7 +24,7 @@ Raw results: ``benchmarks/results/<full|quick>/*.jsonl`` (one JSON object per li
 repetitions, the extra runs of our own benchmarks) that would not fit, and says so in the report.
 
 Environment knobs: ``BENCH_QUICK=1``, ``BENCH_REPS`` (default 3 full / 1 quick),
-``BENCH_BUDGET_S``, ``BENCH_SKIP`` (comma list of ps,e2e,transform,plain,cli),
+``BENCH_BUDGET_S``, ``BENCH_SKIP`` (comma list of ps,e2e,transform,plain,cli,profile),
 ``BENCH_OURS=0`` (upstream and plain only, e.g. while our package is being built).
 """
 
@@ -267,6 +268,12 @@ def main() -> None:
         run.job("transform_bench.py (ours, inference benchmark)", [str(OUR_PY), "benchmarks/transform_bench.py", "--rows", str(TRANSFORM_ROWS),
                 "--master", "local[2]", "--skip-row-udf", "--json", str(theirs)], 600, None, {}, optional=True,
                 estimate_s=30 + TRANSFORM_ROWS / 1000)
+
+    if "profile" not in SKIP and ok:
+        # The start-up profile of our first fit (and warm refit), stage by stage, for the report.
+        prof = RESULTS / "profile.jsonl"
+        run.job("fit profile ours", [py["ours"], "benchmarks/fit_profile.py", "--fits", "2", "--out", str(prof)], 300, prof,
+                {"label": "ours"}, optional=True, estimate_s=90)
 
     meta.update({
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": round(run.elapsed(), 1),
