@@ -25,8 +25,8 @@ Where it goes:
 
 While the display is on, Spark's own console progress bar (``spark.ui.showConsoleProgress``,
 drawn by the JVM on the same terminal) is held back, so the two never overwrite each other; it
-comes back after each of the fit's jobs (Spark resumes it itself when a job ends) and is held
-again for the next one. ``verbose >= 2`` also logs every applied step (worker, step, loss,
+comes back when the fit ends (Spark resumes it itself whenever a job ends, so the display holds
+it again at each poll while the fit runs). ``verbose >= 2`` also logs every applied step (worker, step, loss,
 validation loss) through the ``sparktorch`` logger.
 """
 
@@ -264,6 +264,10 @@ class Progress:
                 logged = max(logged, len(history))
                 done = min(int(st.get("updates", 0)), self._total)
                 phase = self.phase(st)
+                if self._held and not stopping:
+                    # Any job that ends (another thread's, such as the one that starts the
+                    # Python worker daemon beside the data stage) lets Spark's bar draw again.
+                    hold_console_progress(self._sc)
                 elapsed = time.monotonic() - t0
                 losses = [v for v in st.get("recent_loss", {}).values() if v == v]
                 loss_text = f"{sum(losses) / len(losses):.4f}" if losses else "-"
