@@ -58,14 +58,14 @@ def main() -> None:
     import sparktorch
     from sparktorch.inference import create_spark_torch_model
 
-    spark = (
+    builder = (
         SparkSession.builder.master(args.master).appName("transform-cold")
         .config("spark.driver.memory", "4g").config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1").config("spark.ui.enabled", "false")
-        # --noop-first: one daemon for both (set at start-up, as on a cluster)
-        .config("spark.python.daemon.module", "sparktorch._daemon" if args.noop_first else "pyspark.daemon")
-        .getOrCreate()
     )
+    if args.noop_first:  # one daemon for both (set at start-up, as on a cluster)
+        builder = builder.config("spark.python.daemon.module", "sparktorch._daemon")
+    spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     parts = spark.sparkContext.defaultParallelism
     torch.manual_seed(0)
