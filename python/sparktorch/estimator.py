@@ -49,7 +49,7 @@ class _SparkTorchParams(_SharedTorchParams):
     useBarrier = Param(Params._dummy(), "useBarrier", "run the training stage in barrier execution mode", typeConverter=TypeConverters.toBoolean)
     partitionShuffles = Param(Params._dummy(), "partitionShuffles", "repartition and train again this many times", typeConverter=TypeConverters.toInt)
     port = Param(Params._dummy(), "port", "parameter server port; 0 lets the OS choose", typeConverter=TypeConverters.toInt)
-    verbose = Param(Params._dummy(), "verbose", "0: quiet; 1: progress bar on the driver; 2: also a log line per worker step", typeConverter=TypeConverters.toInt)
+    verbose = Param(Params._dummy(), "verbose", "0: quiet; 1: progress on the driver, naming the fit's phase (a bar on a terminal, a few log lines elsewhere); 2: also a log line per worker step", typeConverter=TypeConverters.toInt)
     earlyStopPatience = Param(Params._dummy(), "earlyStopPatience", "> 0: stop all workers after this many evaluations without improvement", typeConverter=TypeConverters.toInt)
     miniBatch = Param(Params._dummy(), "miniBatch", "> 0: rows sampled (without replacement) per step; else the whole partition", typeConverter=TypeConverters.toInt)
     validationPct = Param(Params._dummy(), "validationPct", "share of each partition held out for validation loss, in [0, 1)", typeConverter=TypeConverters.toFloat)

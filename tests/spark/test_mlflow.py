@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,9 @@ from pyspark.ml.feature import VectorAssembler
 from nets import TwoLayer
 from sparktorch import SparkTorch, serialize_torch_obj
 
+# No usage telemetry from the tests (MLflow 3 reads these when it is imported).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 mlflow = pytest.importorskip("mlflow")
 
 pytestmark = pytest.mark.timeout(300)
