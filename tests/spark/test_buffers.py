@@ -129,3 +129,26 @@ def test_buffers_the_model_never_changes_come_back_exactly(spark):
     assert torch.equal(got.scale, net.scale) and got.scale.dtype == torch.float64
     assert torch.equal(got.big, net.big)
     assert not torch.equal(got.fc.weight, net.fc.weight)
+
+
+def test_frozen_embedding_and_lstm_train_as_in_plain_pytorch(spark):
+    from nets import FrozenEmbeddingLSTM
+
+    torch.manual_seed(4)
+    net = FrozenEmbeddingLSTM()
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 20, size=(48, 6)).astype(np.float32)
+    y = (x[:, -1] % 3).astype(np.int64)
+    obj = serialize_torch_obj(net, nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.02)
+    fitted = SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=10).fit(frame(spark, x, y, 1))
+    ref = copy.deepcopy(net)
+    opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=0.02)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ref(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        opt.step()
+    got = fitted.getPytorchModel()
+    assert torch.equal(got.emb.weight, net.emb.weight)  # frozen: exactly as set
+    for (name, a), (_, b) in zip(got.named_parameters(), ref.named_parameters()):
+        assert float((a - b).abs().max()) <= 1e-5, name
+    assert not torch.equal(got.head.weight, net.head.weight)
