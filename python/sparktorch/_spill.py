@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -210,7 +210,6 @@ class Spilled:
     """Scalar labels that are not whole numbers (class indices must be)."""
     seconds: float = 0.0
     """Time spent reading and spilling the partition."""
-    _weights: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_train(self) -> int:
@@ -267,9 +266,8 @@ def spill_partition(
                 if holdout_pct > 0:
                     out.val = RowFile(directory, out.layout)
                     keys = _hash_keys(out.layout.dim, holdout_seed)
-                out._weights = np.cos(np.arange(out.layout.dim, dtype=np.float64)).astype(np.float32)
             out.rows += n
-            bad_rows_x, digest = _finite_rows_and_digest(x, out._weights)
+            bad_rows_x, digest = _finite_rows_and_digest(x)
             bad_x += bad_rows_x
             out.digest += digest
             if y is not None:
@@ -333,18 +331,20 @@ def _labels(batch: pa.RecordBatch, label_kind: str, dim: int | None) -> np.ndarr
     return col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
-def _finite_rows_and_digest(x: np.ndarray, w: np.ndarray | None) -> tuple[int, float]:
+def _finite_rows_and_digest(x: np.ndarray) -> tuple[int, float]:
     """(rows holding NaN or infinity, the batch's part of the rows digest).
 
-    One float32 matrix-vector product serves both: a row with NaN or infinity makes its
-    product non-finite (``w`` has no zero); only then are the rows checked one by one.
+    One pass over the batch serves both: the row sums. A row with NaN or infinity has a
+    non-finite sum; only then are the rows checked one by one. The digest is the sum of
+    ``sin(row sum)``: which rows a partition holds, whatever their order (a fingerprint for logs
+    and tests, not a checksum).
     """
-    p = x @ w
+    p = x.sum(axis=1, dtype=np.float32)
     if np.isfinite(p).all():
         return 0, float(np.sum(np.sin(p.astype(np.float64))))
     bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
     if bad == 0:  # finite but huge values overflowed float32: the digest in float64
-        return 0, float(np.sum(np.sin(x.astype(np.float64) @ w.astype(np.float64))))
+        return 0, float(np.sum(np.sin(x.sum(axis=1, dtype=np.float64))))
     return bad, 0.0
 
 
