@@ -57,6 +57,8 @@ class FitPlan:
     checkpoint_path: str | None
     checkpoint_interval: int
     resume_from: str | None
+    epochs: int = 0
+    """> 0: passes over each partition's training rows (the steps follow from the data)."""
 
 
 def engine_mode(mode: str, acquire_lock: bool) -> str:
@@ -102,6 +104,11 @@ def validate(est: Any) -> FitPlan:
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
     _validate_ps_encryption(est)
     checkpoint_path, interval, resume_from = _checkpoint_plan(est)
+    epochs = est.getEpochs()
+    if epochs < 0:
+        raise ParamError(f"epochs={epochs}: must be >= 0 (0: run iters steps)")
+    if epochs > 0 and est.isSet("iters"):
+        raise ParamError(f"epochs={epochs} and iters={iters} are both set: set iters (steps) or epochs (passes over the data), not both")
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
         iters=iters,
@@ -117,6 +124,7 @@ def validate(est: Any) -> FitPlan:
         checkpoint_path=checkpoint_path,
         checkpoint_interval=interval,
         resume_from=resume_from,
+        epochs=epochs,
     )
 
 
@@ -287,7 +295,7 @@ class _Progress:
 
     POLL_S = 0.5
 
-    def __init__(self, server: Any, total: int, verbose: int) -> None:
+    def __init__(self, server: Any, total: int | None, verbose: int) -> None:
         self._server = server
         self._total = total
         self._verbose = verbose
@@ -322,7 +330,7 @@ class _Progress:
                 for worker, step, loss, val_loss in history[logged:]:
                     log.info("worker %d step %d: loss %.5f, validation loss %.5f", worker, step, loss, val_loss)
                 logged = max(logged, len(history))
-                done = min(int(st.get("updates", 0)), self._total)
+                done = int(st.get("updates", 0)) if self._total is None else min(int(st.get("updates", 0)), self._total)
                 bar.update(done - bar.n)
                 losses = [v for v in st.get("recent_loss", {}).values() if v == v]
                 rate = done / max(time.monotonic() - t0, 1e-9)
@@ -339,11 +347,14 @@ def _run_jobs(
     A failed job is re-raised as the server's fatal error when it has one, else as the
     sparktorch error the task raised (re-created on the driver), else as Spark raised it.
     """
+    from ._spill import BUFFER_BYTES
     from ._task import RESULT_SCHEMA, TaskConfig, make_task
 
     sc = frame.sparkSession.sparkContext
     port = server.address[1]
     results: list[Any] = []
+    buffer_bytes = int(frame.sparkSession.conf.get(BUFFER_CONF, str(BUFFER_BYTES)))
+    offset = 0
     for shuffle in range(plan.shuffles):
         if shuffle > 0:
             if server.stats().get("should_stop"):
@@ -356,7 +367,7 @@ def _run_jobs(
             secret=secret,
             torch_obj=est.getTorchObj(),
             iters=plan.iters,
-            step_offset=shuffle * plan.iters,
+            step_offset=offset,
             label_kind=label_kind,
             mini_batch=plan.mini_batch,
             validation_pct=plan.validation_pct,
@@ -366,6 +377,9 @@ def _run_jobs(
             io_timeout_s=est.getIoTimeout(),
             connect_timeout_s=min(60.0, est.getIoTimeout()),
             tls_fingerprint=server.tls_fingerprint,
+            epochs=plan.epochs,
+            holdout_seed=est.getSeed(),
+            buffer_bytes=buffer_bytes,
         )
         trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
         if est.getUseBarrier():
@@ -383,6 +397,8 @@ def _run_jobs(
             for r in rows:
                 log.debug("shuffle %d, partition %d: %d rows (digest %.6g), %d steps", shuffle, r["partition"], r["rows"], r["digest"], r["steps"])
             results.extend(rows)
+            # Step ids continue across shuffles (with epochs, after the longest partition's).
+            offset = max([offset + plan.iters] if plan.epochs <= 0 else [offset] + [int(r["end_step"]) for r in rows])
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -395,6 +411,9 @@ def _run_jobs(
             raise
     return results
 
+
+BUFFER_CONF = "spark.sparktorch.bufferBytes"
+"""Spark conf: byte budget of a task's full-batch chunk and resident holdout (default 32 MiB)."""
 
 FIT_TAG_PREFIX = "sparktorch-fit-"
 
@@ -515,7 +534,7 @@ def fit(est: Any, dataset: Any) -> Any:
         ) from e
     host, port = server.address
     log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
-    total = plan.iters * num_parts * plan.shuffles
+    total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
     try:
         with _Progress(server, total, plan.verbose):
             results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts)

@@ -41,15 +41,19 @@ def frame(spark, x: np.ndarray, y: np.ndarray, parts: int):
 
 
 def plain_training(net: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch: int, lr: float, seed: int = 0) -> nn.Module:
-    """Plain PyTorch: ``steps`` Adam updates on random mini-batches (full batch when ``batch`` is
-    None), from the same initial weights."""
+    """Plain PyTorch: ``steps`` Adam updates on the mini-batches of shuffled passes over the data,
+    as a ``DataLoader(shuffle=True)`` deals them and sparktorch walks a partition (full batch
+    when ``batch`` is None), from the same initial weights."""
     net = copy.deepcopy(net)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    order: list[torch.Tensor] = []
     for _ in range(steps):
-        idx = torch.randperm(len(xt), generator=gen)[:batch] if batch else slice(None)
+        if batch and not order:
+            order = list(torch.randperm(len(xt), generator=gen).split(batch))
+        idx = order.pop(0) if batch else slice(None)
         opt.zero_grad()
         nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
         opt.step()
