@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._state import StateLayout
+from ._state import StateLayout, buffer_change_scale
 from .errors import (
     DataError,
     EngineError,
@@ -355,11 +355,13 @@ def _run_jobs(
     results: list[Any] = []
     buffer_bytes = int(frame.sparkSession.conf.get(BUFFER_CONF, str(BUFFER_BYTES)))
     offset = 0
+    base = frame
     for shuffle in range(plan.shuffles):
         if shuffle > 0:
             if server.stats().get("should_stop"):
                 break
-            frame = reshuffled(frame, num_parts, est.getSeed() + shuffle)
+            # Dealt from the first layout each time: one exchange per shuffle, not k stacked.
+            frame = reshuffled(base, num_parts, est.getSeed() + shuffle)
         cfg = TaskConfig(
             host=connect,
             port=port,
@@ -377,6 +379,7 @@ def _run_jobs(
             io_timeout_s=est.getIoTimeout(),
             connect_timeout_s=min(60.0, est.getIoTimeout()),
             tls_fingerprint=server.tls_fingerprint,
+            buffer_scale=buffer_change_scale(plan.engine_mode, num_parts),
             epochs=plan.epochs,
             holdout_seed=est.getSeed(),
             buffer_bytes=buffer_bytes,
@@ -434,16 +437,20 @@ def _job_tagged(sc: Any, description: str) -> Iterator[str]:
 
 
 def reshuffled(frame: Any, num_parts: int, seed: int) -> Any:
-    """``frame`` with its rows dealt anew over ``num_parts`` partitions, by a seeded random key.
+    """``frame`` with its rows dealt anew over ``num_parts`` partitions, by a seeded hash.
 
     A plain ``repartition(n)`` on top of ``repartition(n)`` collapses into one round-robin
-    exchange that deals every row to the partition it already had; hashing a fresh random
-    number per row (seeded per shuffle) moves rows between partitions.
+    exchange that deals every row to the partition it already had. Hash partitioning on a
+    seeded hash of each row's own values (``xxhash64(columns..., seed)``) moves rows between
+    partitions, differently for every seed, and deterministically: a retried stage deals every
+    row where the first attempt did, so no row is lost or duplicated (``rand()`` would depend on
+    the order rows arrive in). Identical rows land together.
     """
     from pyspark.sql import functions as F
 
     key = "__sparktorch_shuffle"
-    return frame.withColumn(key, F.rand(seed)).repartition(num_parts, key).drop(key)
+    hashed = F.xxhash64(*[F.col(c) for c in frame.columns], F.lit(seed))
+    return frame.withColumn(key, hashed).repartition(num_parts, key).drop(key)
 
 
 def _start_server(

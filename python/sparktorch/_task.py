@@ -53,6 +53,8 @@ class TaskConfig:
     connect_timeout_s: float
     # SHA-256 of the parameter server's TLS certificate (pinned); None: plaintext.
     tls_fingerprint: bytes | None = None
+    # What this task's buffer changes are multiplied by before a push (_state.buffer_change_scale).
+    buffer_scale: float = 1.0
     epochs: int = 0
     """> 0: run this many passes over the partition's training rows instead of ``iters`` steps."""
     holdout_seed: int = 0
@@ -221,7 +223,7 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
         model = obj.model.to(device)
         model.train()
         criterion = obj.criterion
-        flat = FlatModel(model, device)
+        flat = FlatModel(model, device, buffer_scale=cfg.buffer_scale)
         if flat.numel != client.num_params:
             raise ParamError(f"torchObj: the model has {flat.numel} values to train but the server holds {client.num_params}")
         forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
