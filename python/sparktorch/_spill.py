@@ -20,7 +20,6 @@ directory for the task): they vanish when the task ends, fails or is killed.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tempfile
@@ -33,7 +32,6 @@ import pyarrow as pa
 from ._data import FEATURES, LABEL
 from .errors import DataError
 
-log = logging.getLogger("sparktorch")
 
 BUFFER_BYTES = 32 << 20
 """Default byte budget of a task's full-batch chunk (and of a resident holdout): ``bufferBytes``."""
