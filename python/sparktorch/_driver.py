@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._state import StateLayout, buffer_change_scale
+from ._state import StateLayout, buffer_change_scale, buffer_momentum
 from .errors import (
     DataError,
     EngineError,
@@ -340,7 +340,15 @@ class _Progress:
 
 
 def _run_jobs(
-    est: Any, plan: FitPlan, frame: Any, label_kind: str, server: Any, connect: str, secret: bytes, num_parts: int
+    est: Any,
+    plan: FitPlan,
+    frame: Any,
+    label_kind: str,
+    server: Any,
+    connect: str,
+    secret: bytes,
+    num_parts: int,
+    buffer_scale: float = 1.0,
 ) -> list[Any]:
     """Run one Spark job per partition shuffle; return the tasks' result rows.
 
@@ -379,7 +387,7 @@ def _run_jobs(
             io_timeout_s=est.getIoTimeout(),
             connect_timeout_s=min(60.0, est.getIoTimeout()),
             tls_fingerprint=server.tls_fingerprint,
-            buffer_scale=buffer_change_scale(plan.engine_mode, num_parts),
+            buffer_scale=buffer_scale,
             epochs=plan.epochs,
             holdout_seed=est.getSeed(),
             buffer_bytes=buffer_bytes,
@@ -544,7 +552,8 @@ def fit(est: Any, dataset: Any) -> Any:
     total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
     try:
         with _Progress(server, total, plan.verbose):
-            results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts)
+            scale = buffer_change_scale(plan.engine_mode, num_parts, buffer_momentum(model)) if state.num_buffers else 1.0
+            results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts, scale)
         if sum(r["rows"] for r in results) == 0:
             raise DataError("the DataFrame has zero rows: nothing to train on")
         _warn_clamped_batches(plan, results)

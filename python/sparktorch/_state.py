@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import ParamError
 
-__all__ = ["StateLayout", "FlatModel", "buffer_change_scale"]
+__all__ = ["StateLayout", "FlatModel", "buffer_change_scale", "buffer_momentum"]
 
 
 def _is_state_buffer(t: Any) -> bool:
@@ -212,19 +212,36 @@ class FlatModel:
             self.grads_cpu.copy_(self.grads_dev)
 
 
-def buffer_change_scale(engine_mode: str, num_workers: int) -> float:
+def buffer_change_scale(engine_mode: str, num_workers: int, momentum: float = 1.0) -> float:
     """What a worker's buffer change is multiplied by before it is pushed.
 
-    Synchronous rounds average the workers' changes: 1. In the async styles every push adds
-    its change, and each change is measured from buffers pulled up to ``num_workers - 1`` pushes
-    earlier: added whole, a BatchNorm running statistic (momentum 0.1) overshoots and diverges
-    once ``num_workers * momentum`` passes about 2. Scaled by ``1 / num_workers``, the pushes of
-    one turn of all workers move the statistics as one synchronous round does, and the delayed
-    feedback stays stable. One worker: 1 (plain PyTorch).
+    Synchronous rounds average the workers' changes: 1. In the async styles every push adds its
+    change, and each change is measured from buffers pulled up to ``num_workers - 1`` pushes
+    earlier: a running statistic with momentum ``m`` then updates as
+    ``s += m * scale * (b - s_stale)``, a delayed feedback that overshoots and diverges once
+    ``m * scale`` passes about ``pi / (2 * num_workers - 1)`` (BatchNorm's 0.1 with 32 workers,
+    added whole, reaches 1e9 in a unit test). The scale is the largest that keeps
+    ``m * scale <= 1 / num_workers``: 1 while the workers are few for the momentum (BatchNorm:
+    up to 10 workers), so each push moves the statistics as plain PyTorch's step would, and
+    ``1 / (num_workers * m)`` beyond. ``momentum``: the largest of the model's buffer-owning
+    modules (:func:`buffer_momentum`); 1 when unknown.
     """
     if engine_mode == "synchronous" or num_workers <= 1:
         return 1.0
-    return 1.0 / num_workers
+    return min(1.0, 1.0 / (num_workers * max(momentum, 1e-6)))
+
+
+def buffer_momentum(module: Any) -> float:
+    """The largest momentum among the submodules that own state buffers: a module's float
+    ``momentum`` attribute in (0, 1] (BatchNorm's), else 1 (a buffer updated at an unknown
+    rate, or BatchNorm's cumulative average with ``momentum=None``: assume the worst)."""
+    worst = 0.0
+    for sub in module.modules():
+        if not any(_is_state_buffer(b) for b in sub._buffers.values() if b is not None):
+            continue
+        m = getattr(sub, "momentum", None)
+        worst = max(worst, float(m) if isinstance(m, float) and 0.0 < m <= 1.0 else 1.0)
+    return worst or 1.0
 
 
 def _owner(module: Any, name: str) -> tuple[Any, str]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from sparktorch import _native
-from sparktorch._state import FlatModel, StateLayout, buffer_change_scale
+from sparktorch._state import FlatModel, StateLayout, buffer_change_scale, buffer_momentum
 
 SECRET = b"s" * 32
 
@@ -54,7 +54,9 @@ def _stale_async_workers(workers: int, rounds: int, scale: float) -> torch.Tenso
 
 
 def test_async_buffer_changes_stay_stable_with_many_stale_workers():
-    mean = _stale_async_workers(32, rounds=40, scale=buffer_change_scale("async", 32))
+    scale = buffer_change_scale("async", 32, buffer_momentum(nn.BatchNorm1d(4)))
+    assert scale == pytest.approx(1 / 3.2)
+    mean = _stale_async_workers(32, rounds=40, scale=scale)
     assert torch.isfinite(mean).all()
     assert float((mean - 3.0).abs().max()) < 0.5, mean
     # Added whole, the same stale changes diverge: what the scale is for.
@@ -62,10 +64,14 @@ def test_async_buffer_changes_stay_stable_with_many_stale_workers():
     assert not bool(torch.isfinite(unscaled).all()) or float((unscaled - 3.0).abs().max()) > 10
 
 
-def test_scale_per_mode():
-    assert buffer_change_scale("synchronous", 8) == 1.0
-    assert buffer_change_scale("async", 1) == 1.0
-    assert buffer_change_scale("hogwild", 4) == pytest.approx(0.25)
+def test_scale_per_mode_and_momentum():
+    assert buffer_change_scale("synchronous", 64, 0.1) == 1.0
+    assert buffer_change_scale("async", 1, 1.0) == 1.0
+    assert buffer_change_scale("async", 2, 0.1) == 1.0  # few workers: every push as plain PyTorch
+    assert buffer_change_scale("hogwild", 4, 1.0) == pytest.approx(0.25)  # unknown rate: worst case
+    assert buffer_momentum(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, momentum=0.2))) == pytest.approx(0.2)
+    assert buffer_momentum(nn.BatchNorm1d(2, momentum=None)) == 1.0
+    assert buffer_momentum(ReplacesItsBuffer()) == 1.0
 
 
 class ReplacesItsBuffer(nn.Module):
