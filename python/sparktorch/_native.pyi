@@ -136,7 +136,9 @@ class ParameterServer:
         """A snapshot of the server's counters, at any time:
 
         ``version``, ``mode``, ``updates`` (pushes applied), ``duplicates`` (replayed pushes
-        acknowledged without applying), ``updates_per_worker`` (dict worker -> count),
+        acknowledged without applying), ``stale_discarded`` (synchronous pushes computed on a
+        version older than the open round, e.g. from a dropped worker: acknowledged, not
+        averaged), ``updates_per_worker`` (dict worker -> count),
         ``steps_per_worker`` (dict worker -> highest step applied + 1), ``workers_live``,
         ``workers_done``, ``workers_lost``, ``connections`` (open now), ``rejected_frames``,
         ``auth_failures``, ``bytes_in``, ``bytes_out``, ``recent_loss`` (dict worker -> mean of
@@ -209,7 +211,9 @@ class Client:
         """Write the server's parameters into ``out`` (1-D float32, C-contiguous, num_params
         long) and return their version. With ``newer_than >= 0`` the server answers once its
         version exceeds it (synchronous mode: after the round closes), and leaves ``out`` alone
-        if it times out (raises :class:`~sparktorch.errors.EngineTimeoutError`)."""
+        if it times out (raises :class:`~sparktorch.errors.EngineTimeoutError`). In synchronous
+        mode, while this worker's gradient waits in the open round, any pull waits for that
+        round to close (a retried task gets the result of its previous attempt's round)."""
 
     def push(
         self,
@@ -234,8 +238,10 @@ class Client:
         step: int,
         val_loss: float = ...,
     ) -> tuple[int, bool]:
-        """:meth:`push` then :meth:`pull` (newer than this push's base version in synchronous
-        mode) in one round trip. Returns ``(version pulled, should_stop)``."""
+        """:meth:`push` then :meth:`pull` in one round trip (synchronous mode: the pull waits for
+        the round holding this push; a push computed on a version older than the open round,
+        e.g. by a worker dropped for missing a round, is discarded and the pull answers at once
+        with the current version). Returns ``(version pulled, should_stop)``."""
 
     def should_stop(self) -> bool:
         """The global early-stop flag."""

@@ -588,7 +588,7 @@ impl Client {
         self.recv_ack()
     }
 
-    /// Push then pull (newer than the push's base version in synchronous mode) in one round
+    /// Push then pull (synchronous mode: once the round holding the push has closed) in one round
     /// trip. Returns the push outcome and the version pulled. Two deadlines: the push and its
     /// acknowledgement, then the parameters (which may wait for a synchronous round).
     pub fn push_pull(

@@ -15,6 +15,9 @@ pub struct Stats {
     pub updates: u64,
     /// Replayed pushes acknowledged without applying.
     pub duplicates: u64,
+    /// Synchronous pushes whose gradient was computed on a version older than the open round
+    /// (a worker dropped for missing a round, pushing late): acknowledged, not averaged.
+    pub stale_discarded: u64,
     /// Pushes applied per worker.
     pub updates_per_worker: BTreeMap<u32, u64>,
     /// Per worker: highest step applied + 1 (what `resume_step` answers).

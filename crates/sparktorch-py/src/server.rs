@@ -315,6 +315,7 @@ impl ParameterServer {
         d.set_item("mode", s.mode.as_str())?;
         d.set_item("updates", s.updates)?;
         d.set_item("duplicates", s.duplicates)?;
+        d.set_item("stale_discarded", s.stale_discarded)?;
         d.set_item("updates_per_worker", s.updates_per_worker)?;
         d.set_item("steps_per_worker", s.steps_per_worker)?;
         d.set_item("workers_live", s.workers_live)?;

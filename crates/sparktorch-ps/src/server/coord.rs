@@ -35,6 +35,9 @@ pub(super) struct Worker {
     pub(super) updates: u64,
     /// Version of the parameters last sent to it (for staleness).
     pub(super) last_pulled: Option<u64>,
+    /// Synchronous mode: the version of the open round its gradient waits in (`None`: none
+    /// waits). A pull from the worker meanwhile waits for that round to close.
+    pub(super) round_base: Option<u64>,
     /// Its last few training losses.
     pub(super) recent: VecDeque<f64>,
 }
@@ -48,6 +51,7 @@ impl Worker {
             status: Status::Live,
             updates: 0,
             last_pulled: None,
+            round_base: None,
             recent: VecDeque::new(),
         }
     }

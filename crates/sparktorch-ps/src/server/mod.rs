@@ -63,6 +63,9 @@ struct Counters {
     updates: AtomicU64,
     /// Replayed pushes acknowledged without applying.
     duplicates: AtomicU64,
+    /// Synchronous pushes computed on a version older than the open round: acknowledged,
+    /// not averaged.
+    stale_discarded: AtomicU64,
     /// Connections open now.
     connections: AtomicU64,
     /// Frames refused.
@@ -528,6 +531,7 @@ impl Server {
             mode: inner.config.mode,
             updates: c.updates.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
+            stale_discarded: c.stale_discarded.load(Ordering::Relaxed),
             updates_per_worker: coord.workers.iter().map(|(&k, w)| (k, w.updates)).collect(),
             steps_per_worker: coord
                 .workers

@@ -146,6 +146,11 @@ impl Inner {
                 }
                 {
                     let mut coord = lock(&self.coord);
+                    for w in &workers {
+                        if let Some(x) = coord.workers.get_mut(w) {
+                            x.round_base = None;
+                        }
+                    }
                     let mean = losses.iter().sum::<f64>() / losses.len() as f64;
                     coord.evaluate(mean, self.config.early_stop_patience);
                 }
