@@ -245,8 +245,10 @@ impl ParameterServer {
 
     /// Number of leading elements the optimizer steps (the rest are model buffers).
     #[getter]
-    fn num_trainable(&self) -> usize {
-        self.server.num_trainable()
+    fn num_trainable(&self, py: Python<'_>) -> usize {
+        // Reads under the optimizer's lock, which a step holds.
+        let server = self.server.clone();
+        py.detach(move || server.num_trainable())
     }
 
     /// Number of optimizer steps applied so far.
@@ -263,15 +265,17 @@ impl ParameterServer {
 
     /// The optimizer state.
     fn optimizer_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (name, hyper) = self.server.optimizer_info();
         let server = self.server.clone();
-        let state = py.detach(move || server.optimizer_state());
+        let ((name, hyper), state) =
+            py.detach(move || (server.optimizer_info(), server.optimizer_state()));
         state_dict(py, name, &hyper, state)
     }
 
     /// Replace the optimizer state (same form as `optimizer_state()`).
     fn load_optimizer_state(&self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
-        let (current, _) = self.server.optimizer_info();
+        let server = self.server.clone();
+        let ((current, _), trainable) =
+            py.detach(move || (server.optimizer_info(), server.num_trainable()));
         let (name, hyper, state) = parse_state(py, state)?;
         if let Some(n) = &name {
             if !n.eq_ignore_ascii_case(current) {
@@ -283,7 +287,6 @@ impl ParameterServer {
         }
         let rebuild = match hyper {
             Some(h) => {
-                let trainable = self.server.num_trainable();
                 let opt = sparktorch_optim::build(current, &h, trainable)
                     .map_err(|e| param_err(py, format!("state['hyperparameters']: {e}")))?;
                 Some(sparktorch_optim::with_model_buffers(
@@ -309,7 +312,8 @@ impl ParameterServer {
 
     /// A snapshot of the server's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.server.stats();
+        let server = self.server.clone();
+        let s = py.detach(move || server.stats());
         let d = PyDict::new(py);
         d.set_item("version", s.version)?;
         d.set_item("mode", s.mode.as_str())?;
@@ -339,8 +343,9 @@ impl ParameterServer {
     }
 
     /// Every applied push as (worker, step, loss, val_loss), in the order applied.
-    fn history(&self) -> Vec<(u32, u64, f64, f64)> {
-        self.server.history()
+    fn history(&self, py: Python<'_>) -> Vec<(u32, u64, f64, f64)> {
+        let server = self.server.clone();
+        py.detach(move || server.history())
     }
 
     /// Close the listener and every connection, and join the server threads; with
