@@ -7,7 +7,7 @@ Engine logs go to the :mod:`logging` logger ``"sparktorch.engine"``, pre-filtere
 environment variable ``SPARKTORCH_LOG`` (default ``info``). Wire format: ``docs/protocol.md``.
 """
 
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -143,16 +143,25 @@ class ParameterServer:
         ``workers_done``, ``workers_lost``, ``connections`` (open now), ``rejected_frames``,
         ``auth_failures``, ``bytes_in``, ``bytes_out``, ``recent_loss`` (dict worker -> mean of
         its last 10 losses), ``staleness_mean`` / ``staleness_max`` (versions between a worker's
-        pull and its push), ``should_stop`` (global early stop reached), ``best_loss``,
+        pull and its push), ``history_total`` (history entries ever recorded), ``should_stop`` (global early stop reached), ``best_loss``,
         ``error`` (str or None: a fatal condition such as a lost worker under ``"fail"``),
         ``checkpoint_errors`` (failed automatic/final checkpoint writes),
         ``last_checkpoint_version`` / ``last_checkpoint_path`` (int / str, None before the
         first checkpoint written).
         """
 
-    def history(self) -> list[tuple[int, int, float, float]]:
+    @overload
+    def history(self) -> list[tuple[int, int, float, float]]: ...
+    @overload
+    def history(self, since: int) -> tuple[int, list[tuple[int, int, float, float]]]: ...
+    def history(self, since: int | None = None) -> Any:
         """Every applied push as ``(worker, step, loss, val_loss)`` in the order applied
-        (``val_loss`` is NaN when none was reported)."""
+        (``val_loss`` is NaN when none was reported). The server holds the newest 2**20
+        entries (32 MiB); ``stats()["history_total"]`` counts every one ever recorded.
+
+        With ``since=n``: ``(next, entries)``, the entries of index ``n`` and later (entry ``i``
+        is the ``i``-th applied push; when the oldest of them are no longer held, from the
+        oldest held) and the ``since`` of the next call. Copies only the new entries."""
 
     def stop(self) -> None:
         """Close the listener and every connection, and join the server threads. With

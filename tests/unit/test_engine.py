@@ -161,6 +161,10 @@ def test_history_and_recent_loss():
         assert hist[0][:3] == (0, 0, 2.0) and np.isnan(hist[0][3])
         assert hist[1] == (0, 1, 4.0, 3.0)
         assert ps.stats()["recent_loss"] == {0: 3.0}
+        # Incremental reads: only entries from index `since` on, and the next `since`.
+        assert ps.history(since=1) == (2, [(0, 1, 4.0, 3.0)])
+        assert ps.history(since=2) == (2, [])
+        assert ps.stats()["history_total"] == 2
 
 
 def test_global_early_stopping():
@@ -243,6 +247,38 @@ def test_lost_worker_drop_policy_closes_the_round_without_it():
         assert version == 1
         np.testing.assert_array_equal(out, np.full(2, -1.0, np.float32))
         assert ps.stats()["workers_lost"] == 1
+
+
+def test_a_dropped_worker_pushing_late_continues_from_the_current_version():
+    with make_server(n=2, mode="synchronous", num_workers=2, round_timeout_s=1.0) as ps:
+        a, b = client(ps, worker=0), client(ps, worker=1)
+        out_a, out_b = np.zeros(2, np.float32), np.zeros(2, np.float32)
+        a.pull(out_a)
+        b.pull(out_b)
+        # Worker 1 is slow: round 1 closes without it.
+        version, _ = a.push_pull(np.ones(2, np.float32), out_a, batch_size=1, loss=1.0, step=0)
+        assert version == 1
+        # Its gradient for step 0, computed on version 0, is discarded, not averaged into
+        # round 2; it gets version 1 and continues from there.
+        version, _ = b.push_pull(np.full(2, 100.0, np.float32), out_b, batch_size=1, loss=1.0, step=0)
+        assert version == 1
+        np.testing.assert_array_equal(out_b, np.full(2, -1.0, np.float32))
+        assert ps.stats()["stale_discarded"] == 1
+        # Round 2 waits for both again and is their exact average.
+        got = {}
+        t = threading.Thread(
+            target=lambda: got.setdefault(
+                "a", a.push_pull(np.ones(2, np.float32), out_a, batch_size=1, loss=1.0, step=1)
+            )
+        )
+        t.start()
+        version, _ = b.push_pull(np.full(2, 3.0, np.float32), out_b, batch_size=1, loss=1.0, step=1)
+        t.join(10)
+        assert version == 2 and got["a"][0] == 2
+        np.testing.assert_array_equal(out_b, np.full(2, -3.0, np.float32))
+        np.testing.assert_array_equal(out_a, out_b)
+        a.close()
+        b.close()
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,9 @@ pub struct Stats {
     pub staleness_mean: f64,
     /// Largest staleness seen.
     pub staleness_max: u64,
+    /// History entries ever recorded (the history holds the newest
+    /// [`crate::server::HISTORY_CAP`] of them).
+    pub history_total: u64,
     /// Global early stop reached.
     pub should_stop: bool,
     /// Best evaluated loss (NaN before the first evaluation).

@@ -8,6 +8,7 @@ use numpy::PyArray1;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use pyo3::IntoPyObjectExt;
 use sparktorch_proto::Mode;
 use sparktorch_ps::checkpoint::{self, Checkpoint};
 use sparktorch_ps::config::seconds;
@@ -333,6 +334,7 @@ impl ParameterServer {
         d.set_item("recent_loss", s.recent_loss)?;
         d.set_item("staleness_mean", s.staleness_mean)?;
         d.set_item("staleness_max", s.staleness_max)?;
+        d.set_item("history_total", s.history_total)?;
         d.set_item("should_stop", s.should_stop)?;
         d.set_item("best_loss", s.best_loss)?;
         d.set_item("error", s.error)?;
@@ -342,10 +344,18 @@ impl ParameterServer {
         Ok(d)
     }
 
-    /// Every applied push as (worker, step, loss, val_loss), in the order applied.
-    fn history(&self, py: Python<'_>) -> Vec<(u32, u64, f64, f64)> {
+    /// Every applied push as (worker, step, loss, val_loss), in the order applied (the newest
+    /// `HISTORY_CAP`). With `since=n`: `(next, entries)`, the entries of index `n` and later
+    /// and the `since` of the next read (an incremental read copies only new entries).
+    #[pyo3(signature = (since=None))]
+    fn history<'py>(&self, py: Python<'py>, since: Option<u64>) -> PyResult<Bound<'py, PyAny>> {
         let server = self.server.clone();
-        py.detach(move || server.history())
+        match since {
+            None => py.detach(move || server.history()).into_bound_py_any(py),
+            Some(n) => py
+                .detach(move || server.history_since(n))
+                .into_bound_py_any(py),
+        }
     }
 
     /// Close the listener and every connection, and join the server threads; with

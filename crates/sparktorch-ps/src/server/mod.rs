@@ -39,6 +39,7 @@ use crate::store::{Layout, Store};
 use crate::{lock, PsError};
 use conn::serve_connection;
 use coord::{Coord, Status};
+pub use coord::{HistoryEntry, HISTORY_CAP};
 use round::Round;
 
 /// A parameter server. Cheap to clone (shared state); [`Server::run`] serves a listener.
@@ -526,9 +527,17 @@ impl Server {
         Ok(self.inner.store.replace_optimizer(rebuild, state)?)
     }
 
-    /// Every applied push as `(worker, step, loss, val_loss)`, in order.
-    pub fn history(&self) -> Vec<(u32, u64, f64, f64)> {
-        lock(&self.inner.coord).history.clone()
+    /// Every applied push as `(worker, step, loss, val_loss)`, in order: the newest
+    /// [`HISTORY_CAP`] ones.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        lock(&self.inner.coord).history_since(0).1
+    }
+
+    /// An incremental read of the history: the entries of index `since` and later still held
+    /// (entry `i` is the `i`-th applied push; past [`HISTORY_CAP`] the oldest are dropped), and
+    /// the index to pass next time. Copies only those entries.
+    pub fn history_since(&self, since: u64) -> (u64, Vec<HistoryEntry>) {
+        lock(&self.inner.coord).history_since(since)
     }
 
     /// The global early-stop flag.
@@ -575,6 +584,7 @@ impl Server {
                 coord.staleness_sum as f64 / coord.staleness_count as f64
             },
             staleness_max: coord.staleness_max,
+            history_total: coord.history_total(),
             should_stop: coord.should_stop,
             best_loss: coord.best_loss.unwrap_or(f64::NAN),
             error: coord.fatal.clone(),
