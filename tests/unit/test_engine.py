@@ -362,6 +362,26 @@ def test_calls_release_the_gil():
         assert not t.is_alive() and a.version == 1
 
 
+@pytest.mark.slow
+def test_stats_and_history_answer_while_a_checkpoint_is_written(tmp_path):
+    # A 256 MB model: its checkpoint takes a while to write. stats() and history() wait for
+    # no lock the write holds, and release the GIL (the Rust unit test
+    # `server::tests::nothing_waits_for_checkpoint_io` makes a write last 2 s).
+    with make_server(n=64 << 20) as ps:
+        writer = threading.Thread(target=lambda: ps.save_checkpoint(str(tmp_path / "big.safetensors")))
+        writer.start()
+        took = []
+        while writer.is_alive():
+            t0 = time.monotonic()
+            ps.stats()
+            ps.history(since=0)
+            took.append(time.monotonic() - t0)
+            time.sleep(0.005)
+        writer.join()
+        assert took and max(took) < 0.05, took
+        assert ps.stats()["last_checkpoint_version"] == 0
+
+
 def test_engine_logs_reach_python_logging(caplog):
     caplog.set_level("INFO", logger="sparktorch.engine")
     with make_server() as ps:
