@@ -676,6 +676,51 @@ async fn a_retried_worker_whose_gradient_waits_in_the_round_gets_the_round_resul
     assert_eq!(server.stats().stale_discarded, 0);
 }
 
+#[test]
+fn a_retried_workers_first_pull_may_wait_for_the_round_longer_than_the_io_timeout() {
+    let r = Arc::new(Running::start(server(
+        Mode::Synchronous,
+        vec![0.0; 4],
+        2,
+        |c| c.round_timeout = Duration::from_secs(20),
+    )));
+    let connect = |worker, attempt| {
+        Client::connect(
+            "127.0.0.1",
+            r.addr.port(),
+            SECRET,
+            worker,
+            attempt,
+            ClientOptions {
+                timeout: Duration::from_millis(300),
+                connect_timeout: Duration::from_secs(2),
+                server_fingerprint: None,
+            },
+        )
+        .unwrap()
+    };
+    let mut out = [0.0f32; 4];
+    // Worker 1 pushes step 0, then its task dies; the retry's first pull waits for the round.
+    let mut b = connect(1, 0);
+    b.pull(&mut out, None).unwrap();
+    b.push(&[3.0; 4], 0, 1, 1.0, None).unwrap();
+    drop(b);
+    let mut b = connect(1, 1);
+    assert_eq!(b.resume_step(), 1);
+    let waiting = std::thread::spawn(move || {
+        let mut out = [0.0f32; 4];
+        let v = b.pull(&mut out, None);
+        (v, out)
+    });
+    // Longer than the client's 300 ms exchange bound.
+    std::thread::sleep(Duration::from_millis(900));
+    let mut a = connect(0, 0);
+    a.pull(&mut out, None).unwrap();
+    a.push(&[1.0; 4], 0, 1, 1.0, None).unwrap();
+    let (v, out) = waiting.join().unwrap();
+    assert_eq!((v.unwrap(), out), (1, [-2.0; 4]));
+}
+
 #[tokio::test(start_paused = true)]
 async fn lost_worker_under_fail_policy_answers_every_waiter_with_an_error() {
     let server = server(Mode::Synchronous, vec![0.0; 4], 3, |c| {
