@@ -101,8 +101,11 @@ pub(super) fn weighted_average(
     } else {
         total as f64
     };
-    out.clear();
-    out.resize(len, 0.0);
+    // Every element is written below: only a new length needs filling.
+    if out.len() != len {
+        out.clear();
+        out.resize(len, 0.0);
+    }
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
         let start = c * CHUNK;
