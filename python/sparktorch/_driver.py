@@ -324,12 +324,12 @@ class _Progress:
                 stopping = self._stop.wait(self.POLL_S)
                 try:
                     st = self._server.stats()
-                    history = self._server.history() if self._verbose >= 2 else []
+                    # Incremental: only the entries recorded since the last poll are copied.
+                    logged, history = self._server.history(since=logged) if self._verbose >= 2 else (logged, [])
                 except Exception:  # noqa: BLE001 - the server is gone: the fit reports why
                     break
-                for worker, step, loss, val_loss in history[logged:]:
+                for worker, step, loss, val_loss in history:
                     log.info("worker %d step %d: loss %.5f, validation loss %.5f", worker, step, loss, val_loss)
-                logged = max(logged, len(history))
                 done = int(st.get("updates", 0)) if self._total is None else min(int(st.get("updates", 0)), self._total)
                 bar.update(done - bar.n)
                 losses = [v for v in st.get("recent_loss", {}).values() if v == v]

@@ -282,13 +282,10 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
         end = cfg.step_offset + (cfg.epochs * steps_per_pass if cfg.epochs > 0 else cfg.iters)
         if passes is not None and start > cfg.step_offset:
             passes.skip(start - cfg.step_offset)  # a retried task continues its order
-        if start > 0 and cfg.synchronous:
-            # A restarted synchronous worker may have pushed step start-1 into a round that is
-            # still open: step `start` must see that round's result (version `start`), not the
-            # parameters the round began with.
-            client.pull(flat.params_np, newer_than=start - 1)
-        else:
-            client.pull(flat.params_np)
+        # Synchronous: when a previous attempt's step start-1 still waits in the open round,
+        # the server answers this pull once that round has closed (versions are not steps:
+        # rounds close without dropped workers).
+        client.pull(flat.params_np)
         flat.params_pulled()
         for step in range(start, end):
             flat.zero_grad()
