@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup example test test-rust test-python test-compat lint bench clean
+.PHONY: setup example test test-rust test-python test-compat lint bench bench-data clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -40,6 +40,11 @@ test-compat: setup
 ## Benchmarks (see docs/benchmarks.md).
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+## A training task's memory for a partition 1x and 8x the size, and ingestion throughput against
+## Spark's no-op mapInArrow (docs/benchmarks.md, "Data path"; a few minutes).
+bench-data: setup
+	$(PY) benchmarks/data_memory.py --full-batch --reps 5 --json benchmarks/results/data/data_memory.json
 
 clean:
 	cargo clean

@@ -76,3 +76,18 @@ class LogSoftmaxNLL(nn.Module):
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.nll_loss(torch.log_softmax(out, dim=1), target)
+
+
+class FrozenEmbeddingLSTM(nn.Module):
+    """Token ids (as floats) -> a frozen embedding -> an LSTM -> a classifier head."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8, hidden: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.emb.weight.requires_grad_(False)
+        self.rnn = nn.LSTM(dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.emb(x.long()))
+        return self.head(h[:, -1])

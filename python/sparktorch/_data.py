@@ -2,18 +2,13 @@
 
 On the driver, :func:`training_frame` checks the columns and selects them in the layout the
 tasks read: features as ``array<float>`` (``vector_to_array(inputCol, "float32")``) and the
-label as a double, or as ``array<float>`` when it is a vector/array. In a task,
-:func:`batches_to_numpy` concatenates the Arrow buffers of a partition into one ``(n, d)``
-float32 matrix (and labels) by reading the flat child arrays directly.
+label as a double, or as ``array<float>`` when it is a vector/array. In a task, ``_spill``
+streams those Arrow batches, one at a time, into a spill file the training steps read back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-
-import numpy as np
-import pyarrow as pa
 
 from .errors import DataError
 
@@ -107,54 +102,3 @@ def training_frame(df: object, input_col: str, label_col: str | None) -> tuple[o
             "a Vector or an array of numbers (index string labels first, e.g. with StringIndexer)"
         )
     return df.select(features, label), FrameInfo(feature_dim, kind)  # type: ignore[attr-defined]
-
-
-def _list_column_to_matrix(arr: pa.Array, name: str) -> np.ndarray:
-    """A ``list<float>`` Arrow column as an ``(n, d)`` float32 matrix, without per-row objects."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    if arr.null_count:
-        raise DataError(f"column {name!r}: {arr.null_count} row(s) are null; drop or fill them before fitting")
-    offsets = arr.offsets.to_numpy(zero_copy_only=False)
-    lengths = np.diff(offsets)
-    d = int(lengths[0])
-    if not np.all(lengths == d):
-        bad = int(np.count_nonzero(lengths != d))
-        raise DataError(f"column {name!r}: vectors differ in length ({bad} row(s) differ from the first row's {d})")
-    values = arr.values.slice(int(offsets[0]), n * d)
-    if values.null_count:
-        raise DataError(f"column {name!r}: {values.null_count} vector element(s) are null")
-    flat = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return flat.reshape(n, d)
-
-
-def batches_to_numpy(batches: Iterable[pa.RecordBatch], label_kind: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Concatenate a partition's record batches into features ``(n, d)`` and labels.
-
-    Labels are ``(n,)`` float64 for scalar labels, ``(n, k)`` float32 for vector labels, None
-    without a label column. An empty partition gives ``n == 0``.
-    """
-    batches = [b for b in batches if b.num_rows]
-    if not batches:
-        return np.zeros((0, 0), dtype=np.float32), None
-    table = pa.Table.from_batches(batches)
-    x = _list_column_to_matrix(table.column(FEATURES), FEATURES)
-    if label_kind == "none":
-        return x, None
-    col = table.column(LABEL)
-    if label_kind == "vector":
-        return x, _list_column_to_matrix(col, LABEL)
-    if col.null_count:
-        raise DataError(f"column {LABEL!r}: {col.null_count} row(s) have a null label")
-    y = col.to_numpy().astype(np.float64, copy=False)
-    return x, y
-
-
-def check_finite(x: np.ndarray, what: str) -> None:
-    """Raise :class:`DataError` with the count of rows holding NaN or infinity."""
-    if x.size and not np.isfinite(x).all():
-        rows = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        raise DataError(f"{what}: {int(rows.sum())} row(s) contain NaN or infinity; clean or impute them before fitting")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._progress import Progress
-from ._state import StateLayout
+from ._state import StateLayout, buffer_change_scale, buffer_momentum
 from .errors import (
     DataError,
     EngineError,
@@ -61,6 +61,8 @@ class FitPlan:
     checkpoint_path: str | None
     checkpoint_interval: int
     resume_from: str | None
+    epochs: int = 0
+    """> 0: passes over each partition's training rows (the steps follow from the data)."""
 
 
 def engine_mode(mode: str, acquire_lock: bool) -> str:
@@ -106,6 +108,11 @@ def validate(est: Any) -> FitPlan:
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
     _validate_ps_encryption(est)
     checkpoint_path, interval, resume_from = _checkpoint_plan(est)
+    epochs = est.getEpochs()
+    if epochs < 0:
+        raise ParamError(f"epochs={epochs}: must be >= 0 (0: run iters steps)")
+    if epochs > 0 and est.isSet("iters"):
+        raise ParamError(f"epochs={epochs} and iters={iters} are both set: set iters (steps) or epochs (passes over the data), not both")
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
         iters=iters,
@@ -121,6 +128,7 @@ def validate(est: Any) -> FitPlan:
         checkpoint_path=checkpoint_path,
         checkpoint_interval=interval,
         resume_from=resume_from,
+        epochs=epochs,
     )
 
 
@@ -373,22 +381,28 @@ def _run_jobs(
     secret: bytes,
     num_parts: int,
     progress: Progress | None = None,
+    buffer_scale: float = 1.0,
 ) -> list[Any]:
     """Run one Spark job per partition shuffle; return the tasks' result rows.
 
     A failed job is re-raised as the server's fatal error when it has one, else as the
     sparktorch error the task raised (re-created on the driver), else as Spark raised it.
     """
+    from ._spill import BUFFER_BYTES
     from ._task import RESULT_SCHEMA, TaskConfig, make_task
 
     sc = frame.sparkSession.sparkContext
     port = server.address[1]
     results: list[Any] = []
+    buffer_bytes = int(frame.sparkSession.conf.get(BUFFER_CONF, str(BUFFER_BYTES)))
+    offset = 0
+    base = frame
     for shuffle in range(plan.shuffles):
         if shuffle > 0:
             if server.stats().get("should_stop"):
                 break
-            frame = reshuffled(frame, num_parts, est.getSeed() + shuffle)
+            # Dealt from the first layout each time: one exchange per shuffle, not k stacked.
+            frame = reshuffled(base, num_parts, est.getSeed() + shuffle)
         cfg = TaskConfig(
             host=connect,
             port=port,
@@ -396,7 +410,7 @@ def _run_jobs(
             secret=secret,
             torch_obj=est.getTorchObj(),
             iters=plan.iters,
-            step_offset=shuffle * plan.iters,
+            step_offset=offset,
             label_kind=label_kind,
             mini_batch=plan.mini_batch,
             validation_pct=plan.validation_pct,
@@ -406,6 +420,10 @@ def _run_jobs(
             io_timeout_s=est.getIoTimeout(),
             connect_timeout_s=min(60.0, est.getIoTimeout()),
             tls_fingerprint=server.tls_fingerprint,
+            buffer_scale=buffer_scale,
+            epochs=plan.epochs,
+            holdout_seed=est.getSeed(),
+            buffer_bytes=buffer_bytes,
         )
         trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
         if est.getUseBarrier():
@@ -425,6 +443,8 @@ def _run_jobs(
             for r in rows:
                 log.debug("shuffle %d, partition %d: %d rows (digest %.6g), %d steps", shuffle, r["partition"], r["rows"], r["digest"], r["steps"])
             results.extend(rows)
+            # Step ids continue across shuffles (with epochs, after the longest partition's).
+            offset = max([offset + plan.iters] if plan.epochs <= 0 else [offset] + [int(r["end_step"]) for r in rows])
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -437,6 +457,9 @@ def _run_jobs(
             raise
     return results
 
+
+BUFFER_CONF = "spark.sparktorch.bufferBytes"
+"""Spark conf: byte budget of a task's full-batch chunk and resident holdout (default 32 MiB)."""
 
 FIT_TAG_PREFIX = "sparktorch-fit-"
 
@@ -457,16 +480,20 @@ def _job_tagged(sc: Any, description: str) -> Iterator[str]:
 
 
 def reshuffled(frame: Any, num_parts: int, seed: int) -> Any:
-    """``frame`` with its rows dealt anew over ``num_parts`` partitions, by a seeded random key.
+    """``frame`` with its rows dealt anew over ``num_parts`` partitions, by a seeded hash.
 
     A plain ``repartition(n)`` on top of ``repartition(n)`` collapses into one round-robin
-    exchange that deals every row to the partition it already had; hashing a fresh random
-    number per row (seeded per shuffle) moves rows between partitions.
+    exchange that deals every row to the partition it already had. Hash partitioning on a
+    seeded hash of each row's own values (``xxhash64(columns..., seed)``) moves rows between
+    partitions, differently for every seed, and deterministically: a retried stage deals every
+    row where the first attempt did, so no row is lost or duplicated (``rand()`` would depend on
+    the order rows arrive in). Identical rows land together.
     """
     from pyspark.sql import functions as F
 
     key = "__sparktorch_shuffle"
-    return frame.withColumn(key, F.rand(seed)).repartition(num_parts, key).drop(key)
+    hashed = F.xxhash64(*[F.col(c) for c in frame.columns], F.lit(seed))
+    return frame.withColumn(key, hashed).repartition(num_parts, key).drop(key)
 
 
 def _start_server(
@@ -571,12 +598,15 @@ def fit(est: Any, dataset: Any) -> Any:
         ) from e
     host, port = server.address
     log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
-    total = plan.iters * num_parts * plan.shuffles
+    total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
     if preloading:
         prestart_python_workers(spark)
     try:
         with Progress(server, total, plan.verbose, num_parts, sc=sc, barrier=est.getUseBarrier()) as progress:
-            results = _run_jobs(est, plan, frame, info.label_kind, server, connect, secret, num_parts, progress)
+            scale = buffer_change_scale(plan.engine_mode, num_parts, buffer_momentum(model)) if state.num_buffers else 1.0
+            results = _run_jobs(
+                est, plan, frame, info.label_kind, server, connect, secret, num_parts, progress=progress, buffer_scale=scale
+            )
         if sum(r["rows"] for r in results) == 0:
             raise DataError("the DataFrame has zero rows: nothing to train on")
         _warn_clamped_batches(plan, results)

@@ -7,7 +7,7 @@ Engine logs go to the :mod:`logging` logger ``"sparktorch.engine"``, pre-filtere
 environment variable ``SPARKTORCH_LOG`` (default ``info``). Wire format: ``docs/protocol.md``.
 """
 
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -136,21 +136,32 @@ class ParameterServer:
         """A snapshot of the server's counters, at any time:
 
         ``version``, ``mode``, ``updates`` (pushes applied), ``duplicates`` (replayed pushes
-        acknowledged without applying), ``updates_per_worker`` (dict worker -> count),
+        acknowledged without applying), ``stale_discarded`` (synchronous pushes computed on a
+        version older than the open round, e.g. from a dropped worker: acknowledged, not
+        averaged), ``updates_per_worker`` (dict worker -> count),
         ``steps_per_worker`` (dict worker -> highest step applied + 1), ``workers_live``,
         ``workers_done``, ``workers_lost``, ``connections`` (open now), ``rejected_frames``,
         ``auth_failures``, ``bytes_in``, ``bytes_out``, ``recent_loss`` (dict worker -> mean of
         its last 10 losses), ``staleness_mean`` / ``staleness_max`` (versions between a worker's
-        pull and its push), ``should_stop`` (global early stop reached), ``best_loss``,
+        pull and its push), ``history_total`` (history entries ever recorded), ``should_stop`` (global early stop reached), ``best_loss``,
         ``error`` (str or None: a fatal condition such as a lost worker under ``"fail"``),
         ``checkpoint_errors`` (failed automatic/final checkpoint writes),
         ``last_checkpoint_version`` / ``last_checkpoint_path`` (int / str, None before the
         first checkpoint written).
         """
 
-    def history(self) -> list[tuple[int, int, float, float]]:
+    @overload
+    def history(self) -> list[tuple[int, int, float, float]]: ...
+    @overload
+    def history(self, since: int) -> tuple[int, list[tuple[int, int, float, float]]]: ...
+    def history(self, since: int | None = None) -> Any:
         """Every applied push as ``(worker, step, loss, val_loss)`` in the order applied
-        (``val_loss`` is NaN when none was reported)."""
+        (``val_loss`` is NaN when none was reported). The server holds the newest 2**20
+        entries (32 MiB); ``stats()["history_total"]`` counts every one ever recorded.
+
+        With ``since=n``: ``(next, entries)``, the entries of index ``n`` and later (entry ``i``
+        is the ``i``-th applied push; when the oldest of them are no longer held, from the
+        oldest held) and the ``since`` of the next call. Copies only the new entries."""
 
     def stop(self) -> None:
         """Close the listener and every connection, and join the server threads. With
@@ -209,7 +220,9 @@ class Client:
         """Write the server's parameters into ``out`` (1-D float32, C-contiguous, num_params
         long) and return their version. With ``newer_than >= 0`` the server answers once its
         version exceeds it (synchronous mode: after the round closes), and leaves ``out`` alone
-        if it times out (raises :class:`~sparktorch.errors.EngineTimeoutError`)."""
+        if it times out (raises :class:`~sparktorch.errors.EngineTimeoutError`). In synchronous
+        mode, while this worker's gradient waits in the open round, any pull waits for that
+        round to close (a retried task gets the result of its previous attempt's round)."""
 
     def push(
         self,
@@ -234,8 +247,10 @@ class Client:
         step: int,
         val_loss: float = ...,
     ) -> tuple[int, bool]:
-        """:meth:`push` then :meth:`pull` (newer than this push's base version in synchronous
-        mode) in one round trip. Returns ``(version pulled, should_stop)``."""
+        """:meth:`push` then :meth:`pull` in one round trip (synchronous mode: the pull waits for
+        the round holding this push; a push computed on a version older than the open round,
+        e.g. by a worker dropped for missing a round, is discarded and the pull answers at once
+        with the current version). Returns ``(version pulled, should_stop)``."""
 
     def should_stop(self) -> bool:
         """The global early-stop flag."""

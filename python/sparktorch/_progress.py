@@ -130,7 +130,7 @@ class Progress:
     def __init__(
         self,
         server: Any,
-        total: int,
+        total: int | None,
         verbose: int,
         num_workers: int,
         sc: Any = None,
@@ -138,7 +138,7 @@ class Progress:
         stream: Any = None,
     ) -> None:
         self._server = server
-        self._total = max(1, total)
+        self._total = max(1, total) if total is not None else None  # None: epochs (the tasks know)
         self._verbose = verbose
         self._workers = num_workers
         self._sc = sc
@@ -229,7 +229,7 @@ class Progress:
     def phase(self, stats: dict[str, Any]) -> str:
         """The phase the fit is in, from the server's stats and Spark's status tracker."""
         done = int(stats.get("updates", 0))
-        if done >= self._total:
+        if self._total is not None and done >= self._total:
             return FINISHING
         if done > 0:
             return TRAINING
@@ -256,13 +256,15 @@ class Progress:
                 stopping = self._stop.wait(self.POLL_S)
                 try:
                     st = self._server.stats()
-                    history = self._server.history() if self._verbose >= 2 else []
+                    # Incremental: only the entries recorded since the last poll are copied.
+                    logged, history = self._server.history(since=logged) if self._verbose >= 2 else (logged, [])
                 except Exception:  # noqa: BLE001 - the server is gone: the fit reports why
                     break
-                for worker, step, loss, val_loss in history[logged:]:
+                for worker, step, loss, val_loss in history:
                     log.info("worker %d step %d: loss %.5f, validation loss %.5f", worker, step, loss, val_loss)
-                logged = max(logged, len(history))
-                done = min(int(st.get("updates", 0)), self._total)
+                done = int(st.get("updates", 0))
+                if self._total is not None:
+                    done = min(done, self._total)
                 phase = self.phase(st)
                 if self._held and not stopping:
                     # Any job that ends (another thread's, such as the one that starts the
@@ -282,14 +284,15 @@ class Progress:
                     if phase not in seen:
                         seen.add(phase)
                         line = phase
-                    if done / self._total >= next_mark:
+                    if self._total is not None and done / self._total >= next_mark:
                         while done / self._total >= next_mark:
                             next_mark += LINE_EVERY
                         line = phase
                     if line is not None:
                         progress_log.info(
-                            "sparktorch [%s] %d/%d steps (%d%%), loss %s, %.1f s",
-                            line, done, self._total, 100 * done // self._total, loss_text, elapsed,
+                            "sparktorch [%s] %d/%s steps (%s), loss %s, %.1f s",
+                            line, done, self._total if self._total is not None else "?",
+                            f"{100 * done // self._total}%" if self._total is not None else "epochs", loss_text, elapsed,
                         )
                 if phase != last_phase or not self.reported or self.reported[-1][1] != done:
                     self.reported.append((phase, done))
@@ -302,4 +305,4 @@ class Progress:
                 bar.close()
             elif last_phase:
                 done = self.reported[-1][1] if self.reported else 0
-                progress_log.info("sparktorch [end] %d/%d steps, %.1f s", done, self._total, time.monotonic() - t0)
+                progress_log.info("sparktorch [end] %d/%s steps, %.1f s", done, self._total if self._total is not None else "?", time.monotonic() - t0)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import ParamError
 
-__all__ = ["StateLayout", "FlatModel"]
+__all__ = ["StateLayout", "FlatModel", "buffer_change_scale", "buffer_momentum"]
 
 
 def _is_state_buffer(t: Any) -> bool:
@@ -120,11 +120,12 @@ class FlatModel:
     live on the GPU and the buffers are copied from/to the CPU once per step.
     """
 
-    def __init__(self, module: Any, device: Any) -> None:
+    def __init__(self, module: Any, device: Any, buffer_scale: float = 1.0) -> None:
         import torch
 
         self.module = module
         self.device = device
+        self.buffer_scale = float(buffer_scale)
         layout = StateLayout.of(module)
         self.num_trainable = layout.num_trainable
         self.numel = layout.num_trainable + layout.num_buffers
@@ -136,8 +137,10 @@ class FlatModel:
         else:
             self.params_dev = torch.zeros(self.numel, dtype=torch.float32, device=device)
             self.grads_dev = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        # Buffers of other dtypes: (tensor, slice of the flat vector), updated by copies.
-        self._copied: list[tuple[Any, slice]] = []
+        # Buffers, found again through their owner each step: a module may replace a buffer
+        # (``self.avg = 0.9 * self.avg + ...``) instead of updating it in place.
+        self._views: list[tuple[Any, str, Any]] = []  # float32: (owner, name, view installed)
+        self._copied: list[tuple[Any, str, slice]] = []  # other dtypes: (owner, name, slice)
         offset = 0
         with torch.no_grad():
             for _, p in layout.params:
@@ -150,17 +153,20 @@ class FlatModel:
                 n = b.numel()
                 view = self.params_dev[offset : offset + n]
                 view.copy_(b.detach().reshape(-1).to(torch.float32))
+                owner, leaf = _owner(module, name)
                 if b.dtype == torch.float32:
-                    _set_buffer(module, name, view.view_as(b))
+                    shaped = view.view_as(b)
+                    owner._buffers[leaf] = shaped
+                    self._views.append((owner, leaf, shaped))
                 else:
-                    self._copied.append((b, slice(offset, offset + n)))
+                    self._copied.append((owner, leaf, slice(offset, offset + n)))
                 offset += n
         if on_cpu:
             self.params_cpu.copy_(self.params_dev)
         # The buffer tail as pulled (and the copied buffers' values then), to compute what
         # this step's forward changed.
         self._tail_pulled = self.params_dev[self.num_trainable :].clone()
-        self._copied_pulled = [b.detach().clone() for b, _ in self._copied]
+        self._copied_pulled = [owner._buffers[leaf].detach().clone() for owner, leaf, _ in self._copied]
         self.params_np = self.params_cpu.numpy()
         self.grads_np = self.grads_cpu.numpy()
         self._on_cpu = on_cpu
@@ -177,28 +183,71 @@ class FlatModel:
             import torch
 
             with torch.no_grad():
-                for (b, sl), before in zip(self._copied, self._copied_pulled):
+                for (owner, leaf, sl), before in zip(self._copied, self._copied_pulled):
+                    b = owner._buffers[leaf]
                     _assign(b, self.params_dev[sl].view(b.shape))
                     before.copy_(b)
                 self._tail_pulled.copy_(self.params_dev[self.num_trainable :])
 
     def grads_ready(self) -> None:
-        """After backward: put the buffers' changes in the tail and make it all visible on CPU."""
+        """After backward: put the buffers' changes (times ``buffer_scale``) in the tail and make
+        it all visible on CPU."""
         if self.numel > self.num_trainable:
             import torch
 
             with torch.no_grad():
+                for owner, leaf, view in self._views:
+                    current = owner._buffers[leaf]
+                    if current is not view:  # replaced in forward: take its value, re-install the view
+                        view.copy_(current.detach().reshape(view.shape))
+                        owner._buffers[leaf] = view
                 k = self.num_trainable
                 torch.sub(self.params_dev[k:], self._tail_pulled, out=self.grads_dev[k:])
-                for (b, sl), before in zip(self._copied, self._copied_pulled):
+                for (owner, leaf, sl), before in zip(self._copied, self._copied_pulled):
+                    b = owner._buffers[leaf]
                     self.grads_dev[sl].copy_((b.double() - before.double()).reshape(-1))
+                if self.buffer_scale != 1.0:
+                    self.grads_dev[k:].mul_(self.buffer_scale)
         if not self._on_cpu:
             self.grads_cpu.copy_(self.grads_dev)
 
 
-def _set_buffer(module: Any, name: str, value: Any) -> None:
+def buffer_change_scale(engine_mode: str, num_workers: int, momentum: float = 1.0) -> float:
+    """What a worker's buffer change is multiplied by before it is pushed.
+
+    Synchronous rounds average the workers' changes: 1. In the async styles every push adds its
+    change, and each change is measured from buffers pulled up to ``num_workers - 1`` pushes
+    earlier: a running statistic with momentum ``m`` then updates as
+    ``s += m * scale * (b - s_stale)``, a delayed feedback that overshoots and diverges once
+    ``m * scale`` passes about ``pi / (2 * num_workers - 1)`` (BatchNorm's 0.1 with 32 workers,
+    added whole, reaches 1e9 in a unit test). The scale is the largest that keeps
+    ``m * scale <= 1 / num_workers``: 1 while the workers are few for the momentum (BatchNorm:
+    up to 10 workers), so each push moves the statistics as plain PyTorch's step would, and
+    ``1 / (num_workers * m)`` beyond. ``momentum``: the largest of the model's buffer-owning
+    modules (:func:`buffer_momentum`); 1 when unknown.
+    """
+    if engine_mode == "synchronous" or num_workers <= 1:
+        return 1.0
+    return min(1.0, 1.0 / (num_workers * max(momentum, 1e-6)))
+
+
+def buffer_momentum(module: Any) -> float:
+    """The largest momentum among the submodules that own state buffers: a module's float
+    ``momentum`` attribute in (0, 1] (BatchNorm's), else 1 (a buffer updated at an unknown
+    rate, or BatchNorm's cumulative average with ``momentum=None``: assume the worst)."""
+    worst = 0.0
+    for sub in module.modules():
+        if not any(_is_state_buffer(b) for b in sub._buffers.values() if b is not None):
+            continue
+        m = getattr(sub, "momentum", None)
+        worst = max(worst, float(m) if isinstance(m, float) and 0.0 < m <= 1.0 else 1.0)
+    return worst or 1.0
+
+
+def _owner(module: Any, name: str) -> tuple[Any, str]:
+    """The submodule that holds buffer ``name``, and the buffer's own name in it."""
     owner = module
     *path, leaf = name.split(".")
     for part in path:
         owner = getattr(owner, part)
-    owner._buffers[leaf] = value
+    return owner, leaf

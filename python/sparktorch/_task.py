@@ -1,32 +1,34 @@
 """The executor task body: one Spark task trains one partition against the parameter server.
 
-Each task reads its partition's Arrow batches into one matrix, builds the model from the
-``torchObj`` string, connects to the driver's parameter server (authenticated with the per-fit
+Each task streams its partition's Arrow batches once into spill files (``_spill``: memory
+bounded by a fixed buffer, not by the partition), builds the model from the ``torchObj`` string, connects to the driver's parameter server (authenticated with the per-fit
 secret that travels inside this closure) and loops: forward, backward, push the gradients and
 pull the new parameters in one round trip. The model's parameters are views into one flat
 buffer, so a pull lands in the model with no extra copy and the gradients are pushed from one
-flat buffer.
+flat buffer. Mini-batch steps walk the training rows in shuffled passes (each row once per pass,
+as a ``DataLoader(shuffle=True)``); a full-batch step reads them in chunks and accumulates one
+exact full-batch gradient.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from ._spill import BUFFER_BYTES, Spilled
 from .errors import DataError, ParamError
 
 log = logging.getLogger("sparktorch")
 
-RESULT_SCHEMA = "partition int, attempt int, rows long, steps int, last_loss double, batch long, digest double"
+RESULT_SCHEMA = "partition int, attempt int, rows long, steps int, last_loss double, batch long, digest double, end_step long"
 
 # Losses known to take class indices (int64) when the label column is a scalar; any other loss
-# gets float targets first and class indices when it refuses floats (see `_TargetChoice`).
+# gets float targets first and class indices when it refuses floats (see `_Targets`).
 _CLASS_INDEX_LOSSES = ("CrossEntropyLoss", "NLLLoss", "MultiMarginLoss", "MultiLabelMarginLoss")
 
 
@@ -51,6 +53,14 @@ class TaskConfig:
     connect_timeout_s: float
     # SHA-256 of the parameter server's TLS certificate (pinned); None: plaintext.
     tls_fingerprint: bytes | None = None
+    # What this task's buffer changes are multiplied by before a push (_state.buffer_change_scale).
+    buffer_scale: float = 1.0
+    epochs: int = 0
+    """> 0: run this many passes over the partition's training rows instead of ``iters`` steps."""
+    holdout_seed: int = 0
+    """The fit's seed of the validation holdout (the same in every partition shuffle)."""
+    buffer_bytes: int = BUFFER_BYTES
+    """Byte budget of a full-batch chunk and of a resident holdout."""
 
 
 def task_device(requested: str) -> str:
@@ -78,26 +88,8 @@ def uses_class_indices(criterion: object) -> bool:
     return type(criterion).__name__ in _CLASS_INDEX_LOSSES
 
 
-def class_indices(criterion: object, y: np.ndarray) -> np.ndarray:
-    """Scalar labels as int64 class indices, or a DataError when some are not whole numbers."""
-    if not np.all(np.equal(np.mod(y, 1), 0)):
-        bad = int(np.count_nonzero(np.mod(y, 1)))
-        raise DataError(f"labelCol: {bad} label(s) are not whole numbers, but {_loss_name(criterion)} needs class indices")
-    return y.astype(np.int64)
-
-
 def _loss_name(criterion: object) -> str:
     return getattr(criterion, "__name__", None) or type(criterion).__name__
-
-
-def prepare_targets(criterion: object, y: np.ndarray | None, x: np.ndarray, label_kind: str) -> np.ndarray:
-    """Targets as the loss is first tried with: class indices for known class-index losses,
-    floats for everything else (vectors as they are), or the features (autoencoder)."""
-    if label_kind == "none" or y is None:
-        return x
-    if label_kind == "scalar" and uses_class_indices(criterion):
-        return class_indices(criterion, y)
-    return y.astype(np.float32, copy=False)
 
 
 def _loss(criterion: object, out: object, target: object) -> object:
@@ -123,7 +115,6 @@ def first_loss(criterion: object, out: object, tb: object, label_kind: str) -> t
         as_long = tb.long()  # type: ignore[attr-defined]
         if not bool((as_long == tb).all()):  # type: ignore[attr-defined]
             raise
-        check_class_range(criterion, out, as_long.cpu().numpy())
         try:
             loss = _loss(criterion, out, as_long)
         except Exception:  # noqa: BLE001 - the float error is the one to report
@@ -132,36 +123,76 @@ def first_loss(criterion: object, out: object, tb: object, label_kind: str) -> t
         return loss, True
 
 
-def check_class_range(criterion: object, out: object, y: np.ndarray) -> None:
-    """Class-index labels must lie in ``[0, classes)`` of the model's output."""
-    if y.dtype != np.int64 or y.size == 0:
+def check_class_range(criterion: object, out: object, data: Spilled) -> None:
+    """Class-index labels must lie in ``[0, classes)`` of the model's output (the partition's
+    label range was taken while spilling; the rows at fault are counted only on error)."""
+    if data.rows == 0 or data.label_min > data.label_max:
         return
     classes = out.shape[1] if getattr(out, "dim", lambda: 0)() >= 2 else None  # type: ignore[attr-defined]
-    lo, hi = int(y.min()), int(y.max())
+    lo, hi = int(data.label_min), int(data.label_max)
     if lo < 0 or (classes is not None and hi >= classes):
-        bad = int(np.count_nonzero((y < 0) | ((y >= classes) if classes else False)))
+        bad = data.count_labels_outside(0, classes if classes is not None else math.inf)
         raise DataError(
             f"labelCol: {bad} label(s) outside [0, {classes}) (seen {lo}..{hi}); "
             f"{_loss_name(criterion)} needs class indices below the model's {classes} outputs"
         )
 
 
+def check_whole_labels(criterion: object, data: Spilled) -> None:
+    """Class indices must be whole numbers (counted while spilling)."""
+    if data.label_nonwhole:
+        raise DataError(
+            f"labelCol: {data.label_nonwhole} label(s) are not whole numbers, but {_loss_name(criterion)} needs class indices"
+        )
+
+
+class _Targets:
+    """Turns the label rows of a read into the loss's targets: the features (autoencoder),
+    float32, or class indices (int64) once the loss asks for them."""
+
+    def __init__(self, label_kind: str, criterion: object) -> None:
+        self.label_kind = label_kind
+        self.indices = label_kind == "scalar" and uses_class_indices(criterion)
+
+    def of(self, x: object, y: np.ndarray | None, device: str) -> object:
+        """The targets of rows whose features are ``x`` (a tensor on ``device``) and labels ``y``."""
+        import torch
+
+        if self.label_kind == "none" or y is None:
+            return x
+        return torch.from_numpy(y.astype(np.int64) if self.indices else y.astype(np.float32, copy=False)).to(device)
+
+
 def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """The body of one Spark task (``mapInArrow``): train on this partition, yield one result row."""
-    import torch
+    """The body of one Spark task (``mapInArrow``): train on this partition, yield one result row.
+
+    The partition streams once into spill files in Spark's local directory (``_spill``); the
+    steps read it back in bounded pieces, and the files are gone when the task ends.
+    """
     from pyspark import TaskContext
 
-    from . import _native
-    from ._data import batches_to_numpy, check_finite
-    from ._state import FlatModel
-    from .util import load_torch_obj
+    from ._spill import spill_directory, spill_partition
 
     ctx = TaskContext.get()
     partition = ctx.partitionId() if ctx is not None else 0
     attempt = ctx.attemptNumber() if ctx is not None else 0
+    data = spill_partition(batches, cfg.label_kind, spill_directory(partition), cfg.validation_pct, cfg.holdout_seed)
+    log.info("partition %d: %d rows (%d for validation) spilled in %.2fs", partition, data.rows, data.n_val, data.seconds)
+    try:
+        yield from _train(cfg, data, partition, attempt)
+    finally:
+        data.close()
 
-    x_np, y_np = batches_to_numpy(batches, cfg.label_kind)
-    rows = len(x_np)
+
+def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iterator[pa.RecordBatch]:
+    import torch
+
+    from . import _native
+    from ._spill import RowReader, ShuffledPasses
+    from ._state import FlatModel
+    from .util import load_torch_obj
+
+    rows, n_train = data.rows, data.n_train
     steps_done = 0
     last_loss = math.nan
     finished = False
@@ -177,99 +208,116 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
         tls_fingerprint=cfg.tls_fingerprint,
     )
     try:
-        if rows == 0:
-            log.info("partition %d is empty: leaving the fit", partition)
+        if n_train == 0:
+            if rows:
+                log.warning("partition %d: all its %d rows are in the validation holdout: nothing to train on", partition, rows)
+            else:
+                log.info("partition %d is empty: leaving the fit", partition)
             finished = True
-            yield _result(partition, attempt, 0, 0, last_loss, 0, 0.0)
+            yield _result(partition, attempt, rows, 0, last_loss, 0, data.digest, cfg.step_offset)
             return
-
-        check_finite(x_np, "inputCol (features)")
-        if y_np is not None:
-            check_finite(y_np, "labelCol")
-        digest = rows_digest(x_np)
 
         obj = load_torch_obj(cfg.torch_obj)
         device = task_device(cfg.device)
         model = obj.model.to(device)
         model.train()
         criterion = obj.criterion
-        flat = FlatModel(model, device)
+        flat = FlatModel(model, device, buffer_scale=cfg.buffer_scale)
         if flat.numel != client.num_params:
             raise ParamError(f"torchObj: the model has {flat.numel} values to train but the server holds {client.num_params}")
         forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile_mode else model
+        targets = _Targets(cfg.label_kind, criterion)
+        if targets.indices:
+            check_whole_labels(criterion, data)
+        layout = data.layout
+        assert layout is not None and data.train is not None
+        chunk_rows = layout.rows_in(cfg.buffer_bytes)
+        chunk_scale = getattr(criterion, "reduction", "mean") != "sum"
 
-        y_t = prepare_targets(criterion, y_np, x_np, cfg.label_kind)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + partition)
-        with warnings.catch_warnings():
-            # Arrow's buffers are read-only; the tensors over them are only ever read.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x_all = torch.from_numpy(x_np)
-            t_all = torch.from_numpy(y_t) if y_t is not x_np else x_all
-
-        # Validation holdout: a random share of this partition, never trained on.
-        val_x = val_t = None
-        if cfg.validation_pct > 0:
-            perm = torch.randperm(rows, generator=gen)
-            n_val = int(rows * cfg.validation_pct)
-            if 0 < n_val < rows:
-                val_idx, train_idx = perm[:n_val], perm[n_val:]
-                val_x, val_t = x_all[val_idx].to(device), t_all[val_idx].to(device)
-                x_all, t_all = x_all[train_idx], t_all[train_idx]
-        n_train = len(x_all)
         batch = cfg.mini_batch if 0 < cfg.mini_batch < n_train else -1
         if cfg.mini_batch > n_train:
             log.warning(
                 "miniBatch=%d is larger than partition %d's %d training rows: its steps use all %d rows",
                 cfg.mini_batch, partition, n_train, n_train,
             )
-        x_dev, t_dev = x_all.to(device), t_all.to(device)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + partition)
+        passes = ShuffledPasses(n_train, batch, gen) if batch > 0 else None
+        steps_per_pass = passes.steps_per_pass if passes is not None else 1
+        reader = RowReader(data.train, batch if batch > 0 else min(n_train, chunk_rows))
+        # Full batch on a training set within the buffer: read once, kept on the device.
+        resident = None
+        if batch < 0 and n_train <= chunk_rows:
+            x_np, y_np = reader.range(0, n_train)
+            x_res = torch.from_numpy(x_np).to(device)
+            resident = [x_res, targets.of(x_res, y_np, device)]
+        holdout = _Holdout(data, chunk_rows, targets, device) if data.n_val else None
+
+        checked = False
+
+        def loss_of(xb: object, tb: object) -> object:
+            """The loss of one forward pass; the first one also settles the targets' type."""
+            nonlocal checked
+            if checked:
+                return _loss(criterion, forward(xb), tb)
+            try:
+                out = forward(xb)
+            except RuntimeError as e:
+                raise DataError(
+                    f"inputCol: the model cannot take this partition's vectors of {layout.dim} features "
+                    f"({type(e).__name__}: {str(e).splitlines()[0]})"
+                ) from e
+            if targets.indices:
+                check_class_range(criterion, out, data)
+            loss, to_indices = first_loss(criterion, out, tb, cfg.label_kind)
+            if to_indices:
+                check_whole_labels(criterion, data)
+                check_class_range(criterion, out, data)
+                targets.indices = True
+                if resident is not None:
+                    resident[1] = resident[1].long()  # type: ignore[attr-defined]
+            checked = True
+            return loss
 
         start = max(client.resume_step, cfg.step_offset)
-        end = cfg.step_offset + cfg.iters
-        if start > 0 and cfg.synchronous:
-            # A restarted synchronous worker may have pushed step start-1 into a round that is
-            # still open: step `start` must see that round's result (version `start`), not the
-            # parameters the round began with.
-            client.pull(flat.params_np, newer_than=start - 1)
-        else:
-            client.pull(flat.params_np)
+        end = cfg.step_offset + (cfg.epochs * steps_per_pass if cfg.epochs > 0 else cfg.iters)
+        if passes is not None and start > cfg.step_offset:
+            passes.skip(start - cfg.step_offset)  # a retried task continues its order
+        # Synchronous: when a previous attempt's step start-1 still waits in the open round,
+        # the server answers this pull once that round has closed (versions are not steps:
+        # rounds close without dropped workers).
+        client.pull(flat.params_np)
         flat.params_pulled()
-        checked = False
         for step in range(start, end):
-            if batch > 0:
-                idx = torch.randperm(n_train, generator=gen)[:batch].to(device)
-                xb, tb = x_dev[idx], t_dev[idx]
-            else:
-                xb, tb = x_dev, t_dev
             flat.zero_grad()
-            if not checked:
-                try:
-                    out = forward(xb)
-                except RuntimeError as e:
-                    raise DataError(
-                        f"inputCol: the model cannot take this partition's vectors of {x_np.shape[1]} features "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})"
-                    ) from e
-                check_class_range(criterion, out, y_t)
-                loss, to_indices = first_loss(criterion, out, tb, cfg.label_kind)
-                if to_indices:
-                    y_t = class_indices(criterion, y_np)  # type: ignore[arg-type]
-                    check_class_range(criterion, out, y_t)
-                    t_dev = t_dev.long()
-                    if val_t is not None:
-                        val_t = val_t.long()
-                checked = True
+            if passes is not None:
+                idx = passes.next()
+                x_np, y_np = reader.rows(idx)
+                xb = torch.from_numpy(x_np).to(device)
+                loss = loss_of(xb, targets.of(xb, y_np, device))
+                loss.backward()  # type: ignore[attr-defined]
+                last_loss, step_rows = float(loss.detach()), len(idx)  # type: ignore[attr-defined]
+            elif resident is not None:
+                loss = loss_of(resident[0], resident[1])
+                loss.backward()  # type: ignore[attr-defined]
+                last_loss, step_rows = float(loss.detach()), n_train  # type: ignore[attr-defined]
             else:
-                out = forward(xb)
-                loss = _loss(criterion, out, tb)
-            loss.backward()  # type: ignore[attr-defined]
+                # Full batch beyond the buffer: the gradient accumulates over chunks, each
+                # chunk's mean loss weighted by its share of the rows, so the sum is the
+                # full batch's mean-loss gradient (a sum-reduced loss needs no weights).
+                last_loss, step_rows = 0.0, n_train
+                for x_np, y_np in reader.chunks(n_train):
+                    xb = torch.from_numpy(x_np).to(device)
+                    loss = loss_of(xb, targets.of(xb, y_np, device))
+                    if chunk_scale:
+                        loss = loss * (len(x_np) / n_train)  # type: ignore[operator]
+                    loss.backward()  # type: ignore[attr-defined]
+                    last_loss += float(loss.detach())  # type: ignore[attr-defined]
             flat.grads_ready()
-            val_loss = validation_loss(model, forward, criterion, val_x, val_t)
-            last_loss = float(loss.detach())  # type: ignore[attr-defined]
+            val_loss = validation_loss(model, forward, criterion, holdout)
             _, stop = client.push_pull(
                 flat.grads_np,
                 flat.params_np,
-                batch_size=len(xb),
+                batch_size=step_rows,
                 loss=last_loss,
                 step=step,
                 val_loss=val_loss,
@@ -280,7 +328,7 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
                 log.info("partition %d: global early stop after step %d", partition, step)
                 break
         finished = True
-        yield _result(partition, attempt, rows, steps_done, last_loss, batch if batch > 0 else n_train, digest)
+        yield _result(partition, attempt, rows, steps_done, last_loss, batch if batch > 0 else n_train, data.digest, end)
     finally:
         # Bye only when done (an empty partition is done at once). A task that fails is not
         # done: the server keeps its place (a synchronous round waits for its retry, up to
@@ -289,30 +337,65 @@ def train_partition(cfg: TaskConfig, batches: Iterator[pa.RecordBatch]) -> Itera
             client.close()
 
 
-def validation_loss(model: object, forward: object, criterion: object, val_x: object, val_t: object) -> float:
+class _Holdout:
+    """The partition's validation rows: kept on the device when they fit the buffer, else read
+    in chunks for each evaluation."""
+
+    def __init__(self, data: Spilled, chunk_rows: int, targets: _Targets, device: str) -> None:
+        import torch
+
+        from ._spill import RowReader
+
+        assert data.val is not None
+        self.n = data.n_val
+        self._targets, self._device = targets, device
+        self._reader = RowReader(data.val, min(self.n, chunk_rows))
+        self._resident = None
+        if self.n <= chunk_rows:
+            x_np, y_np = self._reader.range(0, self.n)
+            x = torch.from_numpy(x_np).to(device)
+            self._resident = (x, y_np, {})
+
+    def chunks(self) -> Iterator[tuple[object, object, int]]:
+        """``(features, targets, rows)`` of the holdout, all of it or chunk by chunk."""
+        import torch
+
+        if self._resident is not None:
+            x, y_np, cache = self._resident
+            key = self._targets.indices
+            if key not in cache:
+                cache.clear()
+                cache[key] = self._targets.of(x, y_np, self._device)
+            yield x, cache[key], self.n
+            return
+        for x_np, y_np in self._reader.chunks(self.n):
+            x = torch.from_numpy(x_np).to(self._device)
+            yield x, self._targets.of(x, y_np, self._device), len(x_np)
+
+
+def validation_loss(model: object, forward: object, criterion: object, holdout: _Holdout | None) -> float:
     """The loss on the holdout, in evaluation mode (dropout off, BatchNorm on its running
-    statistics, which the holdout leaves untouched) and without autograd; NaN without a holdout."""
-    if val_x is None:
+    statistics, which the holdout leaves untouched) and without autograd; NaN without a holdout.
+    A holdout read in chunks gives the row-weighted mean of the chunks' losses (their sum for a
+    sum-reduced loss)."""
+    if holdout is None:
         return math.nan
     import torch
 
+    weighted = getattr(criterion, "reduction", "mean") != "sum"
     model.train(False)  # type: ignore[attr-defined]
     try:
         with torch.no_grad():
-            return float(_loss(criterion, forward(val_x), val_t))  # type: ignore[operator]
+            total = 0.0
+            for x, t, n in holdout.chunks():
+                value = float(_loss(criterion, forward(x), t))  # type: ignore[operator]
+                total += value * n / holdout.n if weighted and n != holdout.n else value
+            return total
     finally:
         model.train(True)  # type: ignore[attr-defined]
 
 
-def rows_digest(x: np.ndarray) -> float:
-    """An order-independent fingerprint of a partition's rows (which rows it holds, not where)."""
-    if x.size == 0:
-        return 0.0
-    w = np.cos(np.arange(x.shape[1], dtype=np.float64))
-    return float(np.sum(np.sin(x.astype(np.float64) @ w)))
-
-
-def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: float, batch: int, digest: float) -> pa.RecordBatch:
+def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: float, batch: int, digest: float, end_step: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(
         {
             "partition": pa.array([partition], pa.int32()),
@@ -322,6 +405,7 @@ def _result(partition: int, attempt: int, rows: int, steps: int, last_loss: floa
             "last_loss": pa.array([last_loss], pa.float64()),
             "batch": pa.array([batch], pa.int64()),
             "digest": pa.array([digest], pa.float64()),
+            "end_step": pa.array([end_step], pa.int64()),
         }
     )
 

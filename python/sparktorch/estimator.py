@@ -38,6 +38,13 @@ class _SparkTorchParams(_SharedTorchParams):
     )
     torchObj = Param(Params._dummy(), "torchObj", "the string made by serialize_torch_obj or serialize_torch_obj_lazy", typeConverter=TypeConverters.toString)
     iters = Param(Params._dummy(), "iters", "optimizer steps per partition (not epochs)", typeConverter=TypeConverters.toInt)
+    epochs = Param(
+        Params._dummy(),
+        "epochs",
+        "> 0: passes over each partition's training rows instead of iters steps (ceil(rows / miniBatch) steps "
+        "a pass; one step a pass in full batch)",
+        typeConverter=TypeConverters.toInt,
+    )
     partitions = Param(Params._dummy(), "partitions", "repartition to this many partitions (= workers) when > 0", typeConverter=TypeConverters.toInt)
     mode = Param(
         Params._dummy(),
@@ -51,7 +58,7 @@ class _SparkTorchParams(_SharedTorchParams):
     port = Param(Params._dummy(), "port", "parameter server port; 0 lets the OS choose", typeConverter=TypeConverters.toInt)
     verbose = Param(Params._dummy(), "verbose", "0: quiet; 1: progress on the driver, naming the fit's phase (a bar on a terminal, a few log lines elsewhere); 2: also a log line per worker step", typeConverter=TypeConverters.toInt)
     earlyStopPatience = Param(Params._dummy(), "earlyStopPatience", "> 0: stop all workers after this many evaluations without improvement", typeConverter=TypeConverters.toInt)
-    miniBatch = Param(Params._dummy(), "miniBatch", "> 0: rows sampled (without replacement) per step; else the whole partition", typeConverter=TypeConverters.toInt)
+    miniBatch = Param(Params._dummy(), "miniBatch", "> 0: rows per step, in shuffled passes over the partition (each row once a pass); else the whole partition", typeConverter=TypeConverters.toInt)
     validationPct = Param(Params._dummy(), "validationPct", "share of each partition held out for validation loss, in [0, 1)", typeConverter=TypeConverters.toFloat)
     compileMode = Param(Params._dummy(), "compileMode", "torch.compile mode, or None for eager execution", typeConverter=_to_optional_string)
     seed = Param(Params._dummy(), "seed", "seed of mini-batch sampling and validation splits", typeConverter=TypeConverters.toInt)
@@ -105,6 +112,7 @@ class _SparkTorchParams(_SharedTorchParams):
             labelCol=None,
             torchObj="",
             iters=10,
+            epochs=0,
             partitions=-1,
             mode="hogwild",
             acquireLock=True,
@@ -136,6 +144,10 @@ class _SparkTorchParams(_SharedTorchParams):
     def getIters(self) -> int:
         """Optimizer steps per partition."""
         return self.getOrDefault(self.iters)
+
+    def getEpochs(self) -> int:
+        """Passes over each partition per partition shuffle (0: ``iters`` steps instead)."""
+        return self.getOrDefault(self.epochs)
 
     def getPartitions(self) -> int:
         """Partitions (workers) to repartition to; <= 0 keeps the DataFrame's."""
@@ -272,6 +284,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         resumeFrom: str | None = None,
         psEncryption: str | None = None,
         mlflowLogging: bool | None = None,
+        epochs: int | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -307,6 +320,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         resumeFrom: str | None = None,
         psEncryption: str | None = None,
         mlflowLogging: bool | None = None,
+        epochs: int | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs

@@ -69,6 +69,24 @@ def test_with_ps_encryption_on_a_fit_shows_no_parameter_values_on_the_wire(spark
     assert np.allclose(model.weight.detach().numpy(), WEIGHT, atol=1e-2)
 
 
+def test_auto_encrypts_when_sparks_rpc_encryption_is_on(spark, monkeypatch):
+    # The shared session was started without RPC encryption; the fit reads Spark's conf as a
+    # session started with spark.network.crypto.enabled=true would report it.
+    from pyspark import SparkContext
+
+    real = SparkContext.getConf
+
+    def conf_with_rpc_encryption(self):
+        conf = real(self)
+        conf.set("spark.network.crypto.enabled", "true")
+        return conf
+
+    monkeypatch.setattr(SparkContext, "getConf", conf_with_rpc_encryption)
+    wire, _ = fit_through_a_proxy(spark, monkeypatch, "auto")
+    assert len(wire) > 0
+    assert np.full(4, WEIGHT, "<f4").tobytes() not in wire and b"SPT1" not in wire
+
+
 def test_ps_encryption_is_validated_before_any_job(spark):
     df = spark.createDataFrame([(Vectors.dense([1.0]), 0.0)], ["features", "label"])
     obj = serialize_torch_obj(nn.Linear(1, 1), nn.MSELoss(), torch.optim.SGD, lr=0.1)

@@ -161,6 +161,10 @@ def test_history_and_recent_loss():
         assert hist[0][:3] == (0, 0, 2.0) and np.isnan(hist[0][3])
         assert hist[1] == (0, 1, 4.0, 3.0)
         assert ps.stats()["recent_loss"] == {0: 3.0}
+        # Incremental reads: only entries from index `since` on, and the next `since`.
+        assert ps.history(since=1) == (2, [(0, 1, 4.0, 3.0)])
+        assert ps.history(since=2) == (2, [])
+        assert ps.stats()["history_total"] == 2
 
 
 def test_global_early_stopping():
@@ -245,6 +249,38 @@ def test_lost_worker_drop_policy_closes_the_round_without_it():
         assert ps.stats()["workers_lost"] == 1
 
 
+def test_a_dropped_worker_pushing_late_continues_from_the_current_version():
+    with make_server(n=2, mode="synchronous", num_workers=2, round_timeout_s=1.0) as ps:
+        a, b = client(ps, worker=0), client(ps, worker=1)
+        out_a, out_b = np.zeros(2, np.float32), np.zeros(2, np.float32)
+        a.pull(out_a)
+        b.pull(out_b)
+        # Worker 1 is slow: round 1 closes without it.
+        version, _ = a.push_pull(np.ones(2, np.float32), out_a, batch_size=1, loss=1.0, step=0)
+        assert version == 1
+        # Its gradient for step 0, computed on version 0, is discarded, not averaged into
+        # round 2; it gets version 1 and continues from there.
+        version, _ = b.push_pull(np.full(2, 100.0, np.float32), out_b, batch_size=1, loss=1.0, step=0)
+        assert version == 1
+        np.testing.assert_array_equal(out_b, np.full(2, -1.0, np.float32))
+        assert ps.stats()["stale_discarded"] == 1
+        # Round 2 waits for both again and is their exact average.
+        got = {}
+        t = threading.Thread(
+            target=lambda: got.setdefault(
+                "a", a.push_pull(np.ones(2, np.float32), out_a, batch_size=1, loss=1.0, step=1)
+            )
+        )
+        t.start()
+        version, _ = b.push_pull(np.full(2, 3.0, np.float32), out_b, batch_size=1, loss=1.0, step=1)
+        t.join(10)
+        assert version == 2 and got["a"][0] == 2
+        np.testing.assert_array_equal(out_b, np.full(2, -3.0, np.float32))
+        np.testing.assert_array_equal(out_a, out_b)
+        a.close()
+        b.close()
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
@@ -324,6 +360,26 @@ def test_calls_release_the_gil():
         b.push(np.ones(2, np.float32), batch_size=1, loss=1.0, step=0)
         t.join(10)
         assert not t.is_alive() and a.version == 1
+
+
+@pytest.mark.slow
+def test_stats_and_history_answer_while_a_checkpoint_is_written(tmp_path):
+    # A 256 MB model: its checkpoint takes a while to write. stats() and history() wait for
+    # no lock the write holds, and release the GIL (the Rust unit test
+    # `server::tests::nothing_waits_for_checkpoint_io` makes a write last 2 s).
+    with make_server(n=64 << 20) as ps:
+        writer = threading.Thread(target=lambda: ps.save_checkpoint(str(tmp_path / "big.safetensors")))
+        writer.start()
+        took = []
+        while writer.is_alive():
+            t0 = time.monotonic()
+            ps.stats()
+            ps.history(since=0)
+            took.append(time.monotonic() - t0)
+            time.sleep(0.005)
+        writer.join()
+        assert took and max(took) < 0.05, took
+        assert ps.stats()["last_checkpoint_version"] == 0
 
 
 def test_engine_logs_reach_python_logging(caplog):

@@ -57,7 +57,10 @@ def train(ps, start, stop, workers=1):
     for step in range(start, stop):
         for w, c in enumerate(clients):
             c.push(grad(w, step), batch_size=4 + w, loss=1.0 / (step + 1), step=step)
-        clients[0].pull(out)
+        # Every worker computes its next step on the new version (synchronous: a gradient
+        # computed on an older one would be discarded; the pull waits for the round).
+        for c in clients:
+            c.pull(out)
     for c in clients:
         c.close()
 

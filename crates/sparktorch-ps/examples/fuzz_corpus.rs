@@ -164,6 +164,25 @@ fn session_seeds(dir: &str, meta: PushMeta) -> Result<(), Box<dyn std::error::Er
     training.extend(frame(Message::StatsRequest, &[])?);
     training.extend(frame(Message::EarlyStopRequest, &[])?);
     training.extend(frame(Message::Bye, &[])?);
+    // Both workers of a synchronous round on one connection: worker 0 pushes, the connection
+    // registers as worker 1 and pushes: the round closes (batch sizes are summed).
+    let mut round = frame(Message::Push(push(0)), &grads)?;
+    round.extend(frame(
+        Message::Register {
+            worker: 1,
+            attempt: 0,
+        },
+        &[],
+    )?);
+    round.extend(frame(
+        Message::PushPull(PushMeta {
+            worker: 1,
+            batch_size: 7,
+            ..push(0)
+        }),
+        &grads,
+    )?);
+    round.extend(frame(Message::Pull { newer_than: 0 }, &[])?);
     let mut reregister = frame(
         Message::Register {
             worker: 1,
@@ -199,6 +218,8 @@ fn session_seeds(dir: &str, meta: PushMeta) -> Result<(), Box<dyn std::error::Er
         ("sync-training", 2, training),
         ("async-reregister", 0, reregister.clone()),
         ("sync-reregister", 2, reregister),
+        ("sync-round", 2, round.clone()),
+        ("async-two-workers", 0, round),
         ("unauthenticated-register", 4, register.clone()),
         ("unauthenticated-hello", 4, hello_back),
         ("unregistered-register", 8, register),

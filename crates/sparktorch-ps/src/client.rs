@@ -529,10 +529,12 @@ impl Client {
 
     /// Write the parameters into `out` and return their version. With `newer_than`, the
     /// server answers once its version exceeds it (or with a `Timeout` error, `out` untouched).
+    /// In synchronous mode, while this worker's gradient waits in the open round, the server
+    /// answers once that round has closed, whatever `newer_than`.
     pub fn pull(&mut self, out: &mut [f32], newer_than: Option<u64>) -> Result<u64, ClientError> {
         self.check_len("out", out.len())?;
         let newer = newer_than.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
-        let within = if newer_than.is_some() {
+        let within = if newer_than.is_some() || self.mode == Mode::Synchronous {
             self.wait_bound()
         } else {
             self.timeout
@@ -588,7 +590,7 @@ impl Client {
         self.recv_ack()
     }
 
-    /// Push then pull (newer than the push's base version in synchronous mode) in one round
+    /// Push then pull (synchronous mode: once the round holding the push has closed) in one round
     /// trip. Returns the push outcome and the version pulled. Two deadlines: the push and its
     /// acknowledgement, then the parameters (which may wait for a synchronous round).
     pub fn push_pull(

@@ -15,6 +15,9 @@ pub struct Stats {
     pub updates: u64,
     /// Replayed pushes acknowledged without applying.
     pub duplicates: u64,
+    /// Synchronous pushes whose gradient was computed on a version older than the open round
+    /// (a worker dropped for missing a round, pushing late): acknowledged, not averaged.
+    pub stale_discarded: u64,
     /// Pushes applied per worker.
     pub updates_per_worker: BTreeMap<u32, u64>,
     /// Per worker: highest step applied + 1 (what `resume_step` answers).
@@ -42,6 +45,9 @@ pub struct Stats {
     pub staleness_mean: f64,
     /// Largest staleness seen.
     pub staleness_max: u64,
+    /// History entries ever recorded (the history holds the newest
+    /// [`crate::server::HISTORY_CAP`] of them).
+    pub history_total: u64,
     /// Global early stop reached.
     pub should_stop: bool,
     /// Best evaluated loss (NaN before the first evaluation).

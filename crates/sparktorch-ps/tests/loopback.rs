@@ -219,6 +219,14 @@ fn push_meta(worker: u32, step: u64, batch_size: u64) -> PushMeta {
     }
 }
 
+/// A push of a gradient computed on parameters version `base`.
+fn push_on(worker: u32, step: u64, batch_size: u64, base: u64) -> PushMeta {
+    PushMeta {
+        base_version: base,
+        ..push_meta(worker, step, batch_size)
+    }
+}
+
 async fn start_local(server: &Server) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -542,11 +550,175 @@ async fn lost_worker_is_dropped_after_the_round_timeout() {
     let s = server.stats();
     assert_eq!((s.workers_lost, s.workers_live), (1, 1));
     // The next round only waits for the live worker.
-    a.send(&Message::Push(push_meta(0, 1, 2)), &[1.0; 4]).await;
+    a.send(&Message::Push(push_on(0, 1, 2, 1)), &[1.0; 4]).await;
     assert!(matches!(
         a.recv().await,
         Some((Message::PushAck { version: 2, .. }, _))
     ));
+}
+
+/// The next frame, which must be a `PushAck`: `(version, duplicate)`.
+async fn ack(raw: &mut Raw) -> (u64, bool) {
+    match raw.recv().await {
+        Some((
+            Message::PushAck {
+                version, duplicate, ..
+            },
+            _,
+        )) => (version, duplicate),
+        other => panic!("expected PushAck, got {other:?}"),
+    }
+}
+
+/// The next frame, which must be `Params`: `(version, values)`.
+async fn params(raw: &mut Raw) -> (u64, Vec<f32>) {
+    match raw.recv().await {
+        Some((Message::Params { version, .. }, values)) => (version, values),
+        other => panic!("expected Params, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_worker_pushing_late_is_discarded_and_continues_from_the_current_version() {
+    let server = server(Mode::Synchronous, vec![0.0; 4], 2, |c| {
+        c.round_timeout = Duration::from_secs(30);
+        c.io_timeout = Duration::from_secs(3600);
+    });
+    let addr = start_local(&server).await;
+    let mut a = Raw::register(addr, 0).await;
+    let mut b = Raw::register(addr, 1).await;
+    // Round 1: worker 1 is slow, the round closes without it after 30 s (SGD, lr 1).
+    a.send(&Message::PushPull(push_on(0, 0, 1, 0)), &[1.0; 4])
+        .await;
+    assert_eq!(ack(&mut a).await, (0, false));
+    assert_eq!(params(&mut a).await, (1, vec![-1.0; 4]));
+    assert_eq!(server.stats().workers_lost, 1);
+    // Round 2: worker 0 alone.
+    a.send(&Message::PushPull(push_on(0, 1, 1, 1)), &[1.0; 4])
+        .await;
+    assert_eq!(ack(&mut a).await, (2, false));
+    assert_eq!(params(&mut a).await, (2, vec![-2.0; 4]));
+    // Worker 1's gradient for step 0, computed on version 0, arrives now: acknowledged, not
+    // averaged into round 3, and its pull answers at once with version 2.
+    b.send(&Message::PushPull(push_on(1, 0, 1, 0)), &[100.0; 4])
+        .await;
+    assert_eq!(ack(&mut b).await, (2, false));
+    assert_eq!(params(&mut b).await, (2, vec![-2.0; 4]));
+    // A retry of the discarded step is a duplicate.
+    b.send(&Message::Push(push_on(1, 0, 1, 0)), &[100.0; 4])
+        .await;
+    assert_eq!(ack(&mut b).await, (2, true));
+    // Round 3: both workers, on version 2; the rejoined worker is waited for.
+    a.send(&Message::PushPull(push_on(0, 2, 1, 2)), &[1.0; 4])
+        .await;
+    assert_eq!(ack(&mut a).await, (2, false));
+    b.send(&Message::PushPull(push_on(1, 1, 1, 2)), &[3.0; 4])
+        .await;
+    assert_eq!(ack(&mut b).await, (3, false));
+    assert_eq!(params(&mut b).await, (3, vec![-4.0; 4]));
+    assert_eq!(params(&mut a).await, (3, vec![-4.0; 4]));
+    assert_eq!(server.parameters(), (3, vec![-4.0; 4]));
+    // The discarded gradient is not in the history.
+    let history: Vec<(u32, u64)> = server.history().iter().map(|h| (h.0, h.1)).collect();
+    assert_eq!(history, vec![(0, 0), (0, 1), (0, 2), (1, 1)]);
+    let s = server.stats();
+    assert_eq!(
+        (s.stale_discarded, s.workers_live, s.workers_lost),
+        (1, 2, 0)
+    );
+    assert_eq!(s.steps_per_worker.get(&1), Some(&2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_worker_whose_gradient_waits_in_the_round_gets_the_round_result() {
+    let server = server(Mode::Synchronous, vec![0.0; 4], 2, |c| {
+        c.round_timeout = Duration::from_secs(30);
+        c.io_timeout = Duration::from_secs(3600);
+    });
+    let addr = start_local(&server).await;
+    let mut a = Raw::register(addr, 0).await;
+    // Worker 1 pushes step 0, then its task dies before the round closes.
+    let mut b = Raw::register(addr, 1).await;
+    b.send(&Message::Push(push_on(1, 0, 1, 0)), &[3.0; 4]).await;
+    assert_eq!(ack(&mut b).await, (0, false));
+    drop(b);
+    // Its retry resumes at step 1 and pulls (any `newer_than`): the answer is the round's
+    // result, once worker 0 has pushed, not the version its step 0 was computed on.
+    let mut b = Raw::handshake(addr, SECRET).await;
+    b.send(
+        &Message::Register {
+            worker: 1,
+            attempt: 1,
+        },
+        &[],
+    )
+    .await;
+    match b.recv().await {
+        Some((Message::Registered { resume_step, .. }, _)) => assert_eq!(resume_step, 1),
+        other => panic!("expected Registered, got {other:?}"),
+    }
+    b.send(&Message::Pull { newer_than: -1 }, &[]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.send(&Message::Push(push_on(0, 0, 1, 0)), &[1.0; 4]).await;
+    assert_eq!(ack(&mut a).await, (1, false));
+    assert_eq!(params(&mut b).await, (1, vec![-2.0; 4]));
+    // Both continue on version 1; nothing is refused, nothing waits for the timeout.
+    let t0 = tokio::time::Instant::now();
+    let mut step1 = push_on(1, 1, 1, 1);
+    step1.attempt = 1;
+    b.send(&Message::Push(step1), &[1.0; 4]).await;
+    assert_eq!(ack(&mut b).await, (1, false));
+    a.send(&Message::PushPull(push_on(0, 1, 1, 1)), &[1.0; 4])
+        .await;
+    assert_eq!(ack(&mut a).await, (2, false));
+    assert_eq!(params(&mut a).await, (2, vec![-3.0; 4]));
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    assert_eq!(server.stats().stale_discarded, 0);
+}
+
+#[test]
+fn a_retried_workers_first_pull_may_wait_for_the_round_longer_than_the_io_timeout() {
+    let r = Arc::new(Running::start(server(
+        Mode::Synchronous,
+        vec![0.0; 4],
+        2,
+        |c| c.round_timeout = Duration::from_secs(20),
+    )));
+    let connect = |worker, attempt| {
+        Client::connect(
+            "127.0.0.1",
+            r.addr.port(),
+            SECRET,
+            worker,
+            attempt,
+            ClientOptions {
+                timeout: Duration::from_millis(300),
+                connect_timeout: Duration::from_secs(2),
+                server_fingerprint: None,
+            },
+        )
+        .unwrap()
+    };
+    let mut out = [0.0f32; 4];
+    // Worker 1 pushes step 0, then its task dies; the retry's first pull waits for the round.
+    let mut b = connect(1, 0);
+    b.pull(&mut out, None).unwrap();
+    b.push(&[3.0; 4], 0, 1, 1.0, None).unwrap();
+    drop(b);
+    let mut b = connect(1, 1);
+    assert_eq!(b.resume_step(), 1);
+    let waiting = std::thread::spawn(move || {
+        let mut out = [0.0f32; 4];
+        let v = b.pull(&mut out, None);
+        (v, out)
+    });
+    // Longer than the client's 300 ms exchange bound.
+    std::thread::sleep(Duration::from_millis(900));
+    let mut a = connect(0, 0);
+    a.pull(&mut out, None).unwrap();
+    a.push(&[1.0; 4], 0, 1, 1.0, None).unwrap();
+    let (v, out) = waiting.join().unwrap();
+    assert_eq!((v.unwrap(), out), (1, [-2.0; 4]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -746,6 +918,8 @@ fn a_worker_that_leaves_no_longer_holds_up_synchronous_rounds() {
     assert_eq!(v, 1);
     assert_eq!(out, [-2.0; 4]);
     b.close();
+    // Worker 0 computes its next step on version 1.
+    assert_eq!(a.pull(&mut out, None).unwrap(), 1);
     let (_, v) = a.push_pull(&[1.0; 4], &mut out, 1, 1, 1.0, None).unwrap();
     assert_eq!((v, out), (2, [-3.0; 4]));
     let s = r.server.stats();

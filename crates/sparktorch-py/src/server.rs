@@ -8,6 +8,7 @@ use numpy::PyArray1;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use pyo3::IntoPyObjectExt;
 use sparktorch_proto::Mode;
 use sparktorch_ps::checkpoint::{self, Checkpoint};
 use sparktorch_ps::config::seconds;
@@ -245,8 +246,10 @@ impl ParameterServer {
 
     /// Number of leading elements the optimizer steps (the rest are model buffers).
     #[getter]
-    fn num_trainable(&self) -> usize {
-        self.server.num_trainable()
+    fn num_trainable(&self, py: Python<'_>) -> usize {
+        // Reads under the optimizer's lock, which a step holds.
+        let server = self.server.clone();
+        py.detach(move || server.num_trainable())
     }
 
     /// Number of optimizer steps applied so far.
@@ -263,15 +266,17 @@ impl ParameterServer {
 
     /// The optimizer state.
     fn optimizer_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (name, hyper) = self.server.optimizer_info();
         let server = self.server.clone();
-        let state = py.detach(move || server.optimizer_state());
+        let ((name, hyper), state) =
+            py.detach(move || (server.optimizer_info(), server.optimizer_state()));
         state_dict(py, name, &hyper, state)
     }
 
     /// Replace the optimizer state (same form as `optimizer_state()`).
     fn load_optimizer_state(&self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
-        let (current, _) = self.server.optimizer_info();
+        let server = self.server.clone();
+        let ((current, _), trainable) =
+            py.detach(move || (server.optimizer_info(), server.num_trainable()));
         let (name, hyper, state) = parse_state(py, state)?;
         if let Some(n) = &name {
             if !n.eq_ignore_ascii_case(current) {
@@ -283,7 +288,6 @@ impl ParameterServer {
         }
         let rebuild = match hyper {
             Some(h) => {
-                let trainable = self.server.num_trainable();
                 let opt = sparktorch_optim::build(current, &h, trainable)
                     .map_err(|e| param_err(py, format!("state['hyperparameters']: {e}")))?;
                 Some(sparktorch_optim::with_model_buffers(
@@ -309,12 +313,14 @@ impl ParameterServer {
 
     /// A snapshot of the server's counters.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.server.stats();
+        let server = self.server.clone();
+        let s = py.detach(move || server.stats());
         let d = PyDict::new(py);
         d.set_item("version", s.version)?;
         d.set_item("mode", s.mode.as_str())?;
         d.set_item("updates", s.updates)?;
         d.set_item("duplicates", s.duplicates)?;
+        d.set_item("stale_discarded", s.stale_discarded)?;
         d.set_item("updates_per_worker", s.updates_per_worker)?;
         d.set_item("steps_per_worker", s.steps_per_worker)?;
         d.set_item("workers_live", s.workers_live)?;
@@ -328,6 +334,7 @@ impl ParameterServer {
         d.set_item("recent_loss", s.recent_loss)?;
         d.set_item("staleness_mean", s.staleness_mean)?;
         d.set_item("staleness_max", s.staleness_max)?;
+        d.set_item("history_total", s.history_total)?;
         d.set_item("should_stop", s.should_stop)?;
         d.set_item("best_loss", s.best_loss)?;
         d.set_item("error", s.error)?;
@@ -337,9 +344,18 @@ impl ParameterServer {
         Ok(d)
     }
 
-    /// Every applied push as (worker, step, loss, val_loss), in the order applied.
-    fn history(&self) -> Vec<(u32, u64, f64, f64)> {
-        self.server.history()
+    /// Every applied push as (worker, step, loss, val_loss), in the order applied (the newest
+    /// `HISTORY_CAP`). With `since=n`: `(next, entries)`, the entries of index `n` and later
+    /// and the `since` of the next read (an incremental read copies only new entries).
+    #[pyo3(signature = (since=None))]
+    fn history<'py>(&self, py: Python<'py>, since: Option<u64>) -> PyResult<Bound<'py, PyAny>> {
+        let server = self.server.clone();
+        match since {
+            None => py.detach(move || server.history()).into_bound_py_any(py),
+            Some(n) => py
+                .detach(move || server.history_since(n))
+                .into_bound_py_any(py),
+        }
     }
 
     /// Close the listener and every connection, and join the server threads; with

@@ -407,12 +407,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 };
                 self.send(&ack, &[]).await?;
                 if also_pull {
-                    let newer_than = if inner.config.mode == Mode::Synchronous {
-                        i64::try_from(meta.base_version).unwrap_or(i64::MAX)
-                    } else {
-                        -1
-                    };
-                    self.pull(newer_than).await?;
+                    // Synchronous mode: `pull` waits for the round holding this worker's
+                    // gradient, if one does (not for a discarded or duplicate push).
+                    self.pull(-1).await?;
                 }
                 Ok(())
             }
@@ -529,6 +526,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     async fn pull(&mut self, newer_than: i64) -> Result<(), End> {
         let inner = self.inner.clone();
+        // Synchronous mode: a worker whose gradient waits in the open round gets the round's
+        // result, never the version the round started from (on which it already computed).
+        let round_base = self.who.and_then(|(w, _)| {
+            let coord = lock(&inner.coord);
+            coord.workers.get(&w).and_then(|x| x.round_base)
+        });
+        let newer_than = match round_base {
+            Some(base) => newer_than.max(i64::try_from(base).unwrap_or(i64::MAX)),
+            None => newer_than,
+        };
         if newer_than >= 0 {
             let mut rx = inner.progress.subscribe();
             let mut stop = inner.stop.subscribe();
@@ -651,10 +658,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn push_sync(&mut self, p: &PushMeta) -> Result<Message, Refusal> {
         let inner = self.inner.clone();
         let mut round = inner.round.lock().await;
+        // Only rounds step the parameters, and they do so under the round lock: the open
+        // round applies to this version.
+        let version = inner.store.version();
         {
             let mut coord = lock(&inner.coord);
             if let Some(f) = &coord.fatal {
                 return Err((ErrorCode::WorkerLost, f.clone()));
+            }
+            if p.base_version < version {
+                // Computed on parameters older than the open round's (a worker dropped for
+                // missing a round, pushing late): averaging it would mix versions. The step
+                // counts as done (its replay is a duplicate), the worker is live again, and
+                // its pull answers at once with the current version to continue from.
+                let Some(_) = coord.check_push(p, version)? else {
+                    drop(coord);
+                    drop(round);
+                    return Ok(self.duplicate(p));
+                };
+                inner
+                    .counters
+                    .stale_discarded
+                    .fetch_add(1, Ordering::Relaxed);
+                info!(
+                    worker = p.worker,
+                    attempt = p.attempt,
+                    step = p.step,
+                    base_version = p.base_version,
+                    version,
+                    "stale synchronous gradient discarded"
+                );
+                return Ok(Message::PushAck {
+                    version,
+                    should_stop: coord.should_stop,
+                    duplicate: false,
+                });
             }
             let next = coord.workers.get(&p.worker).map_or(0, |w| w.next_step);
             if round.pending.contains_key(&p.worker) && p.step >= next {
@@ -668,12 +706,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             // Checked before anything is booked: a refused push leaves no trace.
             round.check_batch(p.batch_size)?;
-            let Some(staleness) = coord.check_push(p, inner.store.version())? else {
+            let Some(staleness) = coord.check_push(p, version)? else {
                 drop(coord);
                 drop(round);
                 return Ok(self.duplicate(p));
             };
             coord.record(p, staleness);
+            if let Some(w) = coord.workers.get_mut(&p.worker) {
+                w.round_base = Some(version);
+            }
         }
         inner.counters.updates.fetch_add(1, Ordering::Relaxed);
         let opened = round.pending.is_empty();

@@ -11,6 +11,12 @@ use super::conn::Refusal;
 /// Number of recent losses averaged per worker in [`crate::Stats::recent_loss`].
 const RECENT_LOSSES: usize = 10;
 
+/// History entries kept (the newest ones): 2^20 entries of 32 bytes, 32 MiB at most.
+pub const HISTORY_CAP: usize = 1 << 20;
+
+/// One history entry: `(worker, step, loss, val_loss)` of an applied push.
+pub type HistoryEntry = (u32, u64, f64, f64);
+
 /// Where a worker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Status {
@@ -35,6 +41,9 @@ pub(super) struct Worker {
     pub(super) updates: u64,
     /// Version of the parameters last sent to it (for staleness).
     pub(super) last_pulled: Option<u64>,
+    /// Synchronous mode: the version of the open round its gradient waits in (`None`: none
+    /// waits). A pull from the worker meanwhile waits for that round to close.
+    pub(super) round_base: Option<u64>,
     /// Its last few training losses.
     pub(super) recent: VecDeque<f64>,
 }
@@ -48,6 +57,7 @@ impl Worker {
             status: Status::Live,
             updates: 0,
             last_pulled: None,
+            round_base: None,
             recent: VecDeque::new(),
         }
     }
@@ -66,8 +76,11 @@ pub(super) struct Coord {
     pub(super) bad_evaluations: u32,
     /// Global early stop reached.
     pub(super) should_stop: bool,
-    /// `(worker, step, loss, val_loss)` per applied push.
-    pub(super) history: Vec<(u32, u64, f64, f64)>,
+    /// `(worker, step, loss, val_loss)` per applied push: the newest [`HISTORY_CAP`] ones.
+    /// Only [`Coord::record`] adds to it, keeping `history_total` in step.
+    history: VecDeque<HistoryEntry>,
+    /// Entries ever recorded (the index the next one gets).
+    history_total: u64,
     /// Sum of staleness over applied pushes.
     pub(super) staleness_sum: u64,
     /// Largest staleness.
@@ -138,7 +151,12 @@ impl Coord {
 
     /// Book an applied (or round-accepted) push.
     pub(super) fn record(&mut self, p: &PushMeta, staleness: u64) {
-        self.history.push((p.worker, p.step, p.loss, p.val_loss));
+        if self.history.len() == HISTORY_CAP {
+            self.history.pop_front();
+        }
+        self.history
+            .push_back((p.worker, p.step, p.loss, p.val_loss));
+        self.history_total += 1;
         if let Some(w) = self.workers.get_mut(&p.worker) {
             w.updates += 1;
             if w.recent.len() == RECENT_LOSSES {
@@ -149,6 +167,21 @@ impl Coord {
         self.staleness_sum = self.staleness_sum.saturating_add(staleness);
         self.staleness_count += 1;
         self.staleness_max = self.staleness_max.max(staleness);
+    }
+
+    /// The held history entries of index `since` and later (entry `i` is the `i`-th push
+    /// recorded; the oldest are no longer held past [`HISTORY_CAP`]), and the index after the
+    /// last one (the `since` of the next incremental read).
+    pub(super) fn history_since(&self, since: u64) -> (u64, Vec<HistoryEntry>) {
+        let first = self.history_total - self.history.len() as u64;
+        let skip = usize::try_from(since.saturating_sub(first)).unwrap_or(usize::MAX);
+        let new = self.history.iter().skip(skip).copied().collect();
+        (self.history_total, new)
+    }
+
+    /// Entries ever recorded.
+    pub(super) fn history_total(&self) -> u64 {
+        self.history_total
     }
 
     /// One early-stopping evaluation of a mean loss.
@@ -195,6 +228,51 @@ pub(super) fn eval_loss(p: &PushMeta) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn push(step: u64) -> PushMeta {
+        PushMeta {
+            worker: 0,
+            attempt: 0,
+            step,
+            batch_size: 1,
+            loss: step as f64,
+            val_loss: f64::NAN,
+            base_version: 0,
+        }
+    }
+
+    #[test]
+    fn history_is_a_bounded_ring_read_incrementally() {
+        let mut c = Coord::default();
+        for s in 0..3 {
+            c.record(&push(s), 0);
+        }
+        let (next, all) = c.history_since(0);
+        assert_eq!(
+            (next, all.iter().map(|e| e.1).collect::<Vec<_>>()),
+            (3, vec![0, 1, 2])
+        );
+        let (next, new) = c.history_since(2);
+        assert_eq!(
+            (next, new.iter().map(|e| e.1).collect::<Vec<_>>()),
+            (3, vec![2])
+        );
+        assert_eq!(c.history_since(3), (3, vec![]));
+        assert_eq!(c.history_since(99), (3, vec![]));
+        for s in 3..(HISTORY_CAP as u64 + 5) {
+            c.record(&push(s), 0);
+        }
+        // Only the newest HISTORY_CAP entries are held; a read from before them starts at the
+        // oldest one held.
+        let total = HISTORY_CAP as u64 + 5;
+        let (next, all) = c.history_since(0);
+        assert_eq!((next, all.len(), all[0].1), (total, HISTORY_CAP, 5));
+        let (next, new) = c.history_since(total - 2);
+        assert_eq!(
+            (next, new.iter().map(|e| e.1).collect::<Vec<_>>()),
+            (total, vec![total - 2, total - 1])
+        );
+    }
 
     #[test]
     fn early_stopping_counts_non_improvements() {

@@ -39,6 +39,7 @@ use crate::store::{Layout, Store};
 use crate::{lock, PsError};
 use conn::serve_connection;
 use coord::{Coord, Status};
+pub use coord::{HistoryEntry, HISTORY_CAP};
 use round::Round;
 
 /// A parameter server. Cheap to clone (shared state); [`Server::run`] serves a listener.
@@ -63,6 +64,9 @@ struct Counters {
     updates: AtomicU64,
     /// Replayed pushes acknowledged without applying.
     duplicates: AtomicU64,
+    /// Synchronous pushes computed on a version older than the open round: acknowledged,
+    /// not averaged.
+    stale_discarded: AtomicU64,
     /// Connections open now.
     connections: AtomicU64,
     /// Frames refused.
@@ -85,8 +89,25 @@ struct Checkpoints {
     /// Failed automatic / final writes.
     errors: AtomicU64,
     /// Serialises every checkpoint write (snapshot and file): the files appear in version
-    /// order. Holds the last one written: `(version, file)`.
+    /// order. Held across the file I/O, so nothing else ever takes it.
+    writer: Mutex<()>,
+    /// The last one written: `(version, file)`. Locked only to read or replace it (`stats()`
+    /// reads it), never across I/O.
     last: Mutex<Option<(u64, PathBuf)>>,
+    /// Tests: a slow filesystem stand-in, slept after the snapshot, before the file is
+    /// written (`started` is set then).
+    #[cfg(test)]
+    slow_io: SlowIo,
+}
+
+/// A slow filesystem stand-in for tests.
+#[cfg(test)]
+#[derive(Default)]
+struct SlowIo {
+    /// How long each write sleeps.
+    delay: Mutex<Duration>,
+    /// A write is sleeping (or slept).
+    started: AtomicBool,
 }
 
 /// Everything the connections share.
@@ -506,9 +527,17 @@ impl Server {
         Ok(self.inner.store.replace_optimizer(rebuild, state)?)
     }
 
-    /// Every applied push as `(worker, step, loss, val_loss)`, in order.
-    pub fn history(&self) -> Vec<(u32, u64, f64, f64)> {
-        lock(&self.inner.coord).history.clone()
+    /// Every applied push as `(worker, step, loss, val_loss)`, in order: the newest
+    /// [`HISTORY_CAP`] ones.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        lock(&self.inner.coord).history_since(0).1
+    }
+
+    /// An incremental read of the history: the entries of index `since` and later still held
+    /// (entry `i` is the `i`-th applied push; past [`HISTORY_CAP`] the oldest are dropped), and
+    /// the index to pass next time. Copies only those entries.
+    pub fn history_since(&self, since: u64) -> (u64, Vec<HistoryEntry>) {
+        lock(&self.inner.coord).history_since(since)
     }
 
     /// The global early-stop flag.
@@ -528,6 +557,7 @@ impl Server {
             mode: inner.config.mode,
             updates: c.updates.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
+            stale_discarded: c.stale_discarded.load(Ordering::Relaxed),
             updates_per_worker: coord.workers.iter().map(|(&k, w)| (k, w.updates)).collect(),
             steps_per_worker: coord
                 .workers
@@ -554,6 +584,7 @@ impl Server {
                 coord.staleness_sum as f64 / coord.staleness_count as f64
             },
             staleness_max: coord.staleness_max,
+            history_total: coord.history_total(),
             should_stop: coord.should_stop,
             best_loss: coord.best_loss.unwrap_or(f64::NAN),
             error: coord.fatal.clone(),
@@ -643,10 +674,18 @@ impl Inner {
     /// Snapshot and write to `file`, one write at a time (blocking: call from a blocking
     /// thread).
     fn write_checkpoint(&self, file: &Path) -> Result<(u64, PathBuf), CheckpointError> {
-        let mut last = lock(&self.checkpoints.last);
+        let _writing = lock(&self.checkpoints.writer);
         let c = self.checkpoint();
+        #[cfg(test)]
+        {
+            self.checkpoints
+                .slow_io
+                .started
+                .store(true, Ordering::SeqCst);
+            std::thread::sleep(*lock(&self.checkpoints.slow_io.delay));
+        }
         c.write(file)?;
-        *last = Some((c.version, file.to_path_buf()));
+        *lock(&self.checkpoints.last) = Some((c.version, file.to_path_buf()));
         Ok((c.version, file.to_path_buf()))
     }
 
@@ -717,5 +756,59 @@ impl Inner {
                 break;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// `stats()`, `history()`, the optimizer's description, pulls and steps never wait for a
+    /// checkpoint's file I/O (a write made to last 2 s by a slow filesystem stand-in).
+    #[test]
+    fn nothing_waits_for_checkpoint_io() {
+        let n = 1024;
+        let opt = sparktorch_optim::build("SGD", &vec![("lr".into(), HyperValue::Float(0.1))], n)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("spt-slow-io-{}", std::process::id()));
+        let mut config = ServerConfig::new(b"secret-0123456789".to_vec(), Mode::Async);
+        config.checkpoint_dir = Some(dir.clone());
+        let server = Server::new(vec![0.0; n], Vec::new(), opt, config).unwrap();
+        *lock(&server.inner.checkpoints.slow_io.delay) = Duration::from_secs(2);
+        let writer = {
+            let server = server.clone();
+            let file = dir.join("slow.safetensors");
+            std::thread::spawn(move || server.save_checkpoint(&file))
+        };
+        while !server
+            .inner
+            .checkpoints
+            .slow_io
+            .started
+            .load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t0 = Instant::now();
+        let stats = server.stats();
+        let _ = server.history();
+        let _ = server.optimizer_info();
+        let _ = server.parameters();
+        let v = server.inner.store.apply_then(&vec![1.0; n], |_| {});
+        let took = t0.elapsed();
+        assert!(!writer.is_finished(), "the write should still be sleeping");
+        assert!(
+            took < Duration::from_millis(50),
+            "took {took:?} during a checkpoint write"
+        );
+        assert_eq!(
+            (stats.version, v, stats.last_checkpoint_version),
+            (0, 1, None)
+        );
+        let (version, _) = writer.join().unwrap().unwrap();
+        assert_eq!(version, 0);
+        assert_eq!(server.stats().last_checkpoint_version, Some(0));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -43,6 +43,8 @@ pub(super) struct Round {
     pub(super) batch_total: u64,
     /// The round's lost-worker timer, aborted when the round closes in time.
     pub(super) timer: Option<tokio::task::AbortHandle>,
+    /// The averaged gradient's buffer, reused by every round (allocated by the first).
+    average: Vec<f32>,
 }
 
 impl Round {
@@ -77,9 +79,14 @@ impl Round {
     }
 }
 
-/// The batch-size weighted average of the round's gradients: accumulated in `f64` in worker-id
-/// order, then cast to `f32`. With every batch size 0 the plain mean is taken.
-pub(super) fn weighted_average(pending: &BTreeMap<u32, Contribution>, len: usize) -> Vec<f32> {
+/// The batch-size weighted average of the round's gradients, written into `out` (resized to
+/// `len`; its allocation is reused): accumulated in `f64` in worker-id order, then cast to
+/// `f32`. With every batch size 0 the plain mean is taken.
+pub(super) fn weighted_average(
+    pending: &BTreeMap<u32, Contribution>,
+    len: usize,
+    out: &mut Vec<f32>,
+) {
     // u128: no overflow for any number of u64 batch sizes (Round::add also bounds the sum).
     let total: u128 = pending.values().map(|c| u128::from(c.batch_size)).sum();
     let parts: Vec<(f64, &[f32])> = pending
@@ -94,7 +101,11 @@ pub(super) fn weighted_average(pending: &BTreeMap<u32, Contribution>, len: usize
     } else {
         total as f64
     };
-    let mut out = vec![0f32; len];
+    // Every element is written below: only a new length needs filling.
+    if out.len() != len {
+        out.clear();
+        out.resize(len, 0.0);
+    }
     const CHUNK: usize = 1 << 16;
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
         let start = c * CHUNK;
@@ -106,7 +117,6 @@ pub(super) fn weighted_average(pending: &BTreeMap<u32, Contribution>, len: usize
             *o = (acc / denom) as f32;
         }
     });
-    out
 }
 
 impl Inner {
@@ -124,18 +134,20 @@ impl Inner {
         let workers: Vec<u32> = pending.keys().copied().collect();
         let losses: Vec<f64> = pending.values().map(|c| c.loss).collect();
         let inner = self.clone();
+        let mut avg = std::mem::take(&mut round.average);
         let stepped = tokio::task::spawn_blocking(move || {
-            let avg = weighted_average(&pending, inner.store.len());
+            weighted_average(&pending, inner.store.len(), &mut avg);
             let version = inner.store.apply_then(&avg, |_| {
                 for (&w, c) in &pending {
                     inner.applied(w, c.step, c.attempt);
                 }
             });
-            (version, pending)
+            (version, pending, avg)
         })
         .await;
         match stepped {
-            Ok((version, pending)) => {
+            Ok((version, pending, avg)) => {
+                round.average = avg;
                 {
                     let mut pool = lock(&self.pool);
                     for (_, c) in pending {
@@ -146,6 +158,11 @@ impl Inner {
                 }
                 {
                     let mut coord = lock(&self.coord);
+                    for w in &workers {
+                        if let Some(x) = coord.workers.get_mut(w) {
+                            x.round_base = None;
+                        }
+                    }
                     let mean = losses.iter().sum::<f64>() / losses.len() as f64;
                     coord.evaluate(mean, self.config.early_stop_patience);
                 }
@@ -248,7 +265,8 @@ mod tests {
         let mut p = BTreeMap::new();
         p.insert(1, contrib(3, vec![1.0, 0.1]));
         p.insert(0, contrib(1, vec![5.0, 0.7]));
-        let got = weighted_average(&p, 2);
+        let mut got = Vec::new();
+        weighted_average(&p, 2, &mut got);
         let want0 = ((1.0 * 5.0f64) + 3.0 * 1.0f64) / 4.0;
         let want1 = ((1.0 * f64::from(0.7f32)) + 3.0 * f64::from(0.1f32)) / 4.0;
         assert_eq!(got, vec![want0 as f32, want1 as f32]);
@@ -256,6 +274,10 @@ mod tests {
         let mut z = BTreeMap::new();
         z.insert(0, contrib(0, vec![2.0]));
         z.insert(1, contrib(0, vec![4.0]));
-        assert_eq!(weighted_average(&z, 1), vec![3.0]);
+        let buf = got.as_ptr();
+        weighted_average(&z, 1, &mut got);
+        assert_eq!(got, vec![3.0]);
+        // The buffer is reused, not reallocated.
+        assert_eq!(got.as_ptr(), buf);
     }
 }

@@ -94,9 +94,12 @@ fn train(r: &Running, workers: u32, from: u64, to: u64) {
             c.push(&grad(w, step), step, 4 + u64::from(w), 1.0, None)
                 .unwrap();
         }
-        // Wait until the step (or round) is applied.
-        let v = clients[0].pull(&mut out, None).unwrap();
-        assert!(v >= 1);
+        // Wait until the step (or round) is applied; every worker computes its next step on
+        // the new version (synchronous: a gradient on an older one would be discarded).
+        for c in clients.iter_mut() {
+            let v = c.pull(&mut out, None).unwrap();
+            assert!(v >= 1);
+        }
     }
     drop(clients);
 }
