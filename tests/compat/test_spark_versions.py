@@ -19,6 +19,7 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.feature import VectorAssembler
 
 from nets import BNConvNet
+from toy_data import blobs
 from sparktorch import SparkTorch, serialize_torch_obj
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,12 +30,6 @@ def test_runs_the_expected_pyspark():
     if expected:
         assert pyspark.__version__ == expected, pyspark.__file__
 
-
-def blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, size=n)
-    x = rng.normal(0, 3, size=(3, 5))[y] + rng.normal(0, 0.5, size=(n, 5))
-    return x.astype(np.float32), y
 
 
 def columns_frame(spark, x: np.ndarray, y: np.ndarray, parts: int):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from pyspark.ml.linalg import Vectors
 
 from nets import BNConvNet
+from toy_data import vector_frame as frame
 from sparktorch import SparkTorch, serialize_torch_obj
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -34,10 +34,6 @@ def mnist(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     x = images[offset : offset + n].astype(np.float32).reshape(n, SIDE, 2, SIDE, 2).mean(axis=(2, 4)) / 255.0
     return x.reshape(n, SIDE * SIDE), labels[offset : offset + n].astype(np.int64)
 
-
-def frame(spark, x: np.ndarray, y: np.ndarray, parts: int):
-    rows = [(Vectors.dense(r.tolist()), float(v)) for r, v in zip(x, y)]
-    return spark.sparkContext.parallelize(rows, parts).toDF(["features", "label"])
 
 
 def plain_training(net: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch: int, lr: float, seed: int = 0) -> nn.Module:

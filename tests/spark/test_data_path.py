@@ -8,26 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from pyspark.ml.linalg import Vectors
 from torch.utils.data import DataLoader, TensorDataset
 
 from nets import TwoLayer
+from toy_data import blobs
+from toy_data import vector_frame as frame
 from sparktorch import SparkTorch, serialize_torch_obj
 from sparktorch.errors import ParamError
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, size=n)
-    x = rng.normal(0, 3, size=(3, 5))[y] + rng.normal(0, 0.5, size=(n, 5))
-    return x.astype(np.float32), y.astype(np.int64)
-
-
-def frame(spark, x: np.ndarray, y: np.ndarray, parts: int):
-    rows = [(Vectors.dense(r.tolist()), float(v)) for r, v in zip(x, y)]
-    return spark.sparkContext.parallelize(rows, parts).toDF(["features", "label"])
 
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from pyspark.ml.linalg import Vectors
 
 from nets import AutoEncoder, TwoLayer
+from toy_data import blobs
 from sparktorch import SparkTorch, serialize_torch_obj, serialize_torch_obj_lazy
 from sparktorch.errors import DataError, ParamError
 
@@ -18,14 +19,6 @@ pytestmark = pytest.mark.timeout(240)
 
 N_IN, N_CLASSES = 5, 3
 
-
-def blobs(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three well-separated Gaussian blobs in 5 dimensions."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, N_CLASSES, size=n)
-    centers = rng.normal(0, 3, size=(N_CLASSES, N_IN))
-    x = centers[y] + rng.normal(0, 0.5, size=(n, N_IN))
-    return x.astype(np.float32), y.astype(np.int64)
 
 
 def frame(spark, x: np.ndarray, y: np.ndarray | None, parts: int, label_type=float):

@@ -9,25 +9,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from pyspark.ml.linalg import Vectors
 
 from nets import LogSoftmaxNLL, NoisyInTraining, TwoLayer
+from toy_data import blobs
+from toy_data import vector_frame as frame
 from sparktorch import SparkTorch, serialize_torch_obj
 from sparktorch.errors import ParamError
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, size=n)
-    x = rng.normal(0, 3, size=(3, 5))[y] + rng.normal(0, 0.5, size=(n, 5))
-    return x.astype(np.float32), y
-
-
-def frame(spark, x: np.ndarray, y: np.ndarray, parts: int):
-    rows = [(Vectors.dense(r.tolist()), float(v)) for r, v in zip(x, y)]
-    return spark.sparkContext.parallelize(rows, parts).toDF(["features", "label"])
 
 
 def test_validation_runs_in_eval_mode(spark):
