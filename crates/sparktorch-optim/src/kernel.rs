@@ -178,9 +178,64 @@ where
     }
 }
 
+/// Where a step reads the parameters from: the buffer it writes (in place) or another one.
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// Read and write the same buffer.
+    InPlace,
+    /// Read these values (same length as the destination), write the destination: the step of
+    /// a double-buffered store, which never copies the model first.
+    From(&'a [f32]),
+}
+
+/// [`sequential`] reading the parameters from `src` and writing them to `dst`.
+#[inline(always)]
+fn sequential_into<const N: usize, F>(
+    src: &[f32],
+    dst: &mut [f32],
+    g: &[f32],
+    mut b: [&mut [f32]; N],
+    f: &F,
+) where
+    F: Fn(f32, f32, [f32; N]) -> (f32, [f32; N]),
+{
+    let n = dst.len();
+    let (src, g) = (&src[..n], &g[..n]);
+    for bk in b.iter_mut() {
+        let whole = std::mem::take(bk);
+        *bk = &mut whole[..n];
+    }
+    for i in 0..n {
+        let s: [f32; N] = std::array::from_fn(|k| b[k][i]);
+        let (np, ns) = f(src[i], g[i], s);
+        dst[i] = np;
+        for k in 0..N {
+            b[k][i] = ns[k];
+        }
+    }
+}
+
+/// Run one chunk: in place, or from the matching chunk of the source.
+#[inline(always)]
+fn chunk<const N: usize, F>(
+    src: Option<&[f32]>,
+    p: &mut [f32],
+    g: &[f32],
+    b: [&mut [f32]; N],
+    f: &F,
+) where
+    F: Fn(f32, f32, [f32; N]) -> (f32, [f32; N]),
+{
+    match src {
+        None => sequential(p, g, b, f),
+        Some(s) => sequential_into(s, p, g, b, f),
+    }
+}
+
 /// Exclusive access: plain `f32` slices.
 pub(crate) struct Exclusive<'a> {
     pub(crate) params: &'a mut [f32],
+    pub(crate) source: Source<'a>,
     pub(crate) grads: &'a [f32],
     pub(crate) bufs: Vec<&'a mut [f32]>,
     pub(crate) par: Parallelism,
@@ -197,23 +252,30 @@ impl Driver for Exclusive<'_> {
             unreachable!("algorithm buffer count does not match its kernel");
         };
         let (params, grads) = (self.params, self.grads);
+        let src = match self.source {
+            Source::InPlace => None,
+            Source::From(s) => Some(s),
+        };
         match self.par.chunk_for(params.len()) {
-            None => sequential(params, grads, bufs, &f),
+            None => chunk(src, params, grads, bufs, &f),
             Some(c) => {
                 let mut its = bufs.map(|b| b.chunks_mut(c));
+                let mut srcs = src.map(|s| s.chunks(c));
                 let jobs: Vec<_> = params
                     .chunks_mut(c)
                     .zip(grads.chunks(c))
                     .map(|(pc, gc)| {
-                        // Every buffer has params' length (checked in `Elementwise::step`), so
-                        // each iterator yields a chunk here; the empty default is never used.
+                        // Every buffer (and the source) has params' length (checked in
+                        // `Elementwise::step`), so each iterator yields a chunk here; the
+                        // empty default is never used.
                         let bc: [&mut [f32]; N] =
                             its.each_mut().map(|it| it.next().unwrap_or_default());
-                        (pc, gc, bc)
+                        let sc = srcs.as_mut().map(|it| it.next().unwrap_or_default());
+                        (sc, pc, gc, bc)
                     })
                     .collect();
                 jobs.into_par_iter()
-                    .for_each(|(pc, gc, bc)| sequential(pc, gc, bc, &f));
+                    .for_each(|(sc, pc, gc, bc)| chunk(sc, pc, gc, bc, &f));
             }
         }
     }
@@ -303,6 +365,30 @@ impl<A: Algorithm> Elementwise<A> {
         );
     }
 
+    /// One exclusive step writing `params`, reading them from `source`.
+    fn step_exclusive(&mut self, params: &mut [f32], source: Source<'_>, grads: &[f32]) {
+        let st = self
+            .scalars
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        let sc = self.algo.begin_step(st);
+        let bufs = self
+            .bufs
+            .iter_mut()
+            .map(|b| AtomicF32::as_mut_f32(b))
+            .collect();
+        self.algo.apply(
+            sc,
+            Exclusive {
+                params,
+                source,
+                grads,
+                bufs,
+                par: self.par,
+            },
+        );
+    }
+
     fn bad(&self, reason: String) -> OptimError {
         OptimError::BadState {
             optimizer: self.algo.name(),
@@ -330,25 +416,13 @@ impl<A: Algorithm> Optimizer for Elementwise<A> {
 
     fn step(&mut self, params: &mut [f32], grads: &[f32]) {
         self.check_lengths(params.len(), grads.len());
-        let st = self
-            .scalars
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
-        let sc = self.algo.begin_step(st);
-        let bufs = self
-            .bufs
-            .iter_mut()
-            .map(|b| AtomicF32::as_mut_f32(b))
-            .collect();
-        self.algo.apply(
-            sc,
-            Exclusive {
-                params,
-                grads,
-                bufs,
-                par: self.par,
-            },
-        );
+        self.step_exclusive(params, Source::InPlace, grads);
+    }
+
+    fn step_into(&mut self, src: &[f32], dst: &mut [f32], grads: &[f32]) {
+        self.check_lengths(dst.len(), grads.len());
+        self.check_lengths(src.len(), grads.len());
+        self.step_exclusive(dst, Source::From(src), grads);
     }
 
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {

@@ -79,6 +79,16 @@ pub trait Optimizer: Send + Sync {
     /// One step with exclusive access. `params.len() == grads.len() == self.len()`.
     fn step(&mut self, params: &mut [f32], grads: &[f32]);
 
+    /// One exclusive step that reads the parameters from `src` and writes the stepped values
+    /// to `dst` (both of [`Self::len`] elements), leaving `src` untouched: what a
+    /// double-buffered store does instead of copying the model before stepping it. The result
+    /// (values and state) is bit-identical to `dst.copy_from_slice(src); self.step(dst, grads)`,
+    /// which is the default implementation.
+    fn step_into(&mut self, src: &[f32], dst: &mut [f32], grads: &[f32]) {
+        dst.copy_from_slice(src);
+        self.step(dst, grads);
+    }
+
     /// One step that may run concurrently with other `step_relaxed` calls (HOGWILD!).
     /// Every element of `params` and of the state is loaded and stored with relaxed atomics.
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]);

@@ -73,6 +73,15 @@ impl Optimizer for WithModelBuffers {
         }
     }
 
+    fn step_into(&mut self, src: &[f32], dst: &mut [f32], grads: &[f32]) {
+        let n = self.inner.len();
+        let (head, tail) = dst.split_at_mut(n);
+        self.inner.step_into(&src[..n], head, &grads[..n]);
+        for ((b, s), d) in tail.iter_mut().zip(&src[n..]).zip(&grads[n..]) {
+            *b = *s + *d;
+        }
+    }
+
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {
         let n = self.inner.len();
         self.inner.step_relaxed(&params[..n], &grads[..n]);
@@ -127,6 +136,22 @@ mod tests {
         a.step(&mut pa, &g);
         b.step_relaxed(&cells, &g);
         assert_eq!(AtomicF32::snapshot(&cells), pa);
+        Ok(())
+    }
+
+    #[test]
+    fn step_into_matches_the_in_place_step() -> Result<(), OptimError> {
+        let mut a = with_model_buffers(adam(2)?, 2);
+        let mut b = with_model_buffers(adam(2)?, 2);
+        let mut pa = vec![0.5, 0.25, 3.0, -4.0];
+        let src = pa.clone();
+        let mut dst = vec![f32::NAN; 4];
+        let g = [0.1, 0.2, -1.0, 0.5];
+        a.step(&mut pa, &g);
+        b.step_into(&src, &mut dst, &g);
+        assert_eq!(dst, pa);
+        assert_eq!(src, [0.5, 0.25, 3.0, -4.0]);
+        assert_eq!(a.export_state(), b.export_state());
         Ok(())
     }
 

@@ -184,17 +184,33 @@ fn relaxed_equals_exclusive_and_parallel_equals_sequential() {
         rel.set_parallelism(Parallelism::SEQUENTIAL);
         let mut rel_par = build(name, &hp, n).expect("builds");
         rel_par.set_parallelism(small);
+        // Double-buffered: step from one buffer into the other, then swap them.
+        let (mut into_seq, mut into_par) = (
+            build(name, &hp, n).expect("builds"),
+            build(name, &hp, n).expect("builds"),
+        );
+        into_seq.set_parallelism(Parallelism::SEQUENTIAL);
+        into_par.set_parallelism(small);
         let init = data(n, 1);
         let (mut p_seq, mut p_par) = (init.clone(), init.clone());
         let (p_rel, p_rel_par) = (AtomicF32::vec_from(&init), AtomicF32::vec_from(&init));
+        let (mut cur_seq, mut next_seq) = (init.clone(), vec![f32::NAN; n]);
+        let (mut cur_par, mut next_par) = (init.clone(), vec![f32::NAN; n]);
         for s in 0..7 {
             let g = data(n, 100 + s);
             seq.step(&mut p_seq, &g);
             par.step(&mut p_par, &g);
             rel.step_relaxed(&p_rel, &g);
             rel_par.step_relaxed(&p_rel_par, &g);
+            into_seq.step_into(&cur_seq, &mut next_seq, &g);
+            std::mem::swap(&mut cur_seq, &mut next_seq);
+            into_par.step_into(&cur_par, &mut next_par, &g);
+            std::mem::swap(&mut cur_par, &mut next_par);
         }
         assert_eq!(bits(&p_seq), bits(&p_par), "{name}: parallel step");
+        assert_eq!(bits(&p_seq), bits(&cur_seq), "{name}: step_into");
+        assert_eq!(bits(&p_seq), bits(&cur_par), "{name}: parallel step_into");
+        assert_eq!(seq.export_state(), into_par.export_state(), "{name}: state");
         assert_eq!(
             bits(&p_seq),
             bits(&AtomicF32::snapshot(&p_rel)),

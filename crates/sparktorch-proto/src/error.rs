@@ -50,8 +50,8 @@ pub enum ProtoError {
         /// The bound.
         max: usize,
     },
-    /// The payload length is not a multiple of 4 (payloads are `f32` values).
-    #[error("payload of {len} bytes is not a whole number of f32 values")]
+    /// The payload length is not a multiple of the element size (4 for `f32`, 2 for bfloat16).
+    #[error("payload of {len} bytes is not a whole number of values of its dtype")]
     PayloadMisaligned {
         /// Length announced.
         len: usize,

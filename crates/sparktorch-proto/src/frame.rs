@@ -5,16 +5,23 @@
 //!      0    4 magic        b"SPT1"
 //!      4    2 version      u16 LE, PROTOCOL_VERSION
 //!      6    1 kind         u8, FrameKind
-//!      7    1 flags        u8, reserved, must be 0
+//!      7    1 flags        u8: bit 0 = BF16 (Pull, Push, PushPull, Params only), others 0
 //!      8    4 meta_len     u32 LE, <= MAX_META_BYTES, exactly the kind's meta size
-//!     12    4 payload_len  u32 LE, <= MAX_PAYLOAD_BYTES, multiple of 4, 0 for kinds without
+//!     12    4 payload_len  u32 LE, <= MAX_PAYLOAD_BYTES, multiple of the element size (4, or 2
+//!                          with BF16), 0 for kinds without
 //!     16    . meta         fixed fields of the message, LE
-//!      .    . payload      raw f32 LE
+//!      .    . payload      raw f32 LE (bfloat16 LE with BF16)
+//! ```
+//!
+//! The BF16 flag on a request (`Pull`, `Push`, `PushPull`) says that its payload is bfloat16
+//! and that the `Params` answering it must be bfloat16 too; the server keeps `f32` values.
+//!
+//! ```text
 //! ```
 
 use std::fmt;
 
-use crate::payload;
+use crate::payload::{self, Dtype};
 use crate::{
     ProtoError, HEADER_LEN, MAGIC, MAX_ERROR_MESSAGE_BYTES, MAX_META_BYTES, MAX_PAYLOAD_BYTES,
     NONCE_LEN, PROOF_LEN, PROTOCOL_VERSION,
@@ -88,6 +95,12 @@ impl FrameKind {
         matches!(self, Self::Params | Self::Push | Self::PushPull)
     }
 
+    /// Whether a frame of this kind may carry the BF16 flag: the kinds with a payload, and
+    /// `Pull`, whose answer is a payload.
+    pub fn may_be_bf16(self) -> bool {
+        self.has_payload() || self == Self::Pull
+    }
+
     /// The exact meta size of this kind, `None` when variable (`Error`).
     pub fn meta_len(self) -> Option<usize> {
         use FrameKind::*;
@@ -100,7 +113,7 @@ impl FrameKind {
             Pull => 8,
             Params => 8 + 1,
             Push | PushPull => PushMeta::LEN,
-            PushAck => 8 + 1 + 1,
+            PushAck => 8 + 1 + 1 + 1,
             StatsRequest | EarlyStopRequest | Bye => 0,
             Stats => 8 + 8 + 4 + 1 + 8,
             EarlyStop => 1 + 8 + 4,
@@ -307,7 +320,8 @@ pub enum Message {
     },
     /// Client -> server: gradients of one step (payload: num_params f32).
     Push(PushMeta),
-    /// Server -> client: the push was accepted (or recognised as a duplicate).
+    /// Server -> client: the push was accepted (or recognised as a duplicate, or refused as
+    /// too stale).
     PushAck {
         /// The server version after the push was accepted.
         version: u64,
@@ -315,6 +329,10 @@ pub enum Message {
         should_stop: bool,
         /// True when this (worker, attempt, step) had been applied already: nothing changed.
         duplicate: bool,
+        /// True when the push was computed on a version more than the server's bounded
+        /// staleness behind (`max_staleness`): nothing changed, the step is not done; the
+        /// worker pulls (a `PushPull` gets the current version) and computes it again.
+        stale: bool,
     },
     /// Client -> server: a `Push` followed by a `Pull` (newer than the push's base version in
     /// synchronous mode), answered by `PushAck` then `Params`.
@@ -394,21 +412,26 @@ impl Message {
     }
 }
 
+/// The header flag bit saying that the payload (and a request's answer) is bfloat16.
+pub const FLAG_BF16: u8 = 1;
+
 /// A validated frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
     /// What the frame is.
     pub kind: FrameKind,
+    /// Element type of the payload (and, on a request, of the answer's payload).
+    pub dtype: Dtype,
     /// Bytes of meta that follow the header.
     pub meta_len: usize,
-    /// Bytes of f32 payload that follow the meta.
+    /// Bytes of payload that follow the meta.
     pub payload_len: usize,
 }
 
 impl FrameHeader {
-    /// Number of f32 values in the payload.
+    /// Number of values in the payload.
     pub fn payload_values(&self) -> usize {
-        self.payload_len / 4
+        self.payload_len / self.dtype.size()
     }
 
     /// Bytes of the whole frame.
@@ -436,9 +459,11 @@ pub fn decode_header(
         });
     }
     let kind = FrameKind::from_u8(bytes[6]).ok_or(ProtoError::UnknownKind { kind: bytes[6] })?;
-    if bytes[7] != 0 {
-        return Err(ProtoError::ReservedFlags { flags: bytes[7] });
-    }
+    let dtype = match bytes[7] {
+        0 => Dtype::F32,
+        FLAG_BF16 if kind.may_be_bf16() => Dtype::Bf16,
+        flags => return Err(ProtoError::ReservedFlags { flags }),
+    };
     let meta_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
     let payload_len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
     if meta_len > MAX_META_BYTES {
@@ -477,11 +502,12 @@ pub fn decode_header(
             max,
         });
     }
-    if !payload_len.is_multiple_of(4) {
+    if !payload_len.is_multiple_of(dtype.size()) {
         return Err(ProtoError::PayloadMisaligned { len: payload_len });
     }
     Ok(FrameHeader {
         kind,
+        dtype,
         meta_len,
         payload_len,
     })
@@ -599,6 +625,7 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Message, ProtoEr
             version: r.u64("version")?,
             should_stop: r.bool("should_stop")?,
             duplicate: r.bool("duplicate")?,
+            stale: r.bool("stale")?,
         },
         FrameKind::StatsRequest => Message::StatsRequest,
         FrameKind::Stats => Message::Stats {
@@ -646,9 +673,19 @@ pub fn decode_meta(header: &FrameHeader, meta: &[u8]) -> Result<Message, ProtoEr
     Ok(msg)
 }
 
-/// Append the header and meta of `msg` to `out`, announcing `payload_len` bytes of payload that
-/// the caller writes right after (see [`crate::payload::as_wire_bytes`]).
+/// Append the header and meta of `msg` to `out`, announcing `payload_len` bytes of `f32`
+/// payload that the caller writes right after (see [`crate::payload::as_wire_bytes`]).
 pub fn encode_head(msg: &Message, payload_len: usize, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    encode_head_as(msg, Dtype::F32, payload_len, out)
+}
+
+/// [`encode_head`] for a payload of `dtype` (on a request: also the dtype of the answer).
+pub fn encode_head_as(
+    msg: &Message,
+    dtype: Dtype,
+    payload_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtoError> {
     let kind = msg.kind();
     if !kind.has_payload() && payload_len != 0 {
         return Err(ProtoError::Unencodable {
@@ -656,10 +693,16 @@ pub fn encode_head(msg: &Message, payload_len: usize, out: &mut Vec<u8>) -> Resu
             reason: "this kind carries no payload",
         });
     }
-    if payload_len > MAX_PAYLOAD_BYTES || !payload_len.is_multiple_of(4) {
+    if dtype != Dtype::F32 && !kind.may_be_bf16() {
         return Err(ProtoError::Unencodable {
             kind,
-            reason: "payload over MAX_PAYLOAD_BYTES or not whole f32 values",
+            reason: "only Pull, Push, PushPull and Params frames may be bfloat16",
+        });
+    }
+    if payload_len > MAX_PAYLOAD_BYTES || !payload_len.is_multiple_of(dtype.size()) {
+        return Err(ProtoError::Unencodable {
+            kind,
+            reason: "payload over MAX_PAYLOAD_BYTES or not whole values",
         });
     }
     let mut meta: Vec<u8> = Vec::with_capacity(64);
@@ -718,10 +761,12 @@ pub fn encode_head(msg: &Message, payload_len: usize, out: &mut Vec<u8>) -> Resu
             version,
             should_stop,
             duplicate,
+            stale,
         } => {
             meta.extend_from_slice(&version.to_le_bytes());
             meta.push(u8::from(*should_stop));
             meta.push(u8::from(*duplicate));
+            meta.push(u8::from(*stale));
         }
         Message::StatsRequest | Message::EarlyStopRequest | Message::Bye => {}
         Message::Stats {
@@ -763,7 +808,10 @@ pub fn encode_head(msg: &Message, payload_len: usize, out: &mut Vec<u8>) -> Resu
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     out.push(kind as u8);
-    out.push(0);
+    out.push(match dtype {
+        Dtype::F32 => 0,
+        Dtype::Bf16 => FLAG_BF16,
+    });
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
     out.extend_from_slice(&meta);
@@ -854,7 +902,16 @@ impl Decoder {
         }
         let meta_end = HEADER_LEN + header.meta_len;
         let message = decode_meta(&header, &buf[HEADER_LEN..meta_end])?;
-        let payload = payload::decode_f32s(&buf[meta_end..total]);
+        let bytes = &buf[meta_end..total];
+        // A bfloat16 payload is widened: a `Frame` always holds `f32` values.
+        let payload = match header.dtype {
+            Dtype::F32 => payload::decode_f32s(bytes),
+            Dtype::Bf16 => {
+                let mut v = vec![0.0; header.payload_values()];
+                payload::decode_bf16(bytes, &mut v);
+                v
+            }
+        };
         Ok(Decoded::Frame {
             frame: Frame { message, payload },
             consumed: total,
@@ -882,6 +939,46 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_frames_announce_their_dtype_and_halve_the_payload() {
+        let push = Message::Push(PushMeta {
+            worker: 1,
+            attempt: 0,
+            step: 3,
+            batch_size: 8,
+            loss: 0.5,
+            val_loss: f64::NAN,
+            base_version: 2,
+        });
+        let values = [1.0f32, -2.5, 0.1];
+        let mut out = Vec::new();
+        encode_head_as(&push, Dtype::Bf16, 6, &mut out).expect("encodes");
+        let mut bytes = [0u8; 6];
+        payload::encode_bf16(&values, &mut bytes);
+        out.extend_from_slice(&bytes);
+        let head = out.first_chunk::<HEADER_LEN>().expect("header");
+        let header = decode_header(head, 6).expect("valid");
+        assert_eq!((header.dtype, header.payload_values()), (Dtype::Bf16, 3));
+        let frame = Decoder::default().decode_exact(&out).expect("decodes");
+        assert_eq!(&frame.payload[..2], &values[..2]);
+        // A pull may ask for a bfloat16 answer; an odd byte count or a flag on a kind that
+        // has no tensor is refused.
+        let mut pull = Vec::new();
+        encode_head_as(&Message::Pull { newer_than: -1 }, Dtype::Bf16, 0, &mut pull)
+            .expect("encodes");
+        let head = pull.first_chunk::<HEADER_LEN>().expect("header");
+        assert_eq!(decode_header(head, 0).map(|h| h.dtype), Ok(Dtype::Bf16));
+        assert!(encode_head_as(&push, Dtype::Bf16, 5, &mut Vec::new()).is_err());
+        assert!(encode_head_as(&Message::Bye, Dtype::Bf16, 0, &mut Vec::new()).is_err());
+        let mut odd = out.clone();
+        odd[12] = 5;
+        let head = odd.first_chunk::<HEADER_LEN>().expect("header");
+        assert_eq!(
+            decode_header(head, 100),
+            Err(ProtoError::PayloadMisaligned { len: 5 })
+        );
+    }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -931,6 +1028,7 @@ mod tests {
                 version: 11,
                 should_stop: false,
                 duplicate: true,
+                stale: false,
             },
             Message::PushPull(push_meta()),
             Message::StatsRequest,
@@ -1030,10 +1128,10 @@ mod tests {
         encode_head(&Message::Bye, 0, &mut head)?;
         let h: [u8; HEADER_LEN] = head[..HEADER_LEN].try_into()?;
         let mut v = h;
-        v[4] = 2;
+        v[4] = 3;
         assert!(matches!(
             decode_header(&v, 0),
-            Err(ProtoError::UnsupportedVersion { found: 2, .. })
+            Err(ProtoError::UnsupportedVersion { found: 3, .. })
         ));
         let mut k = h;
         k[6] = 200;
@@ -1046,6 +1144,11 @@ mod tests {
         assert_eq!(
             decode_header(&f, 0),
             Err(ProtoError::ReservedFlags { flags: 1 })
+        );
+        f[7] = 2;
+        assert_eq!(
+            decode_header(&f, 0),
+            Err(ProtoError::ReservedFlags { flags: 2 })
         );
         let mut p = h;
         p[12] = 4;
@@ -1075,6 +1178,7 @@ mod tests {
                 version: 1,
                 should_stop: false,
                 duplicate: false,
+                stale: true,
             },
             payload: vec![],
         };

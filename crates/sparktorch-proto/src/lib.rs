@@ -27,9 +27,10 @@ use std::time::Duration;
 
 pub use error::ProtoError;
 pub use frame::{
-    decode_header, decode_meta, encode_head, Decoded, Decoder, ErrorCode, Frame, FrameHeader,
-    FrameKind, Message, Mode, PushMeta,
+    decode_header, decode_meta, encode_head, encode_head_as, Decoded, Decoder, ErrorCode, Frame,
+    FrameHeader, FrameKind, Message, Mode, PushMeta, FLAG_BF16,
 };
+pub use payload::Dtype;
 
 /// The four bytes every frame starts with (`"SPT1"`), so that a stray HTTP request or random
 /// bytes are recognised at once.
@@ -37,7 +38,7 @@ pub const MAGIC: [u8; 4] = *b"SPT1";
 
 /// The protocol version this crate speaks; carried in every frame header and in [`Message::Hello`].
 /// Peers with a different version are refused during the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Size of the fixed frame header, in bytes.
 pub const HEADER_LEN: usize = 16;

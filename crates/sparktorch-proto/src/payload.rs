@@ -1,4 +1,5 @@
-//! Tensor payloads: `f32` slices viewed as wire bytes (little-endian) without copying.
+//! Tensor payloads: `f32` slices viewed as wire bytes (little-endian) without copying, and the
+//! optional bfloat16 encoding ([`Dtype::Bf16`]).
 //!
 //! On little-endian hosts (every platform the product runs on) the wire format *is* the memory
 //! format: [`as_wire_bytes`] borrows the slice and [`as_wire_bytes_mut`] lets a reader fill a
@@ -53,9 +54,123 @@ pub fn decode_f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// The element type of a tensor payload on the wire. The server keeps `f32` master weights
+/// whatever travels; `bf16` halves the bytes of pushes and pulls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Dtype {
+    /// IEEE `f32`, little-endian: the memory format, sent and received without conversion.
+    #[default]
+    F32,
+    /// bfloat16 (the top 16 bits of an `f32`), little-endian; `f32` values are rounded to the
+    /// nearest even bfloat16, as `torch.Tensor.to(torch.bfloat16)` does.
+    Bf16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
+
+    /// The name users give it (`"float32"`, `"bfloat16"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+        }
+    }
+
+    /// Parse a user's name: `float32`/`f32`, `bfloat16`/`bf16` (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "float32" | "f32" | "fp32" => Some(Self::F32),
+            "bfloat16" | "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// Round `x` to the nearest bfloat16 (ties to even); NaN stays a (quiet) NaN.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    // A NaN could round into infinity: keep it a NaN (sign and top payload bits, quiet bit set).
+    let nan = (b >> 16) | 0x0040;
+    (if x.is_nan() { nan } else { rounded }) as u16
+}
+
+/// Widen a bfloat16 to the `f32` it denotes (exact).
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Encode `values` as little-endian bfloat16 into `out` (`2 * values.len()` bytes).
+pub fn encode_bf16(values: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+    }
+}
+
+/// Decode little-endian bfloat16 `bytes` into `out` (`bytes.len() / 2` values).
+pub fn decode_bf16(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_like_torch() {
+        // Exactly representable values are kept.
+        for v in [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            65280.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ] {
+            assert_eq!(bf16_to_f32(f32_to_bf16(v)).to_bits(), v.to_bits(), "{v}");
+        }
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even one (1.0);
+        // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: ties go to 1 + 2^-6.
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        assert_eq!(
+            bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)),
+            1.0 + 1.0 / 64.0
+        );
+        // Just above the halfway point rounds up.
+        assert_eq!(
+            bf16_to_f32(f32_to_bf16(f32::from_bits(0x3f80_8001))),
+            1.0 + 1.0 / 128.0
+        );
+        // The largest finite f32 rounds to infinity (as torch does); NaNs stay NaN.
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::MAX)), f32::INFINITY);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert!(bf16_to_f32(f32_to_bf16(f32::from_bits(0x7fff_ffff))).is_nan());
+        // Relative error at most half an ulp (2^-8) for normal values.
+        for i in 1..1000 {
+            let v = (i as f32) * 0.7351 - 300.0;
+            let r = bf16_to_f32(f32_to_bf16(v));
+            assert!(((r - v) / v).abs() <= 1.0 / 256.0, "{v} -> {r}");
+        }
+        let v = [1.5f32, -3.0, 0.1];
+        let mut bytes = [0u8; 6];
+        encode_bf16(&v, &mut bytes);
+        let mut back = [0f32; 3];
+        decode_bf16(&bytes, &mut back);
+        assert_eq!(&back[..2], &v[..2]);
+        assert!((back[2] - 0.1).abs() < 1e-3);
+    }
 
     #[test]
     fn bytes_roundtrip() {

@@ -60,12 +60,13 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         push_meta().prop_map(Message::Push),
         push_meta().prop_map(Message::PushPull),
-        (any::<u64>(), any::<bool>(), any::<bool>()).prop_map(
-            |(version, should_stop, duplicate)| {
+        (any::<u64>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(version, should_stop, duplicate, stale)| {
                 Message::PushAck {
                     version,
                     should_stop,
                     duplicate,
+                    stale,
                 }
             }
         ),

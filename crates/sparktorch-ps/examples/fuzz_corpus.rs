@@ -89,6 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 version: 10,
                 should_stop: true,
                 duplicate: false,
+                stale: false,
             },
             vec![],
         ),

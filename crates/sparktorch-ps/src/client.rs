@@ -2,8 +2,10 @@
 //! server uses TLS), no runtime and no threads (PySpark forks its Python workers; the only
 //! thread is a short-lived one for a host-name lookup, see [`resolve`]).
 //!
-//! Each call is one round trip on a persistent connection. Payloads are written straight from
-//! the caller's slice and read straight into the caller's buffer.
+//! Each call is one round trip on a persistent connection. `f32` payloads are written straight
+//! from the caller's slice and read straight into the caller's buffer; with
+//! [`ClientOptions::dtype`] = bfloat16 they are converted chunk by chunk on the way (see
+//! [`crate::framing`], which the server shares).
 //!
 //! Deadlines are per exchange (a request and its answer), not per system call: every read and
 //! write gets what is left of the exchange's deadline as its socket timeout, so a server that
@@ -15,9 +17,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sparktorch_proto::{
-    auth, decode_header, decode_meta, encode_head, payload, ErrorCode, FrameHeader, Message, Mode,
-    PushMeta, HEADER_LEN, MAX_META_BYTES, MAX_PAYLOAD_BYTES, NONCE_LEN,
+    auth, Dtype, ErrorCode, FrameHeader, Message, Mode, PushMeta, MAX_PAYLOAD_BYTES, NONCE_LEN,
 };
+
+use crate::framing::{Head, Incoming, Outgoing, Values};
 
 use crate::tls::{self, Fingerprint};
 use crate::ClientError;
@@ -34,6 +37,9 @@ pub struct ClientOptions {
     /// `Some`: speak TLS and accept only the server certificate with this SHA-256 digest.
     /// `None`: plaintext TCP.
     pub server_fingerprint: Option<Fingerprint>,
+    /// Element type of pushed gradients and pulled parameters on the wire (the server keeps
+    /// `f32` master weights either way): [`Dtype::Bf16`] halves the bytes.
+    pub dtype: Dtype,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +48,7 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
             server_fingerprint: None,
+            dtype: Dtype::F32,
         }
     }
 }
@@ -143,6 +150,10 @@ pub struct PushOutcome {
     pub should_stop: bool,
     /// The push had been applied before (a replay): nothing changed.
     pub duplicate: bool,
+    /// The push was computed on a version staler than the server's `max_staleness`: nothing
+    /// changed and the step is not done; compute it again on the current parameters (a
+    /// `push_pull` has already pulled them).
+    pub stale: bool,
 }
 
 /// A connected, authenticated, registered worker.
@@ -171,8 +182,12 @@ pub struct Client {
     budget: Duration,
     /// Last early-stop flag seen.
     should_stop: bool,
-    /// Header encoding buffer.
-    out: Vec<u8>,
+    /// Payload element type on the wire.
+    dtype: Dtype,
+    /// Frame encoding buffers (head and converted chunks, values).
+    out: (Vec<u8>, Vec<f32>),
+    /// Chunk buffer for reading converted payloads.
+    chunk: Vec<u8>,
 }
 
 fn io_err(addr: &str, what: &'static str, after: Duration, e: io::Error) -> ClientError {
@@ -235,7 +250,9 @@ impl Client {
             timeout: options.timeout,
             budget: hs,
             should_stop: false,
-            out: Vec::with_capacity(256),
+            dtype: options.dtype,
+            out: (Vec::with_capacity(256), Vec::new()),
+            chunk: Vec::new(),
         };
         c.handshake(secret, options.server_fingerprint.is_some())?;
         c.begin(options.timeout)?;
@@ -353,6 +370,11 @@ impl Client {
         self.version
     }
 
+    /// Element type of payloads on the wire (from [`ClientOptions::dtype`]).
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
     /// The server's mode.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -415,29 +437,34 @@ impl Client {
     }
 
     fn send(&mut self, msg: &Message, values: &[f32]) -> Result<(), ClientError> {
-        let bytes = payload::as_wire_bytes(values);
-        let mut out = std::mem::take(&mut self.out);
-        out.clear();
-        let encoded = encode_head(msg, bytes.len(), &mut out);
+        let (bytes, tmp) = std::mem::take(&mut self.out);
         let timeout = self.budget;
         let addr = self.addr.clone();
-        let result = match encoded {
-            Err(source) => Err(ClientError::Protocol { addr, source }),
-            Ok(()) => {
-                let stream = self.stream()?;
-                let r = if bytes.len() <= 64 * 1024 {
-                    out.extend_from_slice(&bytes);
-                    stream.write_all(&out)
-                } else {
-                    stream
-                        .write_all(&out)
-                        .and_then(|()| stream.write_all(&bytes))
-                };
-                let r = r.and_then(|()| stream.flush());
-                r.map_err(|e| io_err(&addr, "sending a request", timeout, e))
+        // Tensor requests travel as the chosen dtype; the others have no tensor.
+        let dtype = if msg.kind().may_be_bf16() {
+            self.dtype
+        } else {
+            Dtype::F32
+        };
+        let mut out = match Outgoing::new(msg, Values::Slice(values), dtype, bytes, tmp) {
+            Ok(o) => o,
+            Err(source) => return Err(self.broken(ClientError::Protocol { addr, source })),
+        };
+        let result = match self.stream() {
+            Err(e) => Err(e),
+            Ok(stream) => {
+                let mut r = Ok(());
+                while let Some(b) = out.next_bytes() {
+                    r = stream.write_all(b);
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                r.and_then(|()| stream.flush())
+                    .map_err(|e| io_err(&addr, "sending a request", timeout, e))
             }
         };
-        self.out = out;
+        self.out = out.into_buffers();
         result.map_err(|e| self.broken(e))
     }
 
@@ -450,27 +477,20 @@ impl Client {
         let addr = self.addr.clone();
         let wait = self.budget;
         let stream = self.stream()?;
-        let mut head = [0u8; HEADER_LEN];
+        let mut head = Head::new();
+        let proto = |source| ClientError::Protocol {
+            addr: addr.clone(),
+            source,
+        };
         let r = stream
-            .read_exact(&mut head)
+            .read_exact(head.header_bytes())
             .map_err(|e| io_err(&addr, what, wait, e))
-            .and_then(|()| {
-                decode_header(&head, max_payload).map_err(|source| ClientError::Protocol {
-                    addr: addr.clone(),
-                    source,
-                })
-            })
-            .and_then(|header| {
-                let mut meta = [0u8; MAX_META_BYTES];
-                let meta = &mut meta[..header.meta_len];
+            .and_then(|()| head.header(max_payload).map_err(proto))
+            .and_then(|_| {
                 stream
-                    .read_exact(meta)
+                    .read_exact(head.meta_bytes())
                     .map_err(|e| io_err(&addr, what, wait, e))?;
-                let msg = decode_meta(&header, meta).map_err(|source| ClientError::Protocol {
-                    addr: addr.clone(),
-                    source,
-                })?;
-                Ok((header, msg))
+                head.message().map_err(proto)
             });
         r.map_err(|e| self.broken(e))
     }
@@ -497,14 +517,37 @@ impl Client {
             };
             return Err(self.broken(e));
         }
+        if header.dtype != self.dtype {
+            let e = ClientError::Protocol {
+                addr: self.addr.clone(),
+                source: sparktorch_proto::ProtoError::InvalidField {
+                    kind: header.kind,
+                    field: "flags",
+                    reason: "the parameters came in another dtype than the request asked for",
+                },
+            };
+            return Err(self.broken(e));
+        }
         let addr = self.addr.clone();
         let timeout = self.budget;
-        let r = self
-            .stream()?
-            .read_exact(payload::as_wire_bytes_mut(out))
-            .map_err(|e| io_err(&addr, "the parameters", timeout, e));
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let r = match self.stream() {
+            Err(e) => Err(e),
+            Ok(stream) => {
+                let mut rx = Incoming::new(&header, out, &mut chunk);
+                let mut r = Ok(());
+                while let Some(b) = rx.buffer() {
+                    r = stream.read_exact(b);
+                    if r.is_err() {
+                        break;
+                    }
+                    rx.filled();
+                }
+                r.map_err(|e| io_err(&addr, "the parameters", timeout, e))
+            }
+        };
+        self.chunk = chunk;
         r.map_err(|e| self.broken(e))?;
-        payload::from_wire_in_place(out);
         self.version = version;
         self.should_stop = should_stop;
         Ok(version)
@@ -562,12 +605,14 @@ impl Client {
                 version,
                 should_stop,
                 duplicate,
+                stale,
             } => {
                 self.should_stop = should_stop;
                 Ok(PushOutcome {
                     version,
                     should_stop,
                     duplicate,
+                    stale,
                 })
             }
             other => Err(self.unexpected(&other, "PushAck")),

@@ -72,6 +72,12 @@ pub struct ServerConfig {
     /// kernel's backlog until a slot frees up (an unauthenticated connection holds its slot
     /// at most `handshake_timeout` per handshake step).
     pub max_unauthenticated: usize,
+    /// Bounded staleness (SSP) for the async styles (`hogwild`, `async`): a push computed on a
+    /// version more than this many versions behind the one it would be applied to is refused
+    /// (acknowledged with `stale`, nothing applied) and its worker computes the step again on
+    /// the current version. `None`: unbounded (plain asynchronous SGD). Synchronous mode has
+    /// staleness 0 by construction and refuses this option.
+    pub max_staleness: Option<u64>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -88,6 +94,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("checkpoint_interval", &self.checkpoint_interval)
             .field("tls", &self.tls)
             .field("max_unauthenticated", &self.max_unauthenticated)
+            .field("max_staleness", &self.max_staleness)
             .finish()
     }
 }
@@ -109,6 +116,7 @@ impl ServerConfig {
             checkpoint_interval: 0,
             tls: None,
             max_unauthenticated: MAX_UNAUTHENTICATED_CONNECTIONS,
+            max_staleness: None,
         }
     }
 
@@ -138,6 +146,13 @@ impl ServerConfig {
         }
         if self.max_unauthenticated == 0 {
             return bad("max_unauthenticated", "must be >= 1".into());
+        }
+        if self.max_staleness.is_some() && self.mode == Mode::Synchronous {
+            return bad(
+                "max_staleness",
+                "applies to the asynchronous styles (hogwild, async): synchronous rounds are never stale"
+                    .into(),
+            );
         }
         if self.checkpoint_interval > 0 && self.checkpoint_dir.is_none() {
             return bad(

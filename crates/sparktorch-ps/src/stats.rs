@@ -18,6 +18,11 @@ pub struct Stats {
     /// Synchronous pushes whose gradient was computed on a version older than the open round
     /// (a worker dropped for missing a round, pushing late): acknowledged, not averaged.
     pub stale_discarded: u64,
+    /// Asynchronous pushes refused for exceeding `max_staleness` (recomputed by their workers).
+    pub stale_refused: u64,
+    /// Model-size buffers the store allocated after start (async / synchronous: only when
+    /// every recycled buffer was still being sent by a pull).
+    pub store_allocations: u64,
     /// Pushes applied per worker.
     pub updates_per_worker: BTreeMap<u32, u64>,
     /// Per worker: highest step applied + 1 (what `resume_step` answers).

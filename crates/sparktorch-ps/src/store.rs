@@ -2,26 +2,36 @@
 //!
 //! Storage depends on the mode:
 //! - **hogwild**: `Vec<AtomicF32>`; pushes call [`Optimizer::step_relaxed`] concurrently under a
-//!   *read* lock of the optimizer (the lock only excludes a state import); pulls copy the cells
-//!   out with relaxed loads (a snapshot that may mix updates, as HOGWILD! allows).
-//! - **async** and **synchronous**: a versioned copy-on-write snapshot `(version, Arc<Vec<f32>>)`
-//!   behind an `RwLock`. A pull takes the read lock only long enough to clone the `Arc`, then
-//!   sends the bytes straight from it: pulls never wait for each other nor copy. A step holds
-//!   the optimizer's write lock (one update at a time, nothing lost); it updates the buffer in
-//!   place when no pull holds the snapshot, else it steps a copy and swaps it in, so a pull
-//!   in flight always sends one whole version.
+//!   *read* lock of the optimizer (the lock only excludes a state import); pulls read the cells
+//!   with relaxed loads, chunk by chunk as they are sent (a snapshot that may mix updates, as
+//!   HOGWILD! allows; no model-size copy anywhere).
+//! - **async** and **synchronous**: double-buffered, versioned snapshots. The current snapshot
+//!   `(version, values)` is published through an [`ArcSwap`]: a pull loads it without a lock
+//!   and sends the bytes straight from it, so pulls never wait for a step, nor for each other,
+//!   nor copy. A step holds the optimizer's write lock (one update at a time, nothing lost) and
+//!   steps *from* the current snapshot *into* a recycled buffer ([`Optimizer::step_into`]), then
+//!   swaps the pointer: no allocation, no copy of the model, and a pull in flight always sends
+//!   one whole version. The buffer the swap retires is recycled once the last pull holding it
+//!   is done; only when every recycled buffer is still held by a slow pull does a step allocate
+//!   a new one (counted in [`Store::allocations`]). Memory: two copies of the model, plus one
+//!   per snapshot that slow pulls hold at the same time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use arc_swap::ArcSwap;
 use sparktorch_optim::{AtomicF32, Optimizer, OptimizerState};
 use sparktorch_proto::Mode;
 
-use crate::{read, write};
+use crate::{lock, read, write};
 
 /// Names and shapes of the tensors packed back to back in the flat buffer
 /// (`named_parameters()` order), kept for checkpoints.
 pub type Layout = Vec<(String, Vec<usize>)>;
+
+/// Retired buffers kept for reuse beyond the one a step needs (more are dropped: they only
+/// exist while several slow pulls hold old versions at once).
+const MAX_SPARES: usize = 3;
 
 /// A consistent version of the parameters.
 #[derive(Debug, Clone)]
@@ -32,12 +42,56 @@ pub struct Snapshot {
     pub data: Arc<Vec<f32>>,
 }
 
+/// Async / synchronous storage: the published snapshot and the buffers to step into.
+struct DoubleBuffer {
+    /// The current version; pulls load it without locking.
+    current: ArcSwap<Snapshot>,
+    /// Retired buffers. Taken only by steps (which are serialised by the optimizer's write
+    /// lock), so this lock is never contended by pulls.
+    spares: Mutex<Vec<Arc<Vec<f32>>>>,
+    /// Buffers allocated after construction because every spare was still held by a pull.
+    allocations: AtomicU64,
+}
+
+impl DoubleBuffer {
+    fn new(params: Vec<f32>, version: u64) -> Self {
+        let spare = Arc::new(vec![0.0; params.len()]);
+        Self {
+            current: ArcSwap::from_pointee(Snapshot {
+                version,
+                data: Arc::new(params),
+            }),
+            spares: Mutex::new(vec![spare]),
+            allocations: AtomicU64::new(0),
+        }
+    }
+
+    /// A buffer no pull holds (its contents are overwritten by the step).
+    fn take_spare(&self, len: usize) -> Arc<Vec<f32>> {
+        let mut spares = lock(&self.spares);
+        if let Some(i) = spares.iter().position(|b| Arc::strong_count(b) == 1) {
+            return spares.swap_remove(i);
+        }
+        drop(spares);
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        Arc::new(vec![0.0; len])
+    }
+
+    /// Keep `buf` (just retired) for a later step.
+    fn retire(&self, buf: Arc<Vec<f32>>) {
+        let mut spares = lock(&self.spares);
+        if spares.len() < MAX_SPARES {
+            spares.push(buf);
+        }
+    }
+}
+
 /// The values, stored per mode.
 enum Values {
     /// Hogwild: element-wise relaxed atomics.
     Atomic(Vec<AtomicF32>),
-    /// Async / synchronous: the current snapshot.
-    Locked(RwLock<Snapshot>),
+    /// Async / synchronous: double-buffered snapshots.
+    Locked(DoubleBuffer),
 }
 
 /// The parameters and their optimizer.
@@ -45,7 +99,7 @@ pub struct Store {
     /// The values.
     values: Values,
     /// The optimizer; read-locked by concurrent hogwild steps, write-locked by exclusive steps
-    /// and state imports.
+    /// and state imports. Pulls never take it.
     optimizer: RwLock<Box<dyn Optimizer>>,
     /// Steps applied (in hogwild mode the authority; in the others a mirror of the snapshot's).
     version: AtomicU64,
@@ -56,13 +110,13 @@ pub struct Store {
 /// A view of the parameters for sending.
 pub enum ParamsView<'a> {
     /// A shared snapshot (async / synchronous): sent straight from the store.
-    Shared(Snapshot),
-    /// Copied into the caller's scratch buffer (hogwild).
-    Copied {
-        /// Version read before copying.
+    Shared(Arc<Snapshot>),
+    /// The hogwild cells, read while sending.
+    Cells {
+        /// Version read before the cells.
         version: u64,
-        /// The copy.
-        data: &'a [f32],
+        /// The cells.
+        cells: &'a [AtomicF32],
     },
 }
 
@@ -71,14 +125,33 @@ impl ParamsView<'_> {
     pub fn version(&self) -> u64 {
         match self {
             Self::Shared(s) => s.version,
-            Self::Copied { version, .. } => *version,
+            Self::Cells { version, .. } => *version,
         }
     }
-    /// The values.
-    pub fn data(&self) -> &[f32] {
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
         match self {
-            Self::Shared(s) => &s.data,
-            Self::Copied { data, .. } => data,
+            Self::Shared(s) => s.data.len(),
+            Self::Cells { cells, .. } => cells.len(),
+        }
+    }
+
+    /// True for an empty model.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copy the values `[start, start + out.len())` into `out`.
+    pub fn copy_range(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            Self::Shared(s) => out.copy_from_slice(&s.data[start..end]),
+            Self::Cells { cells, .. } => {
+                for (o, c) in out.iter_mut().zip(&cells[start..end]) {
+                    *o = c.load();
+                }
+            }
         }
     }
 }
@@ -99,10 +172,7 @@ impl Store {
         let len = params.len();
         let values = match mode {
             Mode::Hogwild => Values::Atomic(AtomicF32::vec_from(&params)),
-            Mode::Async | Mode::Synchronous => Values::Locked(RwLock::new(Snapshot {
-                version,
-                data: Arc::new(params),
-            })),
+            Mode::Async | Mode::Synchronous => Values::Locked(DoubleBuffer::new(params, version)),
         };
         Self {
             values,
@@ -127,6 +197,15 @@ impl Store {
         self.version.load(Ordering::Acquire)
     }
 
+    /// Model-size buffers allocated by steps since the store was built (async / synchronous:
+    /// only when every recycled buffer was still held by a pull; hogwild: always 0).
+    pub fn allocations(&self) -> u64 {
+        match &self.values {
+            Values::Atomic(_) => 0,
+            Values::Locked(db) => db.allocations.load(Ordering::Relaxed),
+        }
+    }
+
     /// Apply one gradient (`grads.len() == self.len()`); returns the new version. Hogwild steps
     /// run concurrently; the others one at a time.
     pub fn apply(&self, grads: &[f32]) -> u64 {
@@ -138,37 +217,56 @@ impl Store {
     /// `on_applied` records together, or neither. Hogwild steps hold no exclusive lock:
     /// `on_applied` runs right after the step.
     pub fn apply_then(&self, grads: &[f32], on_applied: impl FnOnce(u64)) -> u64 {
+        match self.try_apply_then(grads, |_| true, on_applied) {
+            Ok(v) | Err(v) => v,
+        }
+    }
+
+    /// [`Store::apply_then`] if `admit(current_version)` says so, else nothing (`Err(current
+    /// version)`). In async / synchronous mode `admit` runs under the step lock, so the version
+    /// it sees is the one the step applies to (bounded staleness is exact); in hogwild mode it
+    /// sees the version when the step starts (concurrent steps may finish meanwhile).
+    pub fn try_apply_then(
+        &self,
+        grads: &[f32],
+        admit: impl FnOnce(u64) -> bool,
+        on_applied: impl FnOnce(u64),
+    ) -> Result<u64, u64> {
         match &self.values {
             Values::Atomic(cells) => {
                 let opt = read(&self.optimizer);
+                if !admit(self.version()) {
+                    return Err(self.version());
+                }
                 opt.step_relaxed(cells, grads);
                 let v = self.version.fetch_add(1, Ordering::AcqRel) + 1;
                 on_applied(v);
-                v
+                Ok(v)
             }
-            Values::Locked(lock) => {
+            Values::Locked(db) => {
                 let mut opt = write(&self.optimizer);
-                {
-                    let mut snap = write(lock);
-                    if let Some(values) = Arc::get_mut(&mut snap.data) {
-                        opt.step(values, grads);
-                        snap.version += 1;
-                        self.version.store(snap.version, Ordering::Release);
-                        on_applied(snap.version);
-                        return snap.version;
-                    }
+                let cur = db.current.load_full();
+                if !admit(cur.version) {
+                    return Err(cur.version);
                 }
-                // A pull holds the current snapshot: step a copy, then swap it in.
-                let current = read(lock).data.clone();
-                let mut next = Vec::clone(&current);
-                drop(current);
-                opt.step(&mut next, grads);
-                let mut snap = write(lock);
-                snap.data = Arc::new(next);
-                snap.version += 1;
-                self.version.store(snap.version, Ordering::Release);
-                on_applied(snap.version);
-                snap.version
+                let mut next = db.take_spare(self.len);
+                let Some(dst) = Arc::get_mut(&mut next) else {
+                    // `take_spare` returns only buffers nothing else holds.
+                    unreachable!("a spare buffer is shared");
+                };
+                opt.step_into(&cur.data, dst, grads);
+                let version = cur.version + 1;
+                db.current.store(Arc::new(Snapshot {
+                    version,
+                    data: next,
+                }));
+                self.version.store(version, Ordering::Release);
+                on_applied(version);
+                drop(opt);
+                let retired = cur.data.clone();
+                drop(cur);
+                db.retire(retired);
+                Ok(version)
             }
         }
     }
@@ -176,9 +274,9 @@ impl Store {
     /// For a checkpoint: the version, the parameters, the optimizer state and `with()`'s
     /// result, taken together under the optimizer's read lock. In async / synchronous mode no
     /// step can run meanwhile (steps take the write lock), so all four belong to one version;
-    /// the parameters are shared, not copied (the next step copies them instead of stepping
-    /// in place). In hogwild mode concurrent steps continue: the result is best effort (the
-    /// parameters and the state may mix steps around the reported version).
+    /// the parameters are shared, not copied (the step after keeps them intact: it writes
+    /// another buffer). In hogwild mode concurrent steps continue: the result is best effort
+    /// (the parameters and the state may mix steps around the reported version).
     pub fn consistent_snapshot<T>(
         &self,
         with: impl FnOnce(&dyn Optimizer) -> T,
@@ -192,53 +290,31 @@ impl Store {
                 let state = opt.export_state();
                 (version, Arc::new(data), state, with(opt))
             }
-            Values::Locked(lock) => {
-                let snap = read(lock).clone();
+            Values::Locked(db) => {
+                let snap = db.current.load_full();
                 let state = opt.export_state();
-                (snap.version, snap.data, state, with(opt))
+                (snap.version, snap.data.clone(), state, with(opt))
             }
         }
     }
 
-    /// The parameters for sending; hogwild copies into `scratch`.
-    pub fn view<'a>(&self, scratch: &'a mut Vec<f32>) -> ParamsView<'a> {
+    /// The parameters for sending: never waits for a step, never copies the model.
+    pub fn view(&self) -> ParamsView<'_> {
         match &self.values {
-            Values::Atomic(cells) => {
-                let version = self.version();
-                scratch.clear();
-                scratch.extend(cells.iter().map(AtomicF32::load));
-                ParamsView::Copied {
-                    version,
-                    data: scratch,
-                }
-            }
-            Values::Locked(lock) => ParamsView::Shared(read(lock).clone()),
+            Values::Atomic(cells) => ParamsView::Cells {
+                version: self.version(),
+                cells,
+            },
+            Values::Locked(db) => ParamsView::Shared(db.current.load_full()),
         }
     }
 
     /// A copy of the parameters and their version.
     pub fn snapshot(&self) -> (u64, Vec<f32>) {
-        let mut scratch = Vec::new();
-        let view = self.view(&mut scratch);
-        (view.version(), view.data().to_vec())
-    }
-
-    /// Write the parameters into `out` (same length) and return their version.
-    pub fn copy_into(&self, out: &mut [f32]) -> u64 {
-        match &self.values {
-            Values::Atomic(cells) => {
-                let version = self.version();
-                for (o, c) in out.iter_mut().zip(cells) {
-                    *o = c.load();
-                }
-                version
-            }
-            Values::Locked(lock) => {
-                let snap = read(lock).clone();
-                out.copy_from_slice(&snap.data[..out.len().min(snap.data.len())]);
-                snap.version
-            }
-        }
+        let view = self.view();
+        let mut out = vec![0.0; view.len()];
+        view.copy_range(0, &mut out);
+        (view.version(), out)
     }
 
     /// Run `f` on the optimizer (shared access).
@@ -279,16 +355,65 @@ mod tests {
     }
 
     #[test]
-    fn locked_store_steps_in_place_and_copy_on_write() -> Result<(), sparktorch_optim::OptimError> {
+    fn a_held_snapshot_keeps_its_version_and_buffers_are_recycled(
+    ) -> Result<(), sparktorch_optim::OptimError> {
         let store = Store::new(vec![0.0; 4], sgd(4)?, Mode::Async);
         assert_eq!(store.apply(&[1.0; 4]), 1);
-        let mut scratch = Vec::new();
-        let held = store.view(&mut scratch);
-        // A pull holds version 1: the next step must not change what it sends.
+        let held = store.view();
+        // A pull holds version 1: the next steps must not change what it sends.
         assert_eq!(store.apply(&[1.0; 4]), 2);
+        assert_eq!(store.apply(&[1.0; 4]), 3);
         assert_eq!(held.version(), 1);
-        assert_eq!(held.data(), &[-1.0; 4]);
-        assert_eq!(store.snapshot(), (2, vec![-2.0; 4]));
+        let mut out = [0.0; 4];
+        held.copy_range(0, &mut out);
+        assert_eq!(out, [-1.0; 4]);
+        assert_eq!(store.snapshot(), (3, vec![-3.0; 4]));
+        // Held across two steps, version 1 took a third buffer (current, held, stepped into).
+        assert_eq!(store.allocations(), 1);
+        drop(held);
+        for _ in 0..100 {
+            store.apply(&[1.0; 4]);
+        }
+        // Then every step reused a retired buffer: no allocation per step.
+        assert_eq!(store.allocations(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn steps_allocate_only_when_every_spare_is_held() -> Result<(), sparktorch_optim::OptimError> {
+        let store = Store::new(vec![0.0; 2], sgd(2)?, Mode::Synchronous);
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let v = store.view();
+                store.apply(&[1.0; 2]);
+                v
+            })
+            .collect();
+        // Versions 0, 1 and 2 are held: the spare built with the store covered the first step.
+        assert_eq!(store.allocations(), 2);
+        assert_eq!(
+            held.iter().map(ParamsView::version).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        drop(held);
+        for _ in 0..10 {
+            store.apply(&[1.0; 2]);
+        }
+        assert_eq!(store.allocations(), 2);
+        assert_eq!(store.snapshot(), (13, vec![-13.0; 2]));
+        Ok(())
+    }
+
+    #[test]
+    fn admission_sees_the_version_the_step_applies_to() -> Result<(), sparktorch_optim::OptimError>
+    {
+        for mode in [Mode::Async, Mode::Hogwild] {
+            let store = Store::new(vec![0.0; 2], sgd(2)?, mode);
+            store.apply(&[1.0; 2]);
+            assert_eq!(store.try_apply_then(&[1.0; 2], |v| v < 1, |_| {}), Err(1));
+            assert_eq!(store.try_apply_then(&[1.0; 2], |v| v == 1, |_| {}), Ok(2));
+            assert_eq!(store.snapshot(), (2, vec![-2.0; 2]));
+        }
         Ok(())
     }
 
@@ -296,9 +421,7 @@ mod tests {
     fn hogwild_store_steps() -> Result<(), sparktorch_optim::OptimError> {
         let store = Store::new(vec![1.0; 3], sgd(3)?, Mode::Hogwild);
         store.apply(&[0.5; 3]);
-        let mut out = [0.0; 3];
-        assert_eq!(store.copy_into(&mut out), 1);
-        assert_eq!(out, [0.5; 3]);
+        assert_eq!(store.snapshot(), (1, vec![0.5; 3]));
         Ok(())
     }
 }

@@ -1,13 +1,13 @@
 //! Async frame I/O for the server: header and meta first, then the payload read straight into
-//! its destination buffer.
+//! its destination buffer. Which bytes go where is decided in [`crate::framing`], shared with
+//! the blocking client.
 
 use std::io;
 
-use sparktorch_proto::{
-    decode_header, decode_meta, encode_head, payload, FrameHeader, Message, ProtoError, HEADER_LEN,
-    MAX_META_BYTES,
-};
+use sparktorch_proto::{Dtype, FrameHeader, Message, ProtoError, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::framing::{Head, Incoming, Outgoing, Values};
 
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,14 +54,15 @@ pub(crate) async fn read_head_after<R: AsyncRead + Unpin>(
     first: Option<u8>,
     max_payload: usize,
 ) -> Result<Option<(FrameHeader, Message)>, ReadError> {
-    let mut head = [0u8; HEADER_LEN];
+    let mut head = Head::new();
+    let bytes = head.header_bytes();
     let mut got = 0;
     if let Some(b) = first {
-        head[0] = b;
+        bytes[0] = b;
         got = 1;
     }
     while got < HEADER_LEN {
-        let n = r.read(&mut head[got..]).await?;
+        let n = r.read(&mut bytes[got..]).await?;
         if n == 0 {
             if got == 0 {
                 return Ok(None);
@@ -74,55 +75,63 @@ pub(crate) async fn read_head_after<R: AsyncRead + Unpin>(
         }
         got += n;
     }
-    let header = decode_header(&head, max_payload)?;
-    let mut meta = [0u8; MAX_META_BYTES];
-    let meta = &mut meta[..header.meta_len];
-    r.read_exact(meta)
+    let header = head.header(max_payload)?;
+    r.read_exact(head.meta_bytes())
         .await
         .map_err(|e| eof_to_truncated(e, header.frame_len()))?;
-    let message = decode_meta(&header, meta)?;
-    Ok(Some((header, message)))
+    Ok(Some(head.message()?))
 }
 
 /// Read the payload announced by `header` into `buf` (resized to it; the length was bounded by
-/// [`read_head`]).
+/// [`read_head`]); `chunk` is scratch for a bfloat16 payload.
 pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     header: &FrameHeader,
     buf: &mut Vec<f32>,
+    chunk: &mut Vec<u8>,
 ) -> Result<(), ReadError> {
     buf.resize(header.payload_values(), 0.0);
-    r.read_exact(payload::as_wire_bytes_mut(buf))
-        .await
-        .map_err(|e| eof_to_truncated(e, header.frame_len()))?;
-    payload::from_wire_in_place(buf);
+    let mut rx = Incoming::new(header, buf, chunk);
+    while let Some(b) = rx.buffer() {
+        r.read_exact(b)
+            .await
+            .map_err(|e| eof_to_truncated(e, header.frame_len()))?;
+        rx.filled();
+    }
     Ok(())
 }
 
-/// Write one frame; returns the bytes written.
+/// Scratch buffers of a frame writer, reused across frames.
+#[derive(Default)]
+pub(crate) struct WriteBuffers {
+    /// Head and converted chunks.
+    bytes: Vec<u8>,
+    /// Values read out of the store before conversion.
+    values: Vec<f32>,
+}
+
+/// Write one frame carrying `values` as `dtype`; returns the bytes written.
 pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     msg: &Message,
-    values: &[f32],
-    scratch: &mut Vec<u8>,
+    values: Values<'_>,
+    dtype: Dtype,
+    scratch: &mut WriteBuffers,
 ) -> io::Result<u64> {
-    let bytes = payload::as_wire_bytes(values);
-    scratch.clear();
-    encode_head(msg, bytes.len(), scratch)
+    let bytes = std::mem::take(&mut scratch.bytes);
+    let tmp = std::mem::take(&mut scratch.values);
+    let mut out = Outgoing::new(msg, values, dtype, bytes, tmp)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    if bytes.len() <= 64 * 1024 {
-        // Small frames go out in one segment.
-        scratch.extend_from_slice(&bytes);
-        w.write_all(scratch).await?;
-    } else {
-        w.write_all(scratch).await?;
-        w.write_all(&bytes).await?;
+    let total = out.total();
+    let mut result = Ok(());
+    while let Some(b) = out.next_bytes() {
+        if let Err(e) = w.write_all(b).await {
+            result = Err(e);
+            break;
+        }
     }
+    (scratch.bytes, scratch.values) = out.into_buffers();
+    result?;
     w.flush().await?;
-    Ok((scratch.len()
-        + if bytes.len() <= 64 * 1024 {
-            0
-        } else {
-            bytes.len()
-        }) as u64)
+    Ok(total)
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use sparktorch_ps::tls::{Fingerprint, FINGERPRINT_LEN};
-use sparktorch_ps::ClientOptions;
+use sparktorch_ps::{ClientOptions, Dtype};
 
 use crate::convert::{f32_array, f32_array_mut};
 use crate::errors::{client_err, param_err};
@@ -15,6 +15,8 @@ use crate::errors::{client_err, param_err};
 pub(crate) struct Client {
     /// The connection.
     inner: sparktorch_ps::Client,
+    /// The last push was refused as staler than the server's `max_staleness`.
+    last_push_stale: bool,
 }
 
 fn timeout_arg(py: Python<'_>, name: &str, s: f64) -> PyResult<Duration> {
@@ -40,7 +42,7 @@ impl Client {
     #[new]
     #[pyo3(signature = (
         host, port, secret, *, worker, attempt = 0, timeout_s = 60.0, connect_timeout_s = 30.0,
-        tls_fingerprint = None
+        tls_fingerprint = None, dtype = "float32"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -53,7 +55,14 @@ impl Client {
         timeout_s: f64,
         connect_timeout_s: f64,
         tls_fingerprint: Option<&Bound<'_, PyAny>>,
+        dtype: &str,
     ) -> PyResult<Self> {
+        let dtype = Dtype::parse(dtype).ok_or_else(|| {
+            param_err(
+                py,
+                format!("dtype must be 'float32' or 'bfloat16', got {dtype:?}"),
+            )
+        })?;
         let server_fingerprint = match tls_fingerprint.filter(|f| !f.is_none()) {
             None => None,
             Some(f) => {
@@ -87,6 +96,7 @@ impl Client {
             timeout: timeout_arg(py, "timeout_s", timeout_s)?,
             connect_timeout: timeout_arg(py, "connect_timeout_s", connect_timeout_s)?,
             server_fingerprint,
+            dtype,
         };
         crate::runtime::init_logging(py);
         let host = host.to_string();
@@ -95,7 +105,24 @@ impl Client {
                 sparktorch_ps::Client::connect(&host, port, &secret, worker, attempt, options)
             })
             .map_err(|e| client_err(py, e))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            last_push_stale: false,
+        })
+    }
+
+    /// True when the last push was refused as staler than the server's `max_staleness`
+    /// (bounded staleness): nothing was applied and the step is not done; compute it again
+    /// on the parameters a `push_pull` has just pulled (after a `push`, pull first).
+    #[getter]
+    fn last_push_stale(&self) -> bool {
+        self.last_push_stale
+    }
+
+    /// Element type of gradients and parameters on the wire: `"float32"` or `"bfloat16"`.
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype().as_str()
     }
 
     /// Length of the server's flat parameter buffer.
@@ -151,6 +178,7 @@ impl Client {
         let ack = py
             .detach(move || inner.push(grads, step, batch_size, loss, v))
             .map_err(|e| client_err(py, e))?;
+        self.last_push_stale = ack.stale;
         Ok((ack.version, ack.should_stop))
     }
 
@@ -182,6 +210,7 @@ impl Client {
         let (ack, version) = py
             .detach(move || inner.push_pull(grads, out, step, batch_size, loss, v))
             .map_err(|e| client_err(py, e))?;
+        self.last_push_stale = ack.stale;
         Ok((version, ack.should_stop))
     }
 

@@ -63,7 +63,7 @@ impl ParameterServer {
         host = "127.0.0.1", port = 0, num_workers = 1, round_timeout_s = 600.0,
         lost_worker_policy = "drop", early_stop_patience = -1, io_timeout_s = 60.0,
         checkpoint_path = None, checkpoint_interval = 0, resume_from = None, model_buffers = 0,
-        tls = false
+        tls = false, max_staleness = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -86,6 +86,7 @@ impl ParameterServer {
         resume_from: Option<PathBuf>,
         model_buffers: usize,
         tls: bool,
+        max_staleness: Option<i64>,
     ) -> PyResult<Self> {
         crate::runtime::init_logging(py);
         let params = f32_array(py, params, "params")?;
@@ -142,6 +143,15 @@ impl ParameterServer {
         }
         config.checkpoint_interval = checkpoint_interval as u64;
         config.checkpoint_dir = checkpoint_path;
+        config.max_staleness = match max_staleness {
+            None => None,
+            Some(k) => Some(u64::try_from(k).map_err(|_| {
+                param_err(
+                    py,
+                    format!("max_staleness must be an int >= 0 or None, got {k}"),
+                )
+            })?),
+        };
         if tls {
             config.tls = Some(ServerTls::generate().map_err(|e| ps_err(py, e))?);
         }
@@ -321,6 +331,8 @@ impl ParameterServer {
         d.set_item("updates", s.updates)?;
         d.set_item("duplicates", s.duplicates)?;
         d.set_item("stale_discarded", s.stale_discarded)?;
+        d.set_item("stale_refused", s.stale_refused)?;
+        d.set_item("store_allocations", s.store_allocations)?;
         d.set_item("updates_per_worker", s.updates_per_worker)?;
         d.set_item("steps_per_worker", s.steps_per_worker)?;
         d.set_item("workers_live", s.workers_live)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sparktorch_proto::{
-    auth, ErrorCode, Message, Mode, ProtoError, PushMeta, NONCE_LEN, PROTOCOL_VERSION,
+    auth, Dtype, ErrorCode, Message, Mode, ProtoError, PushMeta, NONCE_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -18,9 +18,10 @@ use tracing::{debug, info, warn};
 use super::coord::{eval_loss, Coord, Status, Worker};
 use super::round::Contribution;
 use super::{Inner, Server};
+use crate::framing::Values;
 use crate::lock;
 use crate::wire::{
-    read_first_byte, read_head, read_head_after, read_payload, write_frame, ReadError,
+    read_first_byte, read_head, read_head_after, read_payload, write_frame, ReadError, WriteBuffers,
 };
 
 /// How long a connection refused with an error keeps discarding the peer's bytes before closing.
@@ -122,8 +123,8 @@ pub(super) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         preauth: permit,
         who: None,
         grads: Vec::new(),
-        scratch: Vec::new(),
-        out: Vec::with_capacity(256),
+        chunk: Vec::new(),
+        out: WriteBuffers::default(),
     };
     let end = tokio::select! {
         end = conn.run() => end,
@@ -160,10 +161,10 @@ struct Conn<S> {
     who: Option<(u32, u32)>,
     /// Gradient buffer, reused across pushes.
     grads: Vec<f32>,
-    /// Scratch buffer for hogwild snapshots.
-    scratch: Vec<f32>,
-    /// Header/meta encoding buffer.
-    out: Vec<u8>,
+    /// Chunk buffer for reading bfloat16 payloads.
+    chunk: Vec<u8>,
+    /// Frame encoding buffers.
+    out: WriteBuffers,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -180,11 +181,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    async fn send(&mut self, msg: &Message, values: &[f32]) -> Result<(), End> {
+    /// Send a frame without payload.
+    async fn send(&mut self, msg: &Message) -> Result<(), End> {
+        self.send_with(msg, Values::Slice(&[]), Dtype::F32).await
+    }
+
+    /// Send a frame carrying `values` as `dtype` (within the I/O timeout).
+    async fn send_with(
+        &mut self,
+        msg: &Message,
+        values: Values<'_>,
+        dtype: Dtype,
+    ) -> Result<(), End> {
         let io = self.inner.config.io_timeout;
         match timeout(
             io,
-            write_frame(&mut self.stream, msg, values, &mut self.out),
+            write_frame(&mut self.stream, msg, values, dtype, &mut self.out),
         )
         .await
         {
@@ -206,7 +218,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let msg = Message::error(code, message.clone());
         let sent = timeout(
             ERROR_WRITE_TIMEOUT,
-            write_frame(&mut self.stream, &msg, &[], &mut self.out),
+            write_frame(
+                &mut self.stream,
+                &msg,
+                Values::Slice(&[]),
+                Dtype::F32,
+                &mut self.out,
+            ),
         )
         .await;
         if code == ErrorCode::Timeout {
@@ -272,7 +290,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let ht = self.inner.config.handshake_timeout;
         match timeout(
             ht,
-            write_frame(&mut self.stream, &hello, &[], &mut self.out),
+            write_frame(
+                &mut self.stream,
+                &hello,
+                Values::Slice(&[]),
+                Dtype::F32,
+                &mut self.out,
+            ),
         )
         .await
         {
@@ -326,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         let server_proof =
             auth::server_proof(&self.inner.config.secret, &server_nonce, &client_nonce);
-        self.send(&Message::AuthOk { server_proof }, &[]).await
+        self.send(&Message::AuthOk { server_proof }).await
     }
 
     /// Read and answer one request.
@@ -359,7 +383,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Message::Register { worker, attempt } => self.register(worker, attempt).await,
             Message::Pull { newer_than } => {
                 self.require_registered().await?;
-                self.pull(newer_than).await
+                self.pull(newer_than, header.dtype).await
             }
             Message::Push(meta) | Message::PushPull(meta) => {
                 let also_pull = header.kind == sparktorch_proto::FrameKind::PushPull;
@@ -375,7 +399,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         )
                         .await;
                 }
-                if header.payload_len != n * 4 {
+                if header.payload_values() != n {
                     inner
                         .counters
                         .rejected_frames
@@ -395,7 +419,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         self.grads = buf;
                     }
                 }
-                match timeout(io, read_payload(&mut self.stream, &header, &mut self.grads)).await {
+                let read =
+                    read_payload(&mut self.stream, &header, &mut self.grads, &mut self.chunk);
+                match timeout(io, read).await {
                     Err(_) => return Err(End::Timeout("push payload")),
                     Ok(Err(e)) => return Err(self.reject(e).await),
                     Ok(Ok(())) => {}
@@ -405,11 +431,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Ok(ack) => ack,
                     Err((code, m)) => return self.refuse(code, m).await,
                 };
-                self.send(&ack, &[]).await?;
+                self.send(&ack).await?;
                 if also_pull {
                     // Synchronous mode: `pull` waits for the round holding this worker's
                     // gradient, if one does (not for a discarded or duplicate push).
-                    self.pull(-1).await?;
+                    self.pull(-1, header.dtype).await?;
                 }
                 Ok(())
             }
@@ -425,7 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     should_stop: s.should_stop,
                     best_loss: s.best_loss,
                 };
-                self.send(&msg, &[]).await
+                self.send(&msg).await
             }
             Message::EarlyStopRequest => {
                 let msg = {
@@ -436,11 +462,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                         bad_evaluations: c.bad_evaluations,
                     }
                 };
-                self.send(&msg, &[]).await
+                self.send(&msg).await
             }
             Message::Bye => {
                 self.bye().await;
-                let _ = self.send(&Message::Bye, &[]).await;
+                let _ = self.send(&Message::Bye).await;
                 Err(End::Closed)
             }
             other => {
@@ -521,10 +547,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             round_timeout_ms: u64::try_from(inner.config.round_timeout.as_millis())
                 .unwrap_or(u64::MAX),
         };
-        self.send(&msg, &[]).await
+        self.send(&msg).await
     }
 
-    async fn pull(&mut self, newer_than: i64) -> Result<(), End> {
+    /// Answer a pull with the current parameters as `dtype`, once newer than `newer_than`.
+    async fn pull(&mut self, newer_than: i64, dtype: Dtype) -> Result<(), End> {
         let inner = self.inner.clone();
         // Synchronous mode: a worker whose gradient waits in the open round gets the round's
         // result, never the version the round started from (on which it already computed).
@@ -569,27 +596,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if let Some(f) = inner.fatal() {
             return self.refuse(ErrorCode::WorkerLost, f).await;
         }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let result = {
-            let view = inner.store.view(&mut scratch);
-            let version = view.version();
-            let should_stop = {
-                let mut coord = lock(&inner.coord);
-                if let Some((w, _)) = self.who {
-                    if let Some(x) = coord.workers.get_mut(&w) {
-                        x.last_pulled = Some(version);
-                    }
+        // A snapshot (async / synchronous) is sent straight from the store; hogwild cells are
+        // read chunk by chunk as they are sent: no model-size copy on this tokio worker.
+        let view = inner.store.view();
+        let version = view.version();
+        let should_stop = {
+            let mut coord = lock(&inner.coord);
+            if let Some((w, _)) = self.who {
+                if let Some(x) = coord.workers.get_mut(&w) {
+                    x.last_pulled = Some(version);
                 }
-                coord.should_stop
-            };
-            let msg = Message::Params {
-                version,
-                should_stop,
-            };
-            self.send(&msg, view.data()).await
+            }
+            coord.should_stop
         };
-        self.scratch = scratch;
-        result
+        let msg = Message::Params {
+            version,
+            should_stop,
+        };
+        self.send_with(&msg, Values::View(&view), dtype).await
     }
 
     /// Apply (or queue, in synchronous mode) the gradients in `self.grads`.
@@ -598,21 +622,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if inner.config.mode == Mode::Synchronous {
             return self.push_sync(p).await;
         }
+        let checked_at = inner.store.version();
         let staleness = {
             let mut coord = lock(&inner.coord);
-            coord.check_push(p, inner.store.version())?
+            coord.check_push(p, checked_at)?
         };
         let Some(staleness) = staleness else {
             return Ok(self.duplicate(p));
         };
+        // The version the worker computed on (as far as the server knows what it pulled).
+        let base = checked_at - staleness;
+        let max_staleness = inner.config.max_staleness;
         let grads = std::mem::take(&mut self.grads);
         let store_owner = inner.clone();
         let (worker, step, attempt) = (p.worker, p.step, p.attempt);
-        let (grads, version) = tokio::task::spawn_blocking(move || {
-            let v = store_owner.store.apply_then(&grads, |_| {
+        let (grads, outcome) = tokio::task::spawn_blocking(move || {
+            // Bounded staleness is checked against the version the step would apply to (under
+            // the step lock in async mode, at the step's start in hogwild mode).
+            let admit = |v: u64| max_staleness.is_none_or(|k| v.saturating_sub(base) <= k);
+            let r = store_owner.store.try_apply_then(&grads, admit, |_| {
                 store_owner.applied(worker, step, attempt);
             });
-            (grads, v)
+            (grads, r)
         })
         .await
         .map_err(|e| {
@@ -620,10 +651,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             (ErrorCode::WorkerLost, format!("optimizer step failed: {e}"))
         })?;
         self.grads = grads;
+        let version = match outcome {
+            Ok(v) => v,
+            Err(current) => {
+                // Too stale: nothing applied, the step is not done; the worker pulls the
+                // current version and computes the step again.
+                inner.counters.stale_refused.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    worker = p.worker,
+                    step = p.step,
+                    base,
+                    current,
+                    "push refused: staler than max_staleness"
+                );
+                let mut coord = lock(&inner.coord);
+                coord.undo_step(p);
+                return Ok(Message::PushAck {
+                    version: current,
+                    should_stop: coord.should_stop,
+                    duplicate: false,
+                    stale: true,
+                });
+            }
+        };
         inner.counters.updates.fetch_add(1, Ordering::Relaxed);
         let should_stop = {
             let mut coord = lock(&inner.coord);
-            coord.record(p, staleness);
+            // Staleness as applied: the versions stepped between the worker's pull and this
+            // step.
+            coord.record(p, (version - 1).saturating_sub(base));
             coord.pending_losses.insert(p.worker, eval_loss(p));
             coord.maybe_evaluate(inner.config.num_workers, inner.config.early_stop_patience);
             coord.should_stop
@@ -634,6 +690,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             version,
             should_stop,
             duplicate: false,
+            stale: false,
         })
     }
 
@@ -652,6 +709,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             version: self.inner.store.version(),
             should_stop: lock(&self.inner.coord).should_stop,
             duplicate: true,
+            stale: false,
         }
     }
 
@@ -692,6 +750,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     version,
                     should_stop: coord.should_stop,
                     duplicate: false,
+                    stale: false,
                 });
             }
             let next = coord.workers.get(&p.worker).map_or(0, |w| w.next_step);
@@ -744,6 +803,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             version: inner.store.version(),
             should_stop,
             duplicate: false,
+            stale: false,
         })
     }
 

@@ -149,6 +149,16 @@ impl Coord {
         Ok(Some(version.saturating_sub(base)))
     }
 
+    /// Take back what [`Coord::check_push`] booked for a push that was then refused (bounded
+    /// staleness): its step is not done, so the worker may push it again.
+    pub(super) fn undo_step(&mut self, p: &PushMeta) {
+        if let Some(w) = self.workers.get_mut(&p.worker) {
+            if w.attempt == p.attempt && w.next_step == p.step.saturating_add(1) {
+                w.next_step = p.step;
+            }
+        }
+    }
+
     /// Book an applied (or round-accepted) push.
     pub(super) fn record(&mut self, p: &PushMeta, staleness: u64) {
         if self.history.len() == HISTORY_CAP {

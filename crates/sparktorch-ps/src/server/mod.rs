@@ -67,6 +67,9 @@ struct Counters {
     /// Synchronous pushes computed on a version older than the open round: acknowledged,
     /// not averaged.
     stale_discarded: AtomicU64,
+    /// Async pushes refused for exceeding `max_staleness` (their workers compute the step
+    /// again).
+    stale_refused: AtomicU64,
     /// Connections open now.
     connections: AtomicU64,
     /// Frames refused.
@@ -558,6 +561,8 @@ impl Server {
             updates: c.updates.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             stale_discarded: c.stale_discarded.load(Ordering::Relaxed),
+            stale_refused: c.stale_refused.load(Ordering::Relaxed),
+            store_allocations: inner.store.allocations(),
             updates_per_worker: coord.workers.iter().map(|(&k, w)| (k, w.updates)).collect(),
             steps_per_worker: coord
                 .workers

@@ -1,0 +1,374 @@
+//! Frames in and out, without I/O: the one place that decides which bytes a frame is written
+//! as and where a payload's bytes are read into. The blocking client (`client.rs`) and the
+//! async server (`wire.rs`) only move these byte slices with their own sockets.
+//!
+//! - [`Outgoing`]: a frame as a sequence of byte slices. A small frame is one slice (one TCP
+//!   segment); a large `f32` payload that is already contiguous goes out straight from its
+//!   memory (no copy); anything else (hogwild cells, bfloat16) is converted chunk by chunk,
+//!   so no model-size copy is ever made and each conversion step is short (a tokio worker is
+//!   never blocked for long).
+//! - [`Incoming`]: the buffers a payload is read into: straight into the destination `f32`
+//!   slice, or through a chunk buffer that is widened from bfloat16.
+//! - [`Head`]: the header and meta buffer of a frame being read.
+
+use sparktorch_proto::payload::{self, Dtype};
+use sparktorch_proto::{
+    decode_header, decode_meta, encode_head_as, FrameHeader, Message, ProtoError, HEADER_LEN,
+    MAX_META_BYTES,
+};
+
+use crate::store::ParamsView;
+
+/// Values converted per chunk (256 KiB of `f32`): small enough to stay in cache and to keep
+/// each conversion short, large enough that a chunk is one efficient write.
+pub(crate) const CHUNK_VALUES: usize = 64 * 1024;
+
+/// Frames whose whole encoding is at most this many bytes go out as one slice.
+const INLINE_BYTES: usize = 64 * 1024;
+
+/// The values of an outgoing payload.
+#[derive(Clone, Copy)]
+pub(crate) enum Values<'a> {
+    /// A contiguous slice (gradients, a shared snapshot).
+    Slice(&'a [f32]),
+    /// Whatever the store hands out (a snapshot, or the hogwild cells read while sending).
+    View(&'a ParamsView<'a>),
+}
+
+impl<'a> Values<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Slice(s) => s.len(),
+            Self::View(v) => v.len(),
+        }
+    }
+
+    /// The values as one slice, when they are one.
+    fn as_slice(self) -> Option<&'a [f32]> {
+        match self {
+            Self::Slice(s) => Some(s),
+            Self::View(ParamsView::Shared(s)) => Some(&s.data),
+            Self::View(ParamsView::Cells { .. }) => None,
+        }
+    }
+
+    fn copy_range(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Self::Slice(s) => out.copy_from_slice(&s[start..start + out.len()]),
+            Self::View(v) => v.copy_range(start, out),
+        }
+    }
+}
+
+/// One frame on its way out; call [`Outgoing::next_bytes`] until it returns `None`.
+pub(crate) struct Outgoing<'a> {
+    /// The header and meta (and a small payload), then each converted chunk.
+    buf: Vec<u8>,
+    /// Scratch for values read out of the store before conversion.
+    tmp: Vec<f32>,
+    /// The payload.
+    values: Values<'a>,
+    /// Its type on the wire.
+    dtype: Dtype,
+    /// The head has not been handed out yet.
+    head_pending: bool,
+    /// Index of the next value to hand out.
+    next: usize,
+    /// Bytes of the whole frame.
+    total: u64,
+}
+
+impl<'a> Outgoing<'a> {
+    /// Encode the head of `msg` carrying `values` as `dtype`. `buf` and `tmp` are scratch
+    /// buffers, returned by [`Outgoing::into_buffers`] for reuse.
+    pub(crate) fn new(
+        msg: &Message,
+        values: Values<'a>,
+        dtype: Dtype,
+        mut buf: Vec<u8>,
+        tmp: Vec<f32>,
+    ) -> Result<Self, ProtoError> {
+        let n = values.len();
+        let payload_len = n * dtype.size();
+        buf.clear();
+        encode_head_as(msg, dtype, payload_len, &mut buf)?;
+        let total = (buf.len() + payload_len) as u64;
+        let mut out = Self {
+            buf,
+            tmp,
+            values,
+            dtype,
+            head_pending: true,
+            next: 0,
+            total,
+        };
+        if out.total as usize <= INLINE_BYTES {
+            // Small frames go out in one segment.
+            out.append_chunk(n);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of the whole frame.
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Append the next `m` values, converted, to `buf`.
+    fn append_chunk(&mut self, m: usize) {
+        let (start, end) = (self.next, self.next + m);
+        let at = self.buf.len();
+        self.buf.resize(at + m * self.dtype.size(), 0);
+        let dst = &mut self.buf[at..];
+        let src: &[f32] = match self.values.as_slice() {
+            Some(s) => &s[start..end],
+            None => {
+                self.tmp.resize(m, 0.0);
+                self.values.copy_range(start, &mut self.tmp);
+                &self.tmp
+            }
+        };
+        match self.dtype {
+            Dtype::F32 => dst.copy_from_slice(&payload::as_wire_bytes(src)),
+            Dtype::Bf16 => payload::encode_bf16(src, dst),
+        }
+        self.next = end;
+    }
+
+    /// The next bytes to write, `None` once the frame is complete.
+    pub(crate) fn next_bytes(&mut self) -> Option<&[u8]> {
+        if self.head_pending {
+            self.head_pending = false;
+            return Some(&self.buf);
+        }
+        let n = self.values.len();
+        if self.next >= n {
+            return None;
+        }
+        if self.dtype == Dtype::F32 {
+            if let Some(s) = self.values.as_slice() {
+                if let std::borrow::Cow::Borrowed(b) = payload::as_wire_bytes(&s[self.next..]) {
+                    // The memory format is the wire format: no copy.
+                    self.next = n;
+                    return Some(b);
+                }
+            }
+        }
+        self.buf.clear();
+        self.append_chunk(CHUNK_VALUES.min(n - self.next));
+        Some(&self.buf)
+    }
+
+    /// The scratch buffers, for the next frame.
+    pub(crate) fn into_buffers(self) -> (Vec<u8>, Vec<f32>) {
+        (self.buf, self.tmp)
+    }
+}
+
+/// The buffers a payload is read into; call [`Incoming::buffer`], fill it whole, then
+/// [`Incoming::filled`], until `buffer` returns `None`.
+pub(crate) struct Incoming<'a> {
+    /// Where the values go.
+    out: &'a mut [f32],
+    /// The payload's type on the wire.
+    dtype: Dtype,
+    /// Chunk buffer for bfloat16 bytes.
+    chunk: &'a mut Vec<u8>,
+    /// Values done.
+    done: usize,
+    /// Values in the buffer handed out last.
+    pending: usize,
+}
+
+impl<'a> Incoming<'a> {
+    /// Read a payload of `header`'s dtype into `out` (whose length the caller checked against
+    /// the header); `chunk` is scratch for converted payloads.
+    pub(crate) fn new(header: &FrameHeader, out: &'a mut [f32], chunk: &'a mut Vec<u8>) -> Self {
+        Self {
+            out,
+            dtype: header.dtype,
+            chunk,
+            done: 0,
+            pending: 0,
+        }
+    }
+
+    /// The next buffer to fill completely, `None` once the payload is in.
+    pub(crate) fn buffer(&mut self) -> Option<&mut [u8]> {
+        let n = self.out.len();
+        if self.done >= n {
+            return None;
+        }
+        match self.dtype {
+            Dtype::F32 => {
+                self.pending = n - self.done;
+                Some(payload::as_wire_bytes_mut(&mut self.out[self.done..]))
+            }
+            Dtype::Bf16 => {
+                self.pending = CHUNK_VALUES.min(n - self.done);
+                self.chunk.resize(self.pending * 2, 0);
+                Some(&mut self.chunk[..])
+            }
+        }
+    }
+
+    /// The buffer handed out last is full.
+    pub(crate) fn filled(&mut self) {
+        let range = self.done..self.done + self.pending;
+        match self.dtype {
+            Dtype::F32 => payload::from_wire_in_place(&mut self.out[range]),
+            Dtype::Bf16 => payload::decode_bf16(self.chunk, &mut self.out[range]),
+        }
+        self.done += self.pending;
+        self.pending = 0;
+    }
+}
+
+/// The header and meta of a frame being read: fill [`Head::header_bytes`], call
+/// [`Head::header`], fill [`Head::meta_bytes`], call [`Head::message`].
+pub(crate) struct Head {
+    /// Header bytes.
+    head: [u8; HEADER_LEN],
+    /// Meta bytes (up to the bound).
+    meta: [u8; MAX_META_BYTES],
+    /// The validated header, once decoded.
+    header: Option<FrameHeader>,
+}
+
+impl Head {
+    /// An empty head.
+    pub(crate) fn new() -> Self {
+        Self {
+            head: [0; HEADER_LEN],
+            meta: [0; MAX_META_BYTES],
+            header: None,
+        }
+    }
+
+    /// The header's bytes, to fill.
+    pub(crate) fn header_bytes(&mut self) -> &mut [u8; HEADER_LEN] {
+        &mut self.head
+    }
+
+    /// Validate the header (payload bounded by `max_payload` bytes).
+    pub(crate) fn header(&mut self, max_payload: usize) -> Result<FrameHeader, ProtoError> {
+        let h = decode_header(&self.head, max_payload)?;
+        self.header = Some(h);
+        Ok(h)
+    }
+
+    /// The meta's bytes, to fill (empty before [`Head::header`]).
+    pub(crate) fn meta_bytes(&mut self) -> &mut [u8] {
+        let len = self.header.map_or(0, |h| h.meta_len);
+        &mut self.meta[..len]
+    }
+
+    /// Decode the message from the filled meta.
+    pub(crate) fn message(&self) -> Result<(FrameHeader, Message), ProtoError> {
+        let Some(h) = self.header else {
+            return Err(ProtoError::Truncated {
+                needed: HEADER_LEN,
+                available: 0,
+            });
+        };
+        Ok((h, decode_meta(&h, &self.meta[..h.meta_len])?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sparktorch_optim::AtomicF32;
+    use sparktorch_proto::{Decoder, PushMeta};
+
+    fn frame_bytes(msg: &Message, values: Values<'_>, dtype: Dtype) -> (Vec<u8>, usize) {
+        let mut out = Outgoing::new(msg, values, dtype, Vec::new(), Vec::new()).expect("encodes");
+        let total = out.total() as usize;
+        let (mut bytes, mut pieces) = (Vec::new(), 0);
+        while let Some(b) = out.next_bytes() {
+            bytes.extend_from_slice(b);
+            pieces += 1;
+        }
+        assert_eq!(bytes.len(), total);
+        (bytes, pieces)
+    }
+
+    fn read_back(bytes: &[u8], n: usize) -> (Message, Vec<f32>) {
+        let mut head = Head::new();
+        head.header_bytes().copy_from_slice(&bytes[..HEADER_LEN]);
+        let header = head.header(usize::MAX).expect("header");
+        let meta_end = HEADER_LEN + header.meta_len;
+        head.meta_bytes()
+            .copy_from_slice(&bytes[HEADER_LEN..meta_end]);
+        let (header, msg) = head.message().expect("meta");
+        let mut out = vec![f32::NAN; n];
+        let mut chunk = Vec::new();
+        let mut rx = Incoming::new(&header, &mut out, &mut chunk);
+        let mut at = meta_end;
+        while let Some(buf) = rx.buffer() {
+            let len = buf.len();
+            buf.copy_from_slice(&bytes[at..at + len]);
+            at += len;
+            rx.filled();
+        }
+        assert_eq!(at, bytes.len());
+        (msg, out)
+    }
+
+    #[test]
+    fn every_source_and_dtype_writes_the_same_frame_a_decoder_reads() {
+        let n = 3 * CHUNK_VALUES + 17;
+        let values: Vec<f32> = (0..n).map(|i| (i as f32).sin() * 3.0).collect();
+        let cells = AtomicF32::vec_from(&values);
+        let view = ParamsView::Cells {
+            version: 7,
+            cells: &cells,
+        };
+        let msg = Message::Params {
+            version: 7,
+            should_stop: false,
+        };
+        let (direct, pieces) = frame_bytes(&msg, Values::Slice(&values), Dtype::F32);
+        // The head, then the payload straight from memory.
+        assert_eq!(pieces, 2);
+        let (chunked, pieces) = frame_bytes(&msg, Values::View(&view), Dtype::F32);
+        assert_eq!(pieces, 1 + 4);
+        assert_eq!(direct, chunked);
+        assert_eq!(read_back(&direct, n), (msg.clone(), values.clone()));
+
+        let (half, _) = frame_bytes(&msg, Values::Slice(&values), Dtype::Bf16);
+        let (half_cells, _) = frame_bytes(&msg, Values::View(&view), Dtype::Bf16);
+        assert_eq!(half, half_cells);
+        assert_eq!(half.len(), direct.len() - 2 * n);
+        let (_, widened) = read_back(&half, n);
+        let rounded: Vec<f32> = values
+            .iter()
+            .map(|v| payload::bf16_to_f32(payload::f32_to_bf16(*v)))
+            .collect();
+        assert_eq!(widened, rounded);
+        // The proto crate's own decoder agrees.
+        let frame = Decoder::default().decode_exact(&half).expect("decodes");
+        assert_eq!(frame.payload, rounded);
+    }
+
+    #[test]
+    fn small_frames_are_one_slice() {
+        let msg = Message::Push(PushMeta {
+            worker: 0,
+            attempt: 0,
+            step: 1,
+            batch_size: 4,
+            loss: 0.25,
+            val_loss: f64::NAN,
+            base_version: 0,
+        });
+        let grads = [0.5f32; 100];
+        let (bytes, pieces) = frame_bytes(&msg, Values::Slice(&grads), Dtype::F32);
+        assert_eq!(pieces, 1);
+        let (back, values) = read_back(&bytes, 100);
+        assert_eq!(values, grads);
+        assert!(matches!(back, Message::Push(p) if p.step == 1));
+        let (_, pieces) = frame_bytes(&Message::Bye, Values::Slice(&[]), Dtype::F32);
+        assert_eq!(pieces, 1);
+    }
+}
