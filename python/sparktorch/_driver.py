@@ -63,6 +63,10 @@ class FitPlan:
     resume_from: str | None
     epochs: int = 0
     """> 0: passes over each partition's training rows (the steps follow from the data)."""
+    max_staleness: int | None = None
+    """Bounded staleness of the asynchronous styles; None: unbounded."""
+    ps_dtype: str = "float32"
+    """Element type of parameter traffic on the wire."""
 
 
 def engine_mode(mode: str, acquire_lock: bool) -> str:
@@ -107,6 +111,7 @@ def validate(est: Any) -> FitPlan:
     if not est.getTorchObj():
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
     _validate_ps_encryption(est)
+    max_staleness, ps_dtype = _validate_traffic(est, mode)
     checkpoint_path, interval, resume_from = _checkpoint_plan(est)
     epochs = est.getEpochs()
     if epochs < 0:
@@ -129,7 +134,26 @@ def validate(est: Any) -> FitPlan:
         checkpoint_interval=interval,
         resume_from=resume_from,
         epochs=epochs,
+        max_staleness=max_staleness,
+        ps_dtype=ps_dtype,
     )
+
+
+def _validate_traffic(est: Any, mode: str) -> tuple[int | None, str]:
+    """``maxStaleness`` (None when unbounded) and ``psDtype``, checked."""
+    from .estimator import PS_DTYPES
+
+    k = est.getMaxStaleness()
+    if k < -1:
+        raise ParamError(f"maxStaleness={k}: must be >= 0, or -1 for unbounded")
+    if k >= 0 and mode == "synchronous":
+        raise ParamError(
+            f"maxStaleness={k} applies to mode='hogwild' (asynchronous updates); synchronous rounds are never stale"
+        )
+    dtype = est.getPsDtype()
+    if dtype not in PS_DTYPES:
+        raise ParamError(f"psDtype={dtype!r}: expected one of {', '.join(PS_DTYPES)}")
+    return (k if k >= 0 else None), dtype
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -424,6 +448,7 @@ def _run_jobs(
             epochs=plan.epochs,
             holdout_seed=est.getSeed(),
             buffer_bytes=buffer_bytes,
+            ps_dtype=plan.ps_dtype,
         )
         trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
         if est.getUseBarrier():
@@ -528,6 +553,7 @@ def _start_server(
         resume_from=plan.resume_from,
         model_buffers=state.num_buffers,
         tls=tls,
+        max_staleness=plan.max_staleness,
     )
 
 

@@ -61,6 +61,8 @@ class TaskConfig:
     """The fit's seed of the validation holdout (the same in every partition shuffle)."""
     buffer_bytes: int = BUFFER_BYTES
     """Byte budget of a full-batch chunk and of a resident holdout."""
+    ps_dtype: str = "float32"
+    """Element type of gradients and parameters on the wire ('float32' or 'bfloat16')."""
 
 
 def task_device(requested: str) -> str:
@@ -206,6 +208,7 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
         timeout_s=cfg.io_timeout_s,
         connect_timeout_s=cfg.connect_timeout_s,
         tls_fingerprint=cfg.tls_fingerprint,
+        dtype=cfg.ps_dtype,
     )
     try:
         if n_train == 0:
@@ -287,46 +290,62 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
         # rounds close without dropped workers).
         client.pull(flat.params_np)
         flat.params_pulled()
-        for step in range(start, end):
+
+        def compute_step(idx: object) -> tuple[float, int, float | None]:
+            """Gradients of one step (of the rows ``idx``, or the full batch) into the flat
+            buffer; returns (loss, rows, validation loss)."""
             flat.zero_grad()
-            if passes is not None:
-                idx = passes.next()
+            if idx is not None:
                 x_np, y_np = reader.rows(idx)
                 xb = torch.from_numpy(x_np).to(device)
                 loss = loss_of(xb, targets.of(xb, y_np, device))
                 loss.backward()  # type: ignore[attr-defined]
-                last_loss, step_rows = float(loss.detach()), len(idx)  # type: ignore[attr-defined]
+                step_loss, step_rows = float(loss.detach()), len(idx)  # type: ignore[attr-defined, arg-type]
             elif resident is not None:
                 loss = loss_of(resident[0], resident[1])
                 loss.backward()  # type: ignore[attr-defined]
-                last_loss, step_rows = float(loss.detach()), n_train  # type: ignore[attr-defined]
+                step_loss, step_rows = float(loss.detach()), n_train  # type: ignore[attr-defined]
             else:
                 # Full batch beyond the buffer: the gradient accumulates over chunks, each
                 # chunk's mean loss weighted by its share of the rows, so the sum is the
                 # full batch's mean-loss gradient (a sum-reduced loss needs no weights).
-                last_loss, step_rows = 0.0, n_train
+                step_loss, step_rows = 0.0, n_train
                 for x_np, y_np in reader.chunks(n_train):
                     xb = torch.from_numpy(x_np).to(device)
                     loss = loss_of(xb, targets.of(xb, y_np, device))
                     if chunk_scale:
                         loss = loss * (len(x_np) / n_train)  # type: ignore[operator]
                     loss.backward()  # type: ignore[attr-defined]
-                    last_loss += float(loss.detach())  # type: ignore[attr-defined]
+                    step_loss += float(loss.detach())  # type: ignore[attr-defined]
             flat.grads_ready()
-            val_loss = validation_loss(model, forward, criterion, holdout)
-            _, stop = client.push_pull(
-                flat.grads_np,
-                flat.params_np,
-                batch_size=step_rows,
-                loss=last_loss,
-                step=step,
-                val_loss=val_loss,
-            )
-            flat.params_pulled()
+            return step_loss, step_rows, validation_loss(model, forward, criterion, holdout)
+
+        stale_refusals = 0
+        for step in range(start, end):
+            idx = passes.next() if passes is not None else None
+            while True:
+                last_loss, step_rows, val_loss = compute_step(idx)
+                _, stop = client.push_pull(
+                    flat.grads_np,
+                    flat.params_np,
+                    batch_size=step_rows,
+                    loss=last_loss,
+                    step=step,
+                    val_loss=val_loss,
+                )
+                flat.params_pulled()
+                if not client.last_push_stale:
+                    break
+                # maxStaleness: the server refused a gradient computed on parameters too old;
+                # the same batch is computed again on the ones just pulled.
+                stale_refusals += 1
+                log.debug("partition %d: step %d refused as too stale, computed again", partition, step)
             steps_done += 1
             if stop:
                 log.info("partition %d: global early stop after step %d", partition, step)
                 break
+        if stale_refusals:
+            log.info("partition %d: %d pushes were staler than maxStaleness and computed again", partition, stale_refusals)
         finished = True
         yield _result(partition, attempt, rows, steps_done, last_loss, batch if batch > 0 else n_train, data.digest, end)
     finally:

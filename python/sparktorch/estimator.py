@@ -21,6 +21,7 @@ MODES = ("hogwild", "async", "synchronous")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOST_WORKER_POLICIES = ("drop", "fail")
 PS_ENCRYPTION = ("auto", "on", "off")
+PS_DTYPES = ("float32", "bfloat16")
 
 
 def _to_optional_string(value: Any) -> str | None:
@@ -98,6 +99,23 @@ class _SparkTorchParams(_SharedTorchParams):
         typeConverter=TypeConverters.toString,
     )
 
+    maxStaleness = Param(
+        Params._dummy(),
+        "maxStaleness",
+        "bounded staleness for mode='hogwild' (with or without acquireLock): a push computed on "
+        "parameters more than this many updates old is refused and recomputed on fresh ones; "
+        "-1: unbounded",
+        typeConverter=TypeConverters.toInt,
+    )
+
+    psDtype = Param(
+        Params._dummy(),
+        "psDtype",
+        "element type of gradients and parameters on the wire: 'float32', or 'bfloat16' (half "
+        "the bytes; the server keeps float32 weights)",
+        typeConverter=TypeConverters.toString,
+    )
+
     mlflowLogging = Param(
         Params._dummy(),
         "mlflowLogging",
@@ -107,7 +125,7 @@ class _SparkTorchParams(_SharedTorchParams):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._setDefault(psEncryption="auto", mlflowLogging=True)
+        self._setDefault(psEncryption="auto", mlflowLogging=True, maxStaleness=-1, psDtype="float32")
         self._setDefault(
             labelCol=None,
             torchObj="",
@@ -233,6 +251,14 @@ class _SparkTorchParams(_SharedTorchParams):
         """TLS for parameter traffic: 'auto', 'on' or 'off'."""
         return self.getOrDefault(self.psEncryption)
 
+    def getMaxStaleness(self) -> int:
+        """Bounded staleness of the asynchronous styles (-1: unbounded)."""
+        return self.getOrDefault(self.maxStaleness)
+
+    def getPsDtype(self) -> str:
+        """Element type of parameter traffic: 'float32' or 'bfloat16'."""
+        return self.getOrDefault(self.psDtype)
+
     def getMlflowLogging(self) -> bool:
         """Whether a fit logs to the active MLflow run (when there is one)."""
         return self.getOrDefault(self.mlflowLogging)
@@ -283,6 +309,8 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         checkpointInterval: int | None = None,
         resumeFrom: str | None = None,
         psEncryption: str | None = None,
+        maxStaleness: int | None = None,
+        psDtype: str | None = None,
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
     ) -> None:
@@ -319,6 +347,8 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         checkpointInterval: int | None = None,
         resumeFrom: str | None = None,
         psEncryption: str | None = None,
+        maxStaleness: int | None = None,
+        psDtype: str | None = None,
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
     ) -> "SparkTorch":

@@ -86,6 +86,16 @@ impl DoubleBuffer {
     }
 }
 
+/// A step that was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The version after it.
+    pub version: u64,
+    /// The steps before it (see [`Store::try_apply_then`]): its staleness is `before` minus
+    /// the version its gradient was computed on.
+    pub before: u64,
+}
+
 /// The values, stored per mode.
 enum Values {
     /// Hogwild: element-wise relaxed atomics.
@@ -103,6 +113,9 @@ pub struct Store {
     optimizer: RwLock<Box<dyn Optimizer>>,
     /// Steps applied (in hogwild mode the authority; in the others a mirror of the snapshot's).
     version: AtomicU64,
+    /// Hogwild: steps begun (admitted), `>= version`; a step's staleness is counted against it
+    /// so that concurrent steps in flight count too.
+    started: AtomicU64,
     /// Number of elements.
     len: usize,
 }
@@ -178,6 +191,7 @@ impl Store {
             values,
             optimizer: RwLock::new(optimizer),
             version: AtomicU64::new(version),
+            started: AtomicU64::new(version),
             len,
         }
     }
@@ -218,30 +232,45 @@ impl Store {
     /// `on_applied` runs right after the step.
     pub fn apply_then(&self, grads: &[f32], on_applied: impl FnOnce(u64)) -> u64 {
         match self.try_apply_then(grads, |_| true, on_applied) {
-            Ok(v) | Err(v) => v,
+            Ok(a) => a.version,
+            Err(v) => v,
         }
     }
 
-    /// [`Store::apply_then`] if `admit(current_version)` says so, else nothing (`Err(current
-    /// version)`). In async / synchronous mode `admit` runs under the step lock, so the version
-    /// it sees is the one the step applies to (bounded staleness is exact); in hogwild mode it
-    /// sees the version when the step starts (concurrent steps may finish meanwhile).
+    /// [`Store::apply_then`] if `admit(n)` says so, where `n` counts the steps that come
+    /// before this one; else nothing (`Err(current version)`). In async / synchronous mode `n`
+    /// is the version the step applies to, read under the step lock. In hogwild mode `n` counts
+    /// the steps *begun* before this one (finished or still running concurrently), and the
+    /// admission takes its place atomically, so `n - pulled_version <= k` bounds what really
+    /// overlaps this step. `admit` may be called more than once (hogwild, under contention).
     pub fn try_apply_then(
         &self,
         grads: &[f32],
-        admit: impl FnOnce(u64) -> bool,
+        admit: impl Fn(u64) -> bool,
         on_applied: impl FnOnce(u64),
-    ) -> Result<u64, u64> {
+    ) -> Result<Applied, u64> {
         match &self.values {
             Values::Atomic(cells) => {
                 let opt = read(&self.optimizer);
-                if !admit(self.version()) {
-                    return Err(self.version());
+                let mut before = self.started.load(Ordering::Acquire);
+                loop {
+                    if !admit(before) {
+                        return Err(self.version());
+                    }
+                    match self.started.compare_exchange_weak(
+                        before,
+                        before + 1,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => break,
+                        Err(now) => before = now,
+                    }
                 }
                 opt.step_relaxed(cells, grads);
-                let v = self.version.fetch_add(1, Ordering::AcqRel) + 1;
-                on_applied(v);
-                Ok(v)
+                let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
+                on_applied(version);
+                Ok(Applied { version, before })
             }
             Values::Locked(db) => {
                 let mut opt = write(&self.optimizer);
@@ -255,7 +284,8 @@ impl Store {
                     unreachable!("a spare buffer is shared");
                 };
                 opt.step_into(&cur.data, dst, grads);
-                let version = cur.version + 1;
+                let cur_version = cur.version;
+                let version = cur_version + 1;
                 db.current.store(Arc::new(Snapshot {
                     version,
                     data: next,
@@ -266,7 +296,10 @@ impl Store {
                 let retired = cur.data.clone();
                 drop(cur);
                 db.retire(retired);
-                Ok(version)
+                Ok(Applied {
+                    version,
+                    before: cur_version,
+                })
             }
         }
     }
@@ -411,7 +444,13 @@ mod tests {
             let store = Store::new(vec![0.0; 2], sgd(2)?, mode);
             store.apply(&[1.0; 2]);
             assert_eq!(store.try_apply_then(&[1.0; 2], |v| v < 1, |_| {}), Err(1));
-            assert_eq!(store.try_apply_then(&[1.0; 2], |v| v == 1, |_| {}), Ok(2));
+            assert_eq!(
+                store.try_apply_then(&[1.0; 2], |v| v == 1, |_| {}),
+                Ok(Applied {
+                    version: 2,
+                    before: 1
+                })
+            );
             assert_eq!(store.snapshot(), (2, vec![-2.0; 2]));
         }
         Ok(())

@@ -154,46 +154,49 @@ fn a_push_staler_than_max_staleness_is_refused_and_recomputed() {
 
 #[test]
 fn staleness_never_exceeds_max_staleness_under_contention() {
-    let (workers, steps, k) = (4u32, 40u64, 1u64);
-    let r = Arc::new(Running::start(server(
-        Mode::Async,
-        vec![0.0; 1 << 14],
-        workers,
-        |c| c.max_staleness = Some(k),
-    )));
-    let refused = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..workers)
-        .map(|w| {
-            let (r, refused) = (r.clone(), refused.clone());
-            std::thread::spawn(move || {
-                let mut c = r.client(w, 0).unwrap();
-                let mut out = vec![0.0; 1 << 14];
-                c.pull(&mut out, None).unwrap();
-                let mut step = 0;
-                while step < steps {
-                    let (ack, _) = c
-                        .push_pull(&vec![1e-3; 1 << 14], &mut out, step, 1, 0.0, None)
-                        .unwrap();
-                    if ack.stale {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        step += 1;
+    let (workers, steps, k, n) = (4u32, 40u64, 1u64, 1 << 14);
+    for mode in [Mode::Async, Mode::Hogwild] {
+        let r = Arc::new(Running::start(server(mode, vec![0.0; n], workers, |c| {
+            c.max_staleness = Some(k)
+        })));
+        let refused = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..workers)
+            .map(|w| {
+                let (r, refused) = (r.clone(), refused.clone());
+                std::thread::spawn(move || {
+                    let mut c = r.client(w, 0).unwrap();
+                    let mut out = vec![0.0; n];
+                    c.pull(&mut out, None).unwrap();
+                    let mut step = 0;
+                    while step < steps {
+                        let (ack, _) = c
+                            .push_pull(&vec![1e-3; n], &mut out, step, 1, 0.0, None)
+                            .unwrap();
+                        if ack.stale {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            step += 1;
+                        }
                     }
-                }
+                })
             })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let s = r.server.stats();
+        assert!(
+            s.staleness_max <= k,
+            "{mode}: staleness {} > {k}",
+            s.staleness_max
+        );
+        assert_eq!(
+            s.updates,
+            u64::from(workers) * steps,
+            "{mode}: every step applied once"
+        );
+        assert_eq!(s.stale_refused, refused.load(Ordering::Relaxed), "{mode}");
     }
-    let s = r.server.stats();
-    assert!(s.staleness_max <= k, "staleness {} > {k}", s.staleness_max);
-    assert_eq!(
-        s.updates,
-        u64::from(workers) * steps,
-        "every step applied once"
-    );
-    assert_eq!(s.stale_refused, refused.load(Ordering::Relaxed));
 }
 
 #[test]

@@ -637,8 +637,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let store_owner = inner.clone();
         let (worker, step, attempt) = (p.worker, p.step, p.attempt);
         let (grads, outcome) = tokio::task::spawn_blocking(move || {
-            // Bounded staleness is checked against the version the step would apply to (under
-            // the step lock in async mode, at the step's start in hogwild mode).
+            // Bounded staleness is checked against the steps before this one: the version it
+            // applies to (under the step lock, async), or the steps begun, this one's place
+            // taken atomically (hogwild).
             let admit = |v: u64| max_staleness.is_none_or(|k| v.saturating_sub(base) <= k);
             let r = store_owner.store.try_apply_then(&grads, admit, |_| {
                 store_owner.applied(worker, step, attempt);
@@ -651,8 +652,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             (ErrorCode::WorkerLost, format!("optimizer step failed: {e}"))
         })?;
         self.grads = grads;
-        let version = match outcome {
-            Ok(v) => v,
+        let applied = match outcome {
+            Ok(a) => a,
             Err(current) => {
                 // Too stale: nothing applied, the step is not done; the worker pulls the
                 // current version and computes the step again.
@@ -674,12 +675,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 });
             }
         };
+        let version = applied.version;
         inner.counters.updates.fetch_add(1, Ordering::Relaxed);
         let should_stop = {
             let mut coord = lock(&inner.coord);
-            // Staleness as applied: the versions stepped between the worker's pull and this
-            // step.
-            coord.record(p, (version - 1).saturating_sub(base));
+            // Staleness as applied: the steps that came between the worker's pull and this one
+            // (hogwild: including those still running beside it).
+            coord.record(p, applied.before.saturating_sub(base));
             coord.pending_losses.insert(p.worker, eval_loss(p));
             coord.maybe_evaluate(inner.config.num_workers, inner.config.early_stop_patience);
             coord.should_stop
