@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup example test test-rust test-python test-compat lint bench bench-data clean
+.PHONY: setup example test test-rust test-python test-compat lint bench bench-data bench-engine clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -45,6 +45,11 @@ bench: setup
 ## Spark's no-op mapInArrow (docs/benchmarks.md, "Data path"; a few minutes).
 bench-data: setup
 	$(PY) benchmarks/data_memory.py --full-batch --reps 5 --json benchmarks/results/data/data_memory.json
+
+## The engine's push+pull against raw loopback TCP in the same run: 25M parameters, 1 and 4
+## clients, float32 and bfloat16 (docs/benchmarks.md, "Parameter server: hot path"; ~5 minutes).
+bench-engine:
+	benchmarks/engine_bench.sh 5 3
 
 clean:
 	cargo clean

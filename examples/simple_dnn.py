@@ -30,6 +30,7 @@ parser.add_argument("--iters", type=int, default=50)
 parser.add_argument("--out", default=str(HERE / "out" / "simple_dnn"), help="where the fitted pipeline is saved")
 parser.add_argument("--verbose", type=int, default=1)
 parser.add_argument("--seed", type=int, default=0, help="torch seed of the network's initial weights")
+parser.add_argument("--ps-dtype", default="float32", choices=["float32", "bfloat16"], help="parameter traffic on the wire")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -79,6 +80,7 @@ spark_model = SparkTorch(
     useBarrier=True,
     mode=args.mode,
     acquireLock=args.acquire_lock == "true",
+    psDtype=args.ps_dtype,
 )
 t0 = time.perf_counter()
 # Can be used in a pipeline and saved.

@@ -59,6 +59,7 @@ class ParameterServer:
         resume_from: str | None = None,
         model_buffers: int = 0,
         tls: bool = False,
+        max_staleness: int | None = None,
     ) -> None:
         """Bind ``host:port`` (0 = chosen by the OS) and start serving.
 
@@ -68,6 +69,9 @@ class ParameterServer:
         clients pin :attr:`tls_fingerprint`. The HMAC handshake then runs inside TLS.
         Connections that have not authenticated yet are capped at 64 (further ones wait in the
         kernel's backlog).
+        ``max_staleness`` (``hogwild``/``async`` only; ``ParamError`` in synchronous mode): a
+        push computed on a version more than this many steps old is refused, not applied
+        (:attr:`Client.last_push_stale`); ``None``: unbounded.
         ``num_workers``: the tasks that take part (synchronous rounds wait for each live one;
         a task with no data registers and leaves at once). ``round_timeout_s``: how long a
         synchronous round waits for a missing worker before ``lost_worker_policy`` applies
@@ -196,8 +200,12 @@ class Client:
         timeout_s: float = 60.0,
         connect_timeout_s: float = 30.0,
         tls_fingerprint: bytes | None = None,
+        dtype: Literal["float32", "bfloat16"] = "float32",
     ) -> None:
-        """Raises :class:`~sparktorch.errors.ServerUnavailableError` (names the address) when
+        """``dtype``: element type of gradients and parameters on the wire (``"bfloat16"``:
+        half the bytes, rounded to nearest even; the server keeps float32 weights).
+
+        Raises :class:`~sparktorch.errors.ServerUnavailableError` (names the address) when
         the server cannot be reached in time, :class:`~sparktorch.errors.AuthenticationError`
         on a wrong secret or protocol version, a certificate that does not match
         ``tls_fingerprint``, or a server without TLS when a fingerprint is given;
@@ -215,6 +223,16 @@ class Client:
     @property
     def version(self) -> int:
         """The version of the parameters last pulled."""
+
+    @property
+    def dtype(self) -> str:
+        """Element type of tensors on the wire: ``"float32"`` or ``"bfloat16"``."""
+
+    @property
+    def last_push_stale(self) -> bool:
+        """True when the last push was refused by the server's ``max_staleness``: nothing was
+        applied and the step is not done; compute it again on the parameters :meth:`push_pull`
+        has just written into ``out`` (after :meth:`push`, pull first)."""
 
     def pull(self, out: npt.NDArray[np.float32], newer_than: int = -1) -> int:
         """Write the server's parameters into ``out`` (1-D float32, C-contiguous, num_params

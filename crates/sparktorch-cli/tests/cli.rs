@@ -17,6 +17,11 @@ fn bench_runs_every_op_over_loopback() {
             "2",
             "--seconds",
             "0.2",
+            "--reps",
+            "2",
+            "--loopback",
+            "--dtype",
+            "bfloat16",
         ])
         .env("SPARKTORCH_LOG", "warn")
         .output()
@@ -27,9 +32,27 @@ fn bench_runs_every_op_over_loopback() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for op in ["push ", "pull ", "push_pull "] {
-        assert!(stdout.lines().any(|l| l.starts_with(op)), "{stdout}");
+    let medians = stdout
+        .split("medians over 2 repetition(s):")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{stdout}"));
+    for op in [
+        "push ",
+        "pull ",
+        "push_pull ",
+        "raw stream",
+        "raw push+pull exchange",
+    ] {
+        assert!(
+            medians.lines().any(|l| l.trim_start().starts_with(op)),
+            "{stdout}"
+        );
     }
+    assert!(medians.contains("x the raw exchange's time"), "{stdout}");
+    assert!(
+        stdout.contains("0.0 MB on the wire as bfloat16"),
+        "{stdout}"
+    );
 }
 
 #[test]
