@@ -11,6 +11,7 @@
 //! - [`stats`]: [`Stats`], the snapshot of the counters;
 //! - [`checkpoint`]: [`Checkpoint`], one `safetensors` file with the parameters, the optimizer
 //!   state and what a resume needs (atomic writes, validated reads);
+//! - [`layout`]: how many elements a [`Layout`] covers, and the flat values cut per tensor;
 //! - [`tls`]: the per-server TLS identity ([`ServerTls`]) and the clients' pinned-certificate
 //!   configuration;
 //! - [`error`]: [`PsError`] (server side) and [`ClientError`].
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod layout;
 pub mod server;
 pub mod stats;
 pub mod store;

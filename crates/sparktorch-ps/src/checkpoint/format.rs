@@ -19,6 +19,7 @@ use super::{
     resolve, Checkpoint, CheckpointError, EarlyStopState, WorkerState, CHECKPOINT_FILE,
     FORMAT_NAME, FORMAT_VERSION, MAX_BUFFERS, MAX_CHECKPOINT_BYTES,
 };
+use crate::layout::{layout_len, shape_len};
 use crate::store::Layout;
 
 /// Prefix of parameter tensor names.
@@ -122,28 +123,21 @@ impl Checkpoint {
             reason,
         };
         let n = self.params.len();
-        let total = self.layout.iter().try_fold(0usize, |acc, (_, s)| {
-            s.iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .and_then(|len| acc.checked_add(len))
-        });
+        let total = layout_len(&self.layout);
         if total != Some(n) {
             return Err(invalid(format!(
                 "layout adds up to {total:?} elements, the parameters have {n}"
             )));
         }
         let mut tensors: Vec<(String, F32View<'_>)> = Vec::new();
-        let mut offset = 0;
-        for (name, shape) in &self.layout {
-            let len: usize = shape.iter().product();
+        for (name, shape, data) in self.param_tensors() {
             tensors.push((
                 format!("{PARAM_PREFIX}{name}"),
                 F32View {
-                    shape: shape.clone(),
-                    data: &self.params[offset..offset + len],
+                    shape: shape.to_vec(),
+                    data,
                 },
             ));
-            offset += len;
         }
         for (name, buf) in &self.optimizer_state.buffers {
             tensors.push((
@@ -342,9 +336,7 @@ impl Checkpoint {
         }
         let mut n: usize = 0;
         for (name, shape) in &layout {
-            let len = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
+            let len = shape_len(shape)
                 .ok_or_else(|| format!("layout entry {name:?}: shape {shape:?} overflows"))?;
             n = n
                 .checked_add(len)

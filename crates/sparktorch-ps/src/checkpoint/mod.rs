@@ -15,12 +15,14 @@
 //!
 //! Submodules, re-exported here: `error` ([`CheckpointError`]), `path` (what a user's path
 //! names: [`resolve`], [`resolve_for_write`]), `time` (the creation stamp: [`now_unix`],
-//! [`iso8601`]), `json` (the JSON inside the metadata: [`hyper_json`]) and `format` (the file:
-//! [`Checkpoint::write`], [`Checkpoint::read`]).
+//! [`iso8601`]), `json` (the JSON inside the metadata: [`hyper_json`]), `format` (the file:
+//! [`Checkpoint::write`], [`Checkpoint::read`]) and `summary` (what a front end shows of one:
+//! [`Checkpoint::summary`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::Serialize;
 use sparktorch_optim::{Hyperparameters, OptimizerState};
 use sparktorch_proto::{Mode, MAX_PAYLOAD_BYTES};
 
@@ -30,11 +32,13 @@ mod error;
 mod format;
 mod json;
 mod path;
+mod summary;
 mod time;
 
 pub use error::CheckpointError;
 pub use json::hyper_json;
 pub use path::{resolve, resolve_for_write};
+pub use summary::Summary;
 pub use time::{iso8601, now_unix};
 
 /// The value of the `format` metadata key.
@@ -56,7 +60,7 @@ pub const MAX_CHECKPOINT_BYTES: u64 =
     (MAX_PAYLOAD_BYTES as u64) * (1 + MAX_BUFFERS as u64) + (100 << 20);
 
 /// What the server remembers per worker for a resume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct WorkerState {
     /// Highest step applied + 1: what `resume_step` answers after a resume.
     pub next_step: u64,
@@ -66,7 +70,7 @@ pub struct WorkerState {
 }
 
 /// Early-stopping state.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct EarlyStopState {
     /// Best evaluated mean loss (`None` before the first evaluation).
     pub best_loss: Option<f64>,
@@ -108,6 +112,13 @@ pub struct Checkpoint {
     pub created_unix: u64,
     /// The flat parameters (layout order).
     pub params: Arc<Vec<f32>>,
+}
+
+impl Checkpoint {
+    /// Each parameter tensor in layout order: `(name, shape, values)`.
+    pub fn param_tensors(&self) -> impl Iterator<Item = (&str, &[usize], &[f32])> {
+        crate::layout::tensors(&self.layout, &self.params)
+    }
 }
 
 /// `layout`, or the single entry `params: [n]` when it is empty.
