@@ -61,21 +61,16 @@ fn num(v: f64) -> serde_json::Value {
     }
 }
 
-/// Print what the checkpoint at `path` holds (as JSON with `json`).
+/// Print what the checkpoint at `path` holds (as JSON with `json`): its [`Checkpoint::summary`]
+/// and per-tensor statistics.
 pub fn run(path: &Path, json: bool) -> Result<()> {
     let file = checkpoint::resolve(path);
     let c = Checkpoint::read(&file)?;
-    let mut params = Vec::new();
-    let mut offset = 0;
-    for (name, shape) in &c.layout {
-        let n: usize = shape.iter().product();
-        params.push(tensor_stats(
-            name.clone(),
-            shape.clone(),
-            &c.params[offset..offset + n],
-        ));
-        offset += n;
-    }
+    let s = c.summary(&file);
+    let params: Vec<TensorStats> = c
+        .param_tensors()
+        .map(|(name, shape, v)| tensor_stats(name.to_string(), shape.to_vec(), v))
+        .collect();
     let buffers: Vec<TensorStats> = c
         .optimizer_state
         .buffers
@@ -89,96 +84,58 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         })
     };
     if json {
-        let hyper = checkpoint::hyper_json(&c.hyperparameters);
-        let workers: serde_json::Map<String, serde_json::Value> = c
-            .workers
-            .iter()
-            .map(|(w, s)| {
-                (
-                    w.to_string(),
-                    serde_json::json!({"next_step": s.next_step, "attempt": s.attempt}),
-                )
-            })
-            .collect();
-        let scalars: serde_json::Map<String, serde_json::Value> = c
-            .optimizer_state
-            .scalars
-            .iter()
-            .map(|(k, v)| (k.clone(), num(*v)))
-            .collect();
-        let out = serde_json::json!({
-            "path": file.display().to_string(),
-            "format": checkpoint::FORMAT_NAME,
-            "format_version": checkpoint::FORMAT_VERSION,
-            "engine_version": c.engine_version,
-            "created": checkpoint::iso8601(c.created_unix),
-            "created_unix": c.created_unix,
-            "mode": c.mode.as_str(),
-            "version": c.version,
-            "num_workers": c.num_workers,
-            "num_params": c.params.len(),
-            "model_buffers": c.model_buffers,
-            "optimizer": c.optimizer,
-            "hyperparameters": hyper,
-            "optimizer_step": c.optimizer_state.step,
-            "optimizer_scalars": scalars,
-            "early_stop": {
-                "best_loss": c.early_stop.best_loss.map(num),
-                "bad_evaluations": c.early_stop.bad_evaluations,
-                "should_stop": c.early_stop.should_stop,
-            },
-            "workers": workers,
-            "params": params.iter().map(stats_json).collect::<Vec<_>>(),
-            "optimizer_buffers": buffers.iter().map(stats_json).collect::<Vec<_>>(),
-        });
+        let mut out = serde_json::to_value(&s)?;
+        if let serde_json::Value::Object(m) = &mut out {
+            m.insert("params".into(), params.iter().map(stats_json).collect());
+            m.insert(
+                "optimizer_buffers".into(),
+                buffers.iter().map(stats_json).collect(),
+            );
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("checkpoint      {}", file.display());
+    println!("checkpoint      {}", s.path);
     println!(
         "format          {} v{} (engine {}), created {}",
-        checkpoint::FORMAT_NAME,
-        checkpoint::FORMAT_VERSION,
-        c.engine_version,
-        checkpoint::iso8601(c.created_unix)
+        s.format, s.format_version, s.engine_version, s.created
     );
-    println!("mode            {}", c.mode);
-    println!("version         {} optimizer steps", c.version);
+    println!("mode            {}", s.mode);
+    println!("version         {} optimizer steps", s.version);
     println!(
         "parameters      {} in {} tensors ({} of them model buffers)",
-        c.params.len(),
+        s.num_params,
         c.layout.len(),
-        c.model_buffers
+        s.model_buffers
     );
     println!(
         "optimizer       {} {}",
-        c.optimizer,
-        checkpoint::hyper_json(&c.hyperparameters)
+        s.optimizer,
+        checkpoint::hyper_json(s.hyperparameters)
     );
-    let scalars: Vec<String> = c
-        .optimizer_state
-        .scalars
+    let scalars: Vec<String> = s
+        .optimizer_scalars
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!(
         "optimizer state step={}{}{}",
-        c.optimizer_state.step,
+        s.optimizer_step,
         if scalars.is_empty() { "" } else { " " },
         scalars.join(" ")
     );
     println!(
         "early stop      best_loss={} bad_evaluations={} should_stop={}",
-        c.early_stop
+        s.early_stop
             .best_loss
             .map_or("none".to_string(), |b| b.to_string()),
-        c.early_stop.bad_evaluations,
-        c.early_stop.should_stop
+        s.early_stop.bad_evaluations,
+        s.early_stop.should_stop
     );
-    println!("workers         {} (num_workers)", c.num_workers);
+    println!("workers         {} (num_workers)", s.num_workers);
     println!("  {:>6} {:>12} {:>8}", "worker", "next_step", "attempt");
-    for (w, s) in &c.workers {
-        println!("  {w:>6} {:>12} {:>8}", s.next_step, s.attempt);
+    for (w, st) in s.workers {
+        println!("  {w:>6} {:>12} {:>8}", st.next_step, st.attempt);
     }
     let table = |title: &str, rows: &[TensorStats]| {
         println!("{title}");

@@ -4,13 +4,16 @@
 //! Modules:
 //! - [`config`]: what a server is started with ([`ServerConfig`]) and its validation;
 //! - [`store`]: the flat `f32` parameters and the optimizer, stored per mode (atomics for
-//!   hogwild, a versioned copy-on-write snapshot for async and synchronous);
+//!   hogwild, double-buffered versioned snapshots for async and synchronous);
+//! - `framing` (private): the bytes a frame is written as and where a payload is read into,
+//!   shared by the client and the server;
 //! - [`server`]: [`Server`] and its `run(listener, shutdown)`: handshake, requests, rounds,
 //!   early stopping, stats;
 //! - [`client`]: [`Client`], a blocking client over `std::net::TcpStream` for executor tasks;
 //! - [`stats`]: [`Stats`], the snapshot of the counters;
 //! - [`checkpoint`]: [`Checkpoint`], one `safetensors` file with the parameters, the optimizer
 //!   state and what a resume needs (atomic writes, validated reads);
+//! - [`layout`]: how many elements a [`Layout`] covers, and the flat values cut per tensor;
 //! - [`tls`]: the per-server TLS identity ([`ServerTls`]) and the clients' pinned-certificate
 //!   configuration;
 //! - [`error`]: [`PsError`] (server side) and [`ClientError`].
@@ -22,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 mod framing;
+pub mod layout;
 pub mod server;
 pub mod stats;
 pub mod store;

@@ -453,33 +453,34 @@ pub(crate) fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<B
     let c = py
         .detach(|| Checkpoint::read(&file))
         .map_err(|e| ps_err(py, e.into()))?;
+    let s = c.summary(&file);
     let d = PyDict::new(py);
-    d.set_item("path", file.display().to_string())?;
-    d.set_item("format", checkpoint::FORMAT_NAME)?;
-    d.set_item("format_version", checkpoint::FORMAT_VERSION)?;
-    d.set_item("engine_version", &c.engine_version)?;
-    d.set_item("mode", c.mode.as_str())?;
-    d.set_item("version", c.version)?;
-    d.set_item("optimizer", &c.optimizer)?;
-    d.set_item("hyperparameters", hyper_dict(py, &c.hyperparameters)?)?;
-    d.set_item("num_workers", c.num_workers)?;
+    d.set_item("path", &s.path)?;
+    d.set_item("format", s.format)?;
+    d.set_item("format_version", s.format_version)?;
+    d.set_item("engine_version", s.engine_version)?;
+    d.set_item("mode", s.mode)?;
+    d.set_item("version", s.version)?;
+    d.set_item("optimizer", s.optimizer)?;
+    d.set_item("hyperparameters", hyper_dict(py, s.hyperparameters)?)?;
+    d.set_item("num_workers", s.num_workers)?;
     d.set_item("layout", c.layout.clone())?;
-    d.set_item("model_buffers", c.model_buffers)?;
+    d.set_item("model_buffers", s.model_buffers)?;
     let workers = PyDict::new(py);
-    for (w, s) in &c.workers {
+    for (w, st) in s.workers {
         let e = PyDict::new(py);
-        e.set_item("next_step", s.next_step)?;
-        e.set_item("attempt", s.attempt)?;
+        e.set_item("next_step", st.next_step)?;
+        e.set_item("attempt", st.attempt)?;
         workers.set_item(w, e)?;
     }
     d.set_item("workers", workers)?;
     let es = PyDict::new(py);
-    es.set_item("best_loss", c.early_stop.best_loss.unwrap_or(f64::NAN))?;
-    es.set_item("bad_evaluations", c.early_stop.bad_evaluations)?;
-    es.set_item("should_stop", c.early_stop.should_stop)?;
+    es.set_item("best_loss", s.early_stop.best_loss.unwrap_or(f64::NAN))?;
+    es.set_item("bad_evaluations", s.early_stop.bad_evaluations)?;
+    es.set_item("should_stop", s.early_stop.should_stop)?;
     d.set_item("early_stop", es)?;
-    d.set_item("created_unix", c.created_unix)?;
-    d.set_item("created", checkpoint::iso8601(c.created_unix))?;
+    d.set_item("created_unix", s.created_unix)?;
+    d.set_item("created", &s.created)?;
     let params = std::sync::Arc::try_unwrap(c.params).unwrap_or_else(|a| Vec::clone(&a));
     d.set_item("params", PyArray1::from_vec(py, params))?;
     d.set_item(

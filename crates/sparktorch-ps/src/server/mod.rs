@@ -297,11 +297,7 @@ impl Server {
             );
         }
         if !layout.is_empty() {
-            let total = layout.iter().try_fold(0usize, |acc, (_, s)| {
-                s.iter()
-                    .try_fold(1usize, |a, &d| a.checked_mul(d))
-                    .and_then(|len| acc.checked_add(len))
-            });
+            let total = crate::layout::layout_len(&layout);
             if total != Some(params.len()) {
                 let total = total.map_or("more than usize::MAX".to_string(), |t| t.to_string());
                 return bad(

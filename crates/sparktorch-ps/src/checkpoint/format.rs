@@ -1,17 +1,5 @@
-//! Checkpoints: one `safetensors` file with the parameters, the optimizer state and everything a
-//! server needs to resume a fit.
-//!
-//! Tensors (all `F32`, little-endian):
-//! - `param/<name>`: one per layout entry, with its shape (a model with no layout is stored as
-//!   one entry `params` of shape `[n]`);
-//! - `optim/<buffer>`: each optimizer buffer (torch's name, e.g. `optim/exp_avg`), flat over
-//!   all parameters, shape `[n]`.
-//!
-//! The `__metadata__` string map holds the rest; see [`Checkpoint`] and `docs/engine.md`
-//! ("Checkpoints") for every key. Writes are atomic (temp file in the same directory, fsync,
-//! rename, fsync of the directory). Reading validates every field and every tensor; a corrupt,
-//! truncated or hostile file is an error naming the file and the cause, never a panic, and no
-//! allocation exceeds the file's size (itself bounded by [`MAX_CHECKPOINT_BYTES`]).
+//! The file: an atomic write and a validated read of one `safetensors` file (see the module
+//! doc of [`super`] for its tensors and metadata).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -22,226 +10,23 @@ use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde_json::{json, Value};
-use sparktorch_optim::{HyperValue, Hyperparameters, OptimizerState};
-use sparktorch_proto::{Mode, MAX_PARAMS, MAX_PAYLOAD_BYTES};
+use sparktorch_optim::OptimizerState;
+use sparktorch_proto::{Mode, MAX_PARAMS};
 
+use super::json::{f64_json, hyper_json, json_f64, parse_hyper};
+use super::time::iso8601;
+use super::{
+    resolve, Checkpoint, CheckpointError, EarlyStopState, WorkerState, CHECKPOINT_FILE,
+    FORMAT_NAME, FORMAT_VERSION, MAX_BUFFERS, MAX_CHECKPOINT_BYTES,
+};
+use crate::layout::{layout_len, shape_len};
 use crate::store::Layout;
-
-/// The value of the `format` metadata key.
-pub const FORMAT_NAME: &str = "sparktorch-checkpoint";
-
-/// The format version this engine writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
-
-/// The file name inside a checkpoint directory.
-pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-
-/// Most optimizer buffers a checkpoint may carry (the largest optimizer keeps 3).
-pub const MAX_BUFFERS: usize = 8;
-
-/// Upper bound on a checkpoint file, in bytes: the parameters at the protocol's bound
-/// ([`MAX_PAYLOAD_BYTES`]) plus [`MAX_BUFFERS`] buffers of the same size, plus a 100 MB header
-/// (the `safetensors` header bound). Larger files are refused before anything is read.
-pub const MAX_CHECKPOINT_BYTES: u64 =
-    (MAX_PAYLOAD_BYTES as u64) * (1 + MAX_BUFFERS as u64) + (100 << 20);
 
 /// Prefix of parameter tensor names.
 const PARAM_PREFIX: &str = "param/";
 
 /// Prefix of optimizer buffer tensor names.
 const OPTIM_PREFIX: &str = "optim/";
-
-/// Why a checkpoint could not be written, read or used.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// The file system refused (open, read, write, fsync, rename, create directory).
-    #[error("checkpoint {path}: cannot {op}: {source}")]
-    Io {
-        /// The file or directory.
-        path: PathBuf,
-        /// What was attempted.
-        op: &'static str,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file is not a valid checkpoint: truncated, corrupt, hostile, another format, a newer
-    /// format version, or inconsistent fields.
-    #[error("checkpoint {path} is invalid: {reason}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A valid checkpoint that does not fit the server resuming from it (`field` names what
-    /// differs: `layout`, `optimizer`, `mode`, `params`, `optimizer_state`).
-    #[error("checkpoint {path} does not match this server: {field}: {reason}")]
-    Mismatch {
-        /// The file.
-        path: PathBuf,
-        /// What differs.
-        field: &'static str,
-        /// How.
-        reason: String,
-    },
-}
-
-/// What the server remembers per worker for a resume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkerState {
-    /// Highest step applied + 1: what `resume_step` answers after a resume.
-    pub next_step: u64,
-    /// The attempt that pushed last (informational: a resumed fit is a new Spark job, whose
-    /// attempts count from 0 again, so a resumed server accepts every attempt).
-    pub attempt: u32,
-}
-
-/// Early-stopping state.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct EarlyStopState {
-    /// Best evaluated mean loss (`None` before the first evaluation).
-    pub best_loss: Option<f64>,
-    /// Evaluations since the last strict improvement.
-    pub bad_evaluations: u32,
-    /// Global early stop reached.
-    pub should_stop: bool,
-}
-
-/// Everything in a checkpoint file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Checkpoint {
-    /// The engine version that wrote it (`engine_version`).
-    pub engine_version: String,
-    /// Training style (`mode`).
-    pub mode: Mode,
-    /// Optimizer steps applied (`version`).
-    pub version: u64,
-    /// `torch.optim` class name (`optimizer`).
-    pub optimizer: String,
-    /// Every hyperparameter, defaults filled in (`hyperparameters`, JSON).
-    pub hyperparameters: Hyperparameters,
-    /// Step, scalars (`optimizer_state`, JSON) and buffers (`optim/<name>` tensors).
-    pub optimizer_state: OptimizerState,
-    /// Per worker id (`workers`, JSON).
-    pub workers: BTreeMap<u32, WorkerState>,
-    /// The server's `num_workers` (`num_workers`).
-    pub num_workers: u32,
-    /// Tensor names and shapes (`layout`, JSON); never empty (see the module doc).
-    pub layout: Layout,
-    /// Elements at the tail of `params` that are model buffers (BatchNorm running statistics,
-    /// ...), not stepped by the optimizer (`model_buffers`; absent in older files: 0). The
-    /// optimizer buffers cover the other `params.len() - model_buffers` elements.
-    pub model_buffers: usize,
-    /// Early stopping (`early_stop`, JSON).
-    pub early_stop: EarlyStopState,
-    /// Seconds since the Unix epoch when it was written (`created_unix`); `created` holds the
-    /// same instant as ISO 8601 UTC.
-    pub created_unix: u64,
-    /// The flat parameters (layout order).
-    pub params: Arc<Vec<f32>>,
-}
-
-/// `layout`, or the single entry `params: [n]` when it is empty.
-pub fn effective_layout(layout: &Layout, n: usize) -> Layout {
-    if layout.is_empty() {
-        vec![("params".to_string(), vec![n])]
-    } else {
-        layout.clone()
-    }
-}
-
-/// A checkpoint path as given by a user: a directory means `<dir>/checkpoint.safetensors`.
-pub fn resolve(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        path.join(CHECKPOINT_FILE)
-    } else {
-        path.to_path_buf()
-    }
-}
-
-/// Where to write a checkpoint given a user's path: a path ending in `.safetensors` is the
-/// file; anything else is a directory (existing or not) that holds [`CHECKPOINT_FILE`].
-pub fn resolve_for_write(path: &Path) -> PathBuf {
-    let is_file = !path.is_dir()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    if is_file {
-        path.to_path_buf()
-    } else {
-        path.join(CHECKPOINT_FILE)
-    }
-}
-
-/// Seconds since the Unix epoch, now.
-pub fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn iso8601(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// A float as JSON: a number when finite, else the string `"NaN"`, `"inf"` or `"-inf"`.
-fn f64_json(v: f64) -> Value {
-    if v.is_finite() {
-        json!(v)
-    } else if v.is_nan() {
-        json!("NaN")
-    } else if v > 0.0 {
-        json!("inf")
-    } else {
-        json!("-inf")
-    }
-}
-
-/// The inverse of [`f64_json`].
-fn json_f64(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => match s.as_str() {
-            "NaN" => Some(f64::NAN),
-            "inf" => Some(f64::INFINITY),
-            "-inf" => Some(f64::NEG_INFINITY),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// Hyperparameters as a JSON object: numbers, bools, `[a, b]` pairs.
-pub fn hyper_json(h: &Hyperparameters) -> Value {
-    let mut m = serde_json::Map::new();
-    for (k, v) in h {
-        let v = match v {
-            HyperValue::Float(f) => f64_json(*f),
-            HyperValue::Bool(b) => json!(b),
-            HyperValue::Pair(a, b) => json!([f64_json(*a), f64_json(*b)]),
-        };
-        m.insert(k.clone(), v);
-    }
-    Value::Object(m)
-}
 
 /// One f32 slice as a safetensors tensor, written straight from memory.
 struct F32View<'a> {
@@ -338,28 +123,21 @@ impl Checkpoint {
             reason,
         };
         let n = self.params.len();
-        let total = self.layout.iter().try_fold(0usize, |acc, (_, s)| {
-            s.iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .and_then(|len| acc.checked_add(len))
-        });
+        let total = layout_len(&self.layout);
         if total != Some(n) {
             return Err(invalid(format!(
                 "layout adds up to {total:?} elements, the parameters have {n}"
             )));
         }
         let mut tensors: Vec<(String, F32View<'_>)> = Vec::new();
-        let mut offset = 0;
-        for (name, shape) in &self.layout {
-            let len: usize = shape.iter().product();
+        for (name, shape, data) in self.param_tensors() {
             tensors.push((
                 format!("{PARAM_PREFIX}{name}"),
                 F32View {
-                    shape: shape.clone(),
-                    data: &self.params[offset..offset + len],
+                    shape: shape.to_vec(),
+                    data,
                 },
             ));
-            offset += len;
         }
         for (name, buf) in &self.optimizer_state.buffers {
             tensors.push((
@@ -558,9 +336,7 @@ impl Checkpoint {
         }
         let mut n: usize = 0;
         for (name, shape) in &layout {
-            let len = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
+            let len = shape_len(shape)
                 .ok_or_else(|| format!("layout entry {name:?}: shape {shape:?} overflows"))?;
             n = n
                 .checked_add(len)
@@ -657,86 +433,10 @@ impl Checkpoint {
     }
 }
 
-/// The inverse of [`hyper_json`].
-fn parse_hyper(v: &Value) -> Result<Hyperparameters, String> {
-    let Value::Object(m) = v else {
-        return Err("hyperparameters must be an object".into());
-    };
-    let mut out = Vec::with_capacity(m.len());
-    for (k, v) in m {
-        let hv = match v {
-            Value::Bool(b) => HyperValue::Bool(*b),
-            Value::Array(a) if a.len() == 2 => match (json_f64(&a[0]), json_f64(&a[1])) {
-                (Some(x), Some(y)) => HyperValue::Pair(x, y),
-                _ => return Err(format!("hyperparameters.{k} must be a pair of numbers")),
-            },
-            other => HyperValue::Float(
-                json_f64(other)
-                    .ok_or_else(|| format!("hyperparameters.{k} has an unsupported value"))?,
-            ),
-        };
-        out.push((k.clone(), hv));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> Checkpoint {
-        Checkpoint {
-            engine_version: "0.0.0-test".into(),
-            mode: Mode::Synchronous,
-            version: 7,
-            optimizer: "Adam".into(),
-            hyperparameters: vec![
-                ("lr".into(), HyperValue::Float(1e-3)),
-                ("betas".into(), HyperValue::Pair(0.9, 0.999)),
-                ("amsgrad".into(), HyperValue::Bool(false)),
-            ],
-            optimizer_state: OptimizerState {
-                step: 7,
-                scalars: vec![("mu_product".into(), 0.123_456_789_012_345_67)],
-                buffers: vec![
-                    (
-                        "exp_avg".into(),
-                        vec![0.1, -0.2, 0.3, f32::MIN_POSITIVE, 5.0],
-                    ),
-                    ("exp_avg_sq".into(), vec![1e-30, 2.0, 3.0, 4.0, f32::MAX]),
-                ],
-            },
-            workers: BTreeMap::from([
-                (
-                    0,
-                    WorkerState {
-                        next_step: 4,
-                        attempt: 1,
-                    },
-                ),
-                (
-                    1,
-                    WorkerState {
-                        next_step: 3,
-                        attempt: 0,
-                    },
-                ),
-            ]),
-            num_workers: 2,
-            layout: vec![
-                ("fc.weight".into(), vec![2, 2]),
-                ("fc.bias".into(), vec![1]),
-            ],
-            model_buffers: 0,
-            early_stop: EarlyStopState {
-                best_loss: Some(0.1 + 0.2),
-                bad_evaluations: 2,
-                should_stop: false,
-            },
-            created_unix: 1_764_000_000,
-            params: Arc::new(vec![1.0, -0.0, f32::EPSILON, -3.5e-12, 9.0]),
-        }
-    }
+    use crate::checkpoint::tests::sample;
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
@@ -914,12 +614,5 @@ mod tests {
             matches!(&err, Err(e) if e.to_string().contains("spt-definitely-missing")),
             "{err:?}"
         );
-    }
-
-    #[test]
-    fn iso8601_formats_utc() {
-        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(iso8601(1_764_000_000), "2025-11-24T16:00:00Z");
     }
 }
