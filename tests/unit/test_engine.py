@@ -289,11 +289,56 @@ def test_a_dropped_worker_pushing_late_continues_from_the_current_version():
         ({"round_timeout_s": 0.0}, "round_timeout_s"),
         ({"lost_worker_policy": "ignore"}, "lost_worker_policy"),
         ({"io_timeout_s": -1.0}, "io_timeout_s"),
+        ({"max_staleness": -1}, "max_staleness"),
+        ({"max_staleness": 2, "mode": "synchronous"}, "max_staleness"),
     ],
 )
 def test_bad_arguments_raise_param_error_naming_the_param(kwargs, name):
     with pytest.raises(errors.ParamError, match=name):
         make_server(**kwargs)
+
+
+def test_bfloat16_client_rounds_on_the_wire_and_the_server_keeps_float32():
+    torch = pytest.importorskip("torch")
+    init = np.linspace(-1.0, 1.0, 1000, dtype=np.float32) + np.float32(1e-3)
+    grads = np.linspace(0.3, -0.2, 1000, dtype=np.float32)
+    with _native.ParameterServer(init, [("w", [1000])], "SGD", {"lr": 1.0}, secret=SECRET) as ps:
+        with pytest.raises(errors.ParamError, match="dtype"):
+            client(ps, dtype="float16")
+        c = client(ps, dtype="bfloat16")
+        assert c.dtype == "bfloat16"
+        out = np.empty(1000, np.float32)
+        c.pull(out)
+        # What torch's own conversion gives: round to nearest even.
+        bf16 = lambda a: torch.from_numpy(a).to(torch.bfloat16).float().numpy()  # noqa: E731
+        np.testing.assert_array_equal(out, bf16(init))
+        c.push_pull(grads, out, batch_size=1, loss=0.0, step=0)
+        master = ps.parameters()
+        np.testing.assert_array_equal(master, init - bf16(grads))
+        assert not np.array_equal(master, bf16(master)), "the server keeps float32 weights"
+        np.testing.assert_array_equal(out, bf16(master))
+        c.close()
+
+
+def test_a_push_staler_than_max_staleness_is_refused_and_not_applied():
+    ps = make_server(n=4, num_workers=2, max_staleness=0)
+    try:
+        slow, fast = client(ps, 0), client(ps, 1)
+        out = np.empty(4, np.float32)
+        slow.pull(out)
+        fast.push_pull(np.ones(4, np.float32), out, batch_size=1, loss=0.0, step=0)
+        assert not fast.last_push_stale
+        version, _ = slow.push_pull(np.full(4, 50.0, np.float32), out, batch_size=1, loss=0.0, step=0)
+        assert slow.last_push_stale and version == 1
+        np.testing.assert_array_equal(out, np.full(4, -1.0, np.float32))
+        slow.push_pull(np.ones(4, np.float32), out, batch_size=1, loss=0.0, step=0)
+        assert not slow.last_push_stale
+        stats = ps.stats()
+        assert (stats["stale_refused"], stats["updates"], stats["staleness_max"]) == (1, 2, 0)
+        slow.close()
+        fast.close()
+    finally:
+        ps.stop()
 
 
 def test_bad_params_secret_optimizer_layout():
