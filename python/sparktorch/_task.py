@@ -334,7 +334,7 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
                     val_loss=val_loss,
                 )
                 flat.params_pulled()
-                if not client.last_push_stale:
+                if stop or not client.last_push_stale:
                     break
                 # maxStaleness: the server refused a gradient computed on parameters too old;
                 # the same batch is computed again on the ones just pulled.

@@ -93,14 +93,17 @@ impl Dtype {
     }
 }
 
-/// Round `x` to the nearest bfloat16 (ties to even); NaN stays a (quiet) NaN.
+/// Round `x` to the nearest bfloat16 (ties to even), as torch's `c10::BFloat16` does: every
+/// NaN becomes the canonical quiet NaN `0x7FC0`.
 #[inline(always)]
 pub fn f32_to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
-    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-    // A NaN could round into infinity: keep it a NaN (sign and top payload bits, quiet bit set).
-    let nan = (b >> 16) | 0x0040;
-    (if x.is_nan() { nan } else { rounded }) as u16
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        0x7fc0
+    } else {
+        rounded
+    }
 }
 
 /// Widen a bfloat16 to the `f32` it denotes (exact).
@@ -155,8 +158,8 @@ mod tests {
         );
         // The largest finite f32 rounds to infinity (as torch does); NaNs stay NaN.
         assert_eq!(bf16_to_f32(f32_to_bf16(f32::MAX)), f32::INFINITY);
-        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
-        assert!(bf16_to_f32(f32_to_bf16(f32::from_bits(0x7fff_ffff))).is_nan());
+        assert_eq!(f32_to_bf16(f32::NAN), 0x7fc0);
+        assert_eq!(f32_to_bf16(f32::from_bits(0xffff_ffff)), 0x7fc0);
         // Relative error at most half an ulp (2^-8) for normal values.
         for i in 1..1000 {
             let v = (i as f32) * 0.7351 - 300.0;

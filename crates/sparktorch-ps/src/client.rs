@@ -184,8 +184,8 @@ pub struct Client {
     should_stop: bool,
     /// Payload element type on the wire.
     dtype: Dtype,
-    /// Frame encoding buffers (head and converted chunks, values).
-    out: (Vec<u8>, Vec<f32>),
+    /// Frame encoding buffer (head and converted chunks).
+    out: Vec<u8>,
     /// Chunk buffer for reading converted payloads.
     chunk: Vec<u8>,
 }
@@ -251,7 +251,7 @@ impl Client {
             budget: hs,
             should_stop: false,
             dtype: options.dtype,
-            out: (Vec::with_capacity(256), Vec::new()),
+            out: Vec::with_capacity(256),
             chunk: Vec::new(),
         };
         c.handshake(secret, options.server_fingerprint.is_some())?;
@@ -437,7 +437,7 @@ impl Client {
     }
 
     fn send(&mut self, msg: &Message, values: &[f32]) -> Result<(), ClientError> {
-        let (bytes, tmp) = std::mem::take(&mut self.out);
+        let bytes = std::mem::take(&mut self.out);
         let timeout = self.budget;
         let addr = self.addr.clone();
         // Tensor requests travel as the chosen dtype; the others have no tensor.
@@ -446,7 +446,7 @@ impl Client {
         } else {
             Dtype::F32
         };
-        let mut out = match Outgoing::new(msg, Values::Slice(values), dtype, bytes, tmp) {
+        let mut out = match Outgoing::new(msg, Values::Slice(values), dtype, bytes) {
             Ok(o) => o,
             Err(source) => return Err(self.broken(ClientError::Protocol { addr, source })),
         };
@@ -464,7 +464,7 @@ impl Client {
                     .map_err(|e| io_err(&addr, "sending a request", timeout, e))
             }
         };
-        self.out = out.into_buffers();
+        self.out = out.into_buffer();
         result.map_err(|e| self.broken(e))
     }
 

@@ -52,10 +52,31 @@ impl<'a> Values<'a> {
         }
     }
 
-    fn copy_range(&self, start: usize, out: &mut [f32]) {
-        match self {
-            Self::Slice(s) => out.copy_from_slice(&s[start..start + out.len()]),
-            Self::View(v) => v.copy_range(start, out),
+    /// Encode values `[start, start + dst.len() / dtype.size())` as `dtype` into `dst`: from
+    /// the slice, or loading each hogwild cell once, straight into the wire bytes.
+    fn encode_range(&self, start: usize, dtype: Dtype, dst: &mut [u8]) {
+        let end = start + dst.len() / dtype.size();
+        if let Some(s) = self.as_slice() {
+            match dtype {
+                Dtype::F32 => dst.copy_from_slice(&payload::as_wire_bytes(&s[start..end])),
+                Dtype::Bf16 => payload::encode_bf16(&s[start..end], dst),
+            }
+            return;
+        }
+        if let Self::View(ParamsView::Cells { cells, .. }) = self {
+            let cells = &cells[start..end];
+            match dtype {
+                Dtype::F32 => {
+                    for (o, c) in dst.chunks_exact_mut(4).zip(cells) {
+                        o.copy_from_slice(&c.load().to_le_bytes());
+                    }
+                }
+                Dtype::Bf16 => {
+                    for (o, c) in dst.chunks_exact_mut(2).zip(cells) {
+                        o.copy_from_slice(&payload::f32_to_bf16(c.load()).to_le_bytes());
+                    }
+                }
+            }
         }
     }
 }
@@ -64,8 +85,6 @@ impl<'a> Values<'a> {
 pub(crate) struct Outgoing<'a> {
     /// The header and meta (and a small payload), then each converted chunk.
     buf: Vec<u8>,
-    /// Scratch for values read out of the store before conversion.
-    tmp: Vec<f32>,
     /// The payload.
     values: Values<'a>,
     /// Its type on the wire.
@@ -79,14 +98,13 @@ pub(crate) struct Outgoing<'a> {
 }
 
 impl<'a> Outgoing<'a> {
-    /// Encode the head of `msg` carrying `values` as `dtype`. `buf` and `tmp` are scratch
-    /// buffers, returned by [`Outgoing::into_buffers`] for reuse.
+    /// Encode the head of `msg` carrying `values` as `dtype`. `buf` is a scratch buffer,
+    /// returned by [`Outgoing::into_buffer`] for reuse.
     pub(crate) fn new(
         msg: &Message,
         values: Values<'a>,
         dtype: Dtype,
         mut buf: Vec<u8>,
-        tmp: Vec<f32>,
     ) -> Result<Self, ProtoError> {
         let n = values.len();
         let payload_len = n * dtype.size();
@@ -95,7 +113,6 @@ impl<'a> Outgoing<'a> {
         let total = (buf.len() + payload_len) as u64;
         let mut out = Self {
             buf,
-            tmp,
             values,
             dtype,
             head_pending: true,
@@ -116,23 +133,11 @@ impl<'a> Outgoing<'a> {
 
     /// Append the next `m` values, converted, to `buf`.
     fn append_chunk(&mut self, m: usize) {
-        let (start, end) = (self.next, self.next + m);
         let at = self.buf.len();
         self.buf.resize(at + m * self.dtype.size(), 0);
-        let dst = &mut self.buf[at..];
-        let src: &[f32] = match self.values.as_slice() {
-            Some(s) => &s[start..end],
-            None => {
-                self.tmp.resize(m, 0.0);
-                self.values.copy_range(start, &mut self.tmp);
-                &self.tmp
-            }
-        };
-        match self.dtype {
-            Dtype::F32 => dst.copy_from_slice(&payload::as_wire_bytes(src)),
-            Dtype::Bf16 => payload::encode_bf16(src, dst),
-        }
-        self.next = end;
+        self.values
+            .encode_range(self.next, self.dtype, &mut self.buf[at..]);
+        self.next += m;
     }
 
     /// The next bytes to write, `None` once the frame is complete.
@@ -159,9 +164,9 @@ impl<'a> Outgoing<'a> {
         Some(&self.buf)
     }
 
-    /// The scratch buffers, for the next frame.
-    pub(crate) fn into_buffers(self) -> (Vec<u8>, Vec<f32>) {
-        (self.buf, self.tmp)
+    /// The scratch buffer, for the next frame.
+    pub(crate) fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 }
 
@@ -282,7 +287,7 @@ mod tests {
     use sparktorch_proto::{Decoder, PushMeta};
 
     fn frame_bytes(msg: &Message, values: Values<'_>, dtype: Dtype) -> (Vec<u8>, usize) {
-        let mut out = Outgoing::new(msg, values, dtype, Vec::new(), Vec::new()).expect("encodes");
+        let mut out = Outgoing::new(msg, values, dtype, Vec::new()).expect("encodes");
         let total = out.total() as usize;
         let (mut bytes, mut pieces) = (Vec::new(), 0);
         while let Some(b) = out.next_bytes() {

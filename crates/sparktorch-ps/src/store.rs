@@ -13,8 +13,9 @@
 //!   swaps the pointer: no allocation, no copy of the model, and a pull in flight always sends
 //!   one whole version. The buffer the swap retires is recycled once the last pull holding it
 //!   is done; only when every recycled buffer is still held by a slow pull does a step allocate
-//!   a new one (counted in [`Store::allocations`]). Memory: two copies of the model, plus one
-//!   per snapshot that slow pulls hold at the same time.
+//!   a new one (counted in [`Store::allocations`]; at most the number of versions ever being
+//!   sent at once, never one per step). Memory: two copies of the model, plus one per version
+//!   that slow pulls hold at the same time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,9 +30,10 @@ use crate::{lock, read, write};
 /// (`named_parameters()` order), kept for checkpoints.
 pub type Layout = Vec<(String, Vec<usize>)>;
 
-/// Retired buffers kept for reuse beyond the one a step needs (more are dropped: they only
-/// exist while several slow pulls hold old versions at once).
-const MAX_SPARES: usize = 3;
+/// Free retired buffers kept for reuse (buffers that pulls still hold are always kept: they
+/// become free when those pulls end). Enough for a handful of pulls overlapping the steps
+/// without allocating again; beyond that, extra free buffers are dropped.
+const MAX_FREE_SPARES: usize = 4;
 
 /// A consistent version of the parameters.
 #[derive(Debug, Clone)]
@@ -77,12 +79,18 @@ impl DoubleBuffer {
         Arc::new(vec![0.0; len])
     }
 
-    /// Keep `buf` (just retired) for a later step.
+    /// Keep `buf` (just retired) for a later step. Buffers still held by pulls are kept (so
+    /// that a step allocates only when more versions are being sent at once than ever
+    /// before); of the free ones, at most [`MAX_FREE_SPARES`].
     fn retire(&self, buf: Arc<Vec<f32>>) {
         let mut spares = lock(&self.spares);
-        if spares.len() < MAX_SPARES {
-            spares.push(buf);
-        }
+        spares.push(buf);
+        let mut free = 0;
+        spares.retain(|b| {
+            let held = Arc::strong_count(b) > 1;
+            free += usize::from(!held);
+            held || free <= MAX_FREE_SPARES
+        });
     }
 }
 

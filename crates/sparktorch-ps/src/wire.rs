@@ -90,7 +90,14 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     buf: &mut Vec<f32>,
     chunk: &mut Vec<u8>,
 ) -> Result<(), ReadError> {
-    buf.resize(header.payload_values(), 0.0);
+    let n = header.payload_values();
+    if buf.capacity() < n {
+        // A fresh zeroed allocation (calloc: the pages are mapped lazily, no memset of the
+        // model's size on this thread).
+        *buf = vec![0.0; n];
+    } else {
+        buf.resize(n, 0.0);
+    }
     let mut rx = Incoming::new(header, buf, chunk);
     while let Some(b) = rx.buffer() {
         r.read_exact(b)
@@ -101,13 +108,11 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Scratch buffers of a frame writer, reused across frames.
+/// The scratch buffer of a frame writer (head and converted chunks), reused across frames.
 #[derive(Default)]
 pub(crate) struct WriteBuffers {
     /// Head and converted chunks.
     bytes: Vec<u8>,
-    /// Values read out of the store before conversion.
-    values: Vec<f32>,
 }
 
 /// Write one frame carrying `values` as `dtype`; returns the bytes written.
@@ -119,8 +124,7 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     scratch: &mut WriteBuffers,
 ) -> io::Result<u64> {
     let bytes = std::mem::take(&mut scratch.bytes);
-    let tmp = std::mem::take(&mut scratch.values);
-    let mut out = Outgoing::new(msg, values, dtype, bytes, tmp)
+    let mut out = Outgoing::new(msg, values, dtype, bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let total = out.total();
     let mut result = Ok(());
@@ -130,7 +134,7 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
             break;
         }
     }
-    (scratch.bytes, scratch.values) = out.into_buffers();
+    scratch.bytes = out.into_buffer();
     result?;
     w.flush().await?;
     Ok(total)

@@ -50,9 +50,11 @@ impl Optimizer for SlowSgd {
         self.finished.store(true, Ordering::SeqCst);
     }
     fn step_into(&mut self, src: &[f32], dst: &mut [f32], grads: &[f32]) {
+        // Write the new values first, then dawdle: a store that stepped into the buffer a
+        // pull sends from would show them under the old version.
+        self.inner.step_into(src, dst, grads);
         self.started.store(true, Ordering::SeqCst);
         std::thread::sleep(self.delay);
-        self.inner.step_into(src, dst, grads);
         self.finished.store(true, Ordering::SeqCst);
     }
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {
@@ -164,19 +166,30 @@ fn staleness_never_exceeds_max_staleness_under_contention() {
             .map(|w| {
                 let (r, refused) = (r.clone(), refused.clone());
                 std::thread::spawn(move || {
+                    let mode = mode;
                     let mut c = r.client(w, 0).unwrap();
                     let mut out = vec![0.0; n];
-                    c.pull(&mut out, None).unwrap();
+                    let mut pulled = c.pull(&mut out, None).unwrap();
                     let mut step = 0;
                     while step < steps {
-                        let (ack, _) = c
+                        let (ack, now) = c
                             .push_pull(&vec![1e-3; n], &mut out, step, 1, 0.0, None)
                             .unwrap();
                         if ack.stale {
                             refused.fetch_add(1, Ordering::Relaxed);
                         } else {
                             step += 1;
+                            if mode == Mode::Async {
+                                // Seen from the client: the step applied to version
+                                // `ack.version - 1`, the gradient was computed on `pulled`.
+                                assert!(
+                                    ack.version - 1 - pulled <= k,
+                                    "applied {} steps after the pull of version {pulled}",
+                                    ack.version - 1 - pulled
+                                );
+                            }
                         }
+                        pulled = now;
                     }
                 })
             })
@@ -228,13 +241,19 @@ fn bf16_clients_halve_the_bytes_and_the_server_keeps_f32_weights() {
             out, rounded,
             "{mode}: the pull is the bf16 rounding of the f32 weights"
         );
-        let in_before = r.server.stats().bytes_in;
+        let before = r.server.stats();
         half.push_pull(&grads, &mut out, 0, 1, 0.0, None).unwrap();
-        let pushed = r.server.stats().bytes_in - in_before;
-        assert!(
-            pushed < (n as u64) * 2 + 200,
-            "{mode}: {pushed} bytes for {n} values"
+        let after = r.server.stats();
+        let (pushed, pulled) = (
+            after.bytes_in - before.bytes_in,
+            after.bytes_out - before.bytes_out,
         );
+        for bytes in [pushed, pulled] {
+            assert!(
+                bytes >= (n as u64) * 2 && bytes < (n as u64) * 2 + 200,
+                "{mode}: {bytes} bytes for {n} values"
+            );
+        }
         // The server stepped its f32 master weights with the widened bf16 gradient (SGD,
         // lr = 1): exactly init - round(g), not a bf16 value.
         let (version, master) = r.server.parameters();
@@ -281,9 +300,10 @@ fn buffers_are_recycled_while_many_pulls_overlap_steps() {
     }
     let s = r.server.stats();
     assert_eq!(s.version, u64::from(workers) * steps);
-    // At most one buffer per pull that can hold a version at once: never one per step.
+    // Bounded by the versions pulls hold at once (one per client), plus the one a step writes:
+    // never one per step.
     assert!(
-        s.store_allocations <= u64::from(workers),
+        s.store_allocations <= u64::from(workers) + 1,
         "{} allocations for {} steps",
         s.store_allocations,
         s.version
@@ -292,4 +312,64 @@ fn buffers_are_recycled_while_many_pulls_overlap_steps() {
     assert!(p
         .iter()
         .all(|v| *v == -((u64::from(workers) * steps) as f32)));
+}
+
+#[test]
+fn a_refused_worker_is_not_starved_by_faster_ones() {
+    // max_staleness 0, one fast worker pushing as fast as it can and one that computes 20 ms
+    // per step: after each refusal the fast worker's pushes wait for the slow one, so the slow
+    // worker finishes its steps long before the fast one (without that, every push of the
+    // slow worker would be refused until the fast one had finished all of its steps).
+    let r = Arc::new(Running::start(server(Mode::Async, vec![0.0; 64], 2, |c| {
+        c.max_staleness = Some(0)
+    })));
+    let fast_done = Arc::new(AtomicU64::new(0));
+    let fast = {
+        let (r, fast_done) = (r.clone(), fast_done.clone());
+        std::thread::spawn(move || {
+            let mut c = r.client(0, 0).unwrap();
+            let mut out = vec![0.0; 64];
+            c.pull(&mut out, None).unwrap();
+            let mut step = 0;
+            while step < 3000 {
+                let (ack, _) = c
+                    .push_pull(&[1e-3; 64], &mut out, step, 1, 0.0, None)
+                    .unwrap();
+                if !ack.stale {
+                    step += 1;
+                    fast_done.store(step, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    let mut c = r.client(1, 0).unwrap();
+    let mut out = vec![0.0; 64];
+    c.pull(&mut out, None).unwrap();
+    let (mut step, mut refusals, mut worst) = (0, 0u32, 0u32);
+    while step < 10 {
+        std::thread::sleep(Duration::from_millis(20));
+        let (ack, _) = c
+            .push_pull(&[1e-3; 64], &mut out, step, 1, 0.0, None)
+            .unwrap();
+        if ack.stale {
+            refusals += 1;
+            worst = worst.max(refusals);
+        } else {
+            step += 1;
+            refusals = 0;
+        }
+    }
+    let fast_steps = fast_done.load(Ordering::SeqCst);
+    fast.join().unwrap();
+    // Once refused, only a fast push already under way can get in before it: it may be
+    // refused once more, not again and again.
+    assert!(
+        worst <= 3,
+        "the slow worker was refused {worst} times in a row"
+    );
+    assert!(
+        fast_steps < 3000,
+        "the slow worker only got through after the fast one"
+    );
+    assert!(r.server.stats().staleness_max == 0);
 }

@@ -2,6 +2,7 @@
 //! connection updates, under one short-held mutex.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
 
 use sparktorch_proto::{ErrorCode, PushMeta};
 use tracing::info;
@@ -89,6 +90,10 @@ pub(super) struct Coord {
     pub(super) staleness_count: u64,
     /// A fatal condition; every later request is answered with it.
     pub(super) fatal: Option<String>,
+    /// Bounded staleness: workers whose last push was refused as too stale, oldest first, with
+    /// when. While one is here, the other workers' pushes wait (bounded) so that its next push
+    /// gets in: refusals never starve a slow worker.
+    pub(super) starving: VecDeque<(u32, Instant)>,
 }
 
 impl Coord {
@@ -150,13 +155,35 @@ impl Coord {
     }
 
     /// Take back what [`Coord::check_push`] booked for a push that was then refused (bounded
-    /// staleness): its step is not done, so the worker may push it again.
+    /// staleness): its step is not done, so the worker (or its retry) may push it again.
     pub(super) fn undo_step(&mut self, p: &PushMeta) {
         if let Some(w) = self.workers.get_mut(&p.worker) {
-            if w.attempt == p.attempt && w.next_step == p.step.saturating_add(1) {
+            if w.next_step == p.step.saturating_add(1) {
                 w.next_step = p.step;
             }
         }
+    }
+
+    /// `worker` was refused as too stale: it goes to the back of the starving queue (once).
+    pub(super) fn starve(&mut self, worker: u32) {
+        if !self.starving.iter().any(|(w, _)| *w == worker) {
+            self.starving.push_back((worker, Instant::now()));
+        }
+    }
+
+    /// `worker` no longer starves (its push got in, it left, or it registered again); true if
+    /// it did.
+    pub(super) fn fed(&mut self, worker: u32) -> bool {
+        let before = self.starving.len();
+        self.starving.retain(|(w, _)| *w != worker);
+        self.starving.len() != before
+    }
+
+    /// The starving worker that `worker`'s push must wait for, with when it was refused: the
+    /// oldest one, unless `worker` is that one (the queue's head never waits, so two starving
+    /// workers never wait for each other).
+    pub(super) fn starving_ahead_of(&self, worker: u32) -> Option<(u32, Instant)> {
+        self.starving.front().copied().filter(|(w, _)| *w != worker)
     }
 
     /// Book an applied (or round-accepted) push.

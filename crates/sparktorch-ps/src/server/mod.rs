@@ -127,6 +127,9 @@ struct Inner {
     round: tokio::sync::Mutex<Round>,
     /// Version and failure, watched by waiting pulls.
     progress: watch::Sender<Progress>,
+    /// Bumped whenever the starving queue of bounded staleness shrinks; pushes held back for
+    /// a starving worker watch it.
+    fed: watch::Sender<u64>,
     /// Set once the server stops; connections and timers watch it.
     stop: watch::Sender<bool>,
     /// Counters.
@@ -347,6 +350,7 @@ impl Server {
                     failed: false,
                 })
                 .0,
+                fed: watch::channel(0).0,
                 stop: watch::channel(false).0,
                 counters: Counters::default(),
                 started: AtomicBool::new(false),
@@ -613,6 +617,13 @@ impl Inner {
     fn publish(&self, version: u64) {
         self.progress
             .send_modify(|p| p.version = p.version.max(version));
+    }
+
+    /// Bounded staleness: `worker` no longer starves; wake the pushes held back for it.
+    fn feed(&self, worker: u32) {
+        if lock(&self.coord).fed(worker) {
+            self.fed.send_modify(|g| *g = g.wrapping_add(1));
+        }
     }
 
     /// Record a fatal condition and wake every waiter.

@@ -126,6 +126,7 @@ pub(super) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         who: None,
         grads: Vec::new(),
         chunk: Vec::new(),
+        last_pulled: None,
         out: WriteBuffers::default(),
     };
     let end = tokio::select! {
@@ -165,6 +166,8 @@ struct Conn<S> {
     grads: Vec<f32>,
     /// Chunk buffer for reading bfloat16 payloads.
     chunk: Vec<u8>,
+    /// The version of the last `Params` this connection delivered whole (the staleness base).
+    last_pulled: Option<u64>,
     /// Frame encoding buffers.
     out: WriteBuffers,
 }

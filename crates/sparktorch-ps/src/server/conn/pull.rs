@@ -73,6 +73,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             version,
             should_stop,
         };
-        self.send_with(&msg, Values::View(&view), dtype).await
+        self.send_with(&msg, Values::View(&view), dtype).await?;
+        self.last_pulled = Some(version);
+        Ok(())
     }
 }

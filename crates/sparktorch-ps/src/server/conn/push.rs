@@ -2,6 +2,7 @@
 //! (bounded staleness included) and synchronous ones (queued in the open round).
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use sparktorch_proto::{ErrorCode, FrameHeader, Message, Mode, PushMeta};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -92,9 +93,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let Some(staleness) = staleness else {
             return Ok(self.duplicate(p));
         };
-        // The version the worker computed on (as far as the server knows what it pulled).
-        let base = checked_at - staleness;
+        let _ = (checked_at, staleness);
+        // The version the worker computed on: what it says, and never newer than what this
+        // connection last delivered to it.
+        let base = match self.last_pulled {
+            Some(v) => v.min(p.base_version),
+            None => p.base_version,
+        };
         let max_staleness = inner.config.max_staleness;
+        if max_staleness.is_some() {
+            self.wait_for_starving(p.worker).await;
+        }
         let grads = std::mem::take(&mut self.grads);
         let store_owner = inner.clone();
         let (worker, step, attempt) = (p.worker, p.step, p.attempt);
@@ -129,6 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 );
                 let mut coord = lock(&inner.coord);
                 coord.undo_step(p);
+                coord.starve(p.worker);
                 return Ok(Message::PushAck {
                     version: current,
                     should_stop: coord.should_stop,
@@ -138,6 +148,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
         };
         let version = applied.version;
+        if max_staleness.is_some() {
+            inner.feed(p.worker);
+        }
         inner.counters.updates.fetch_add(1, Ordering::Relaxed);
         let should_stop = {
             let mut coord = lock(&inner.coord);
@@ -156,6 +169,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             duplicate: false,
             stale: false,
         })
+    }
+
+    /// Bounded staleness: while another worker starves (its last push was refused as too
+    /// stale), hold this push until that worker's next push got in, it left or registered
+    /// again, or a quarter of `io_timeout_s` passed since its refusal (a lost task is not
+    /// waited for longer, and the held client's own exchange deadline is not reached).
+    /// Starving workers are served oldest first. Refusals thus never starve a slow worker:
+    /// after one, the others wait for it.
+    async fn wait_for_starving(&mut self, worker: u32) {
+        let inner = self.inner.clone();
+        let patience = inner.config.io_timeout / 4;
+        let mut fed = inner.fed.subscribe();
+        let mut stop = inner.stop.subscribe();
+        loop {
+            let oldest = lock(&inner.coord).starving_ahead_of(worker);
+            let Some((other, since)) = oldest else {
+                return;
+            };
+            let left = (since + patience).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                debug!(
+                    worker = other,
+                    "starving worker not back in time: no longer waited for"
+                );
+                inner.feed(other);
+                continue;
+            }
+            tokio::select! {
+                _ = timeout(left, fed.changed()) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
     }
 
     fn duplicate(&self, p: &PushMeta) -> Message {

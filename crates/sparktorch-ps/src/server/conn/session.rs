@@ -53,6 +53,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Err((code, m)) => return self.refuse(code, m).await,
         };
         self.who = Some((worker, attempt));
+        // A new attempt computes afresh: nobody holds pushes back for an old one.
+        inner.feed(worker);
         info!(peer = %self.peer, worker, attempt, resume_step, "worker registered");
         let msg = Message::Registered {
             num_params: inner.store.len() as u64,
@@ -111,9 +113,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             mark(&mut lock(&inner.coord));
             inner.close_round_if_complete(&mut round).await;
         } else {
-            let mut coord = lock(&inner.coord);
-            mark(&mut coord);
-            coord.maybe_evaluate(inner.config.num_workers, inner.config.early_stop_patience);
+            {
+                let mut coord = lock(&inner.coord);
+                mark(&mut coord);
+                coord.maybe_evaluate(inner.config.num_workers, inner.config.early_stop_patience);
+            }
+            inner.feed(w);
         }
     }
 }
