@@ -112,6 +112,36 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
+/// Encode `values` as bfloat16 words in wire order (little-endian) into `out` (same length):
+/// a loop the compiler vectorises; [`words_as_bytes`] then gives the wire bytes.
+pub fn encode_bf16_words(values: &[f32], out: &mut [u16]) {
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = f32_to_bf16(*v).to_le();
+    }
+}
+
+/// Widen bfloat16 words in wire order into `out` (same length).
+pub fn decode_bf16_words(words: &[u16], out: &mut [f32]) {
+    for (o, w) in out.iter_mut().zip(words) {
+        *o = bf16_to_f32(u16::from_le(*w));
+    }
+}
+
+/// The bytes of `words` (wire order when they were written by [`encode_bf16_words`]).
+pub fn words_as_bytes(words: &[u16]) -> &[u8] {
+    // SAFETY: u16 has no padding; u8 has alignment 1; the byte length is exactly the slice's
+    // size, and the borrow keeps `words` alive and unmodified for the returned slice's lifetime.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
+/// A writable byte view of `words`, to read bfloat16 wire bytes into.
+pub fn words_as_bytes_mut(words: &mut [u16]) -> &mut [u8] {
+    let len = std::mem::size_of_val(words);
+    // SAFETY: every bit pattern is a valid u16; u8 has alignment 1; the length is exactly the
+    // slice's byte size; the exclusive borrow is carried over to the returned slice.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
+}
+
 /// Encode `values` as little-endian bfloat16 into `out` (`2 * values.len()` bytes).
 pub fn encode_bf16(values: &[f32], out: &mut [u8]) {
     for (o, v) in out.chunks_exact_mut(2).zip(values) {
@@ -171,6 +201,12 @@ mod tests {
         encode_bf16(&v, &mut bytes);
         let mut back = [0f32; 3];
         decode_bf16(&bytes, &mut back);
+        let mut words = [0u16; 3];
+        encode_bf16_words(&v, &mut words);
+        assert_eq!(words_as_bytes(&words), &bytes);
+        let mut again = [0f32; 3];
+        decode_bf16_words(&words, &mut again);
+        assert_eq!(again, back);
         assert_eq!(&back[..2], &v[..2]);
         assert!((back[2] - 0.1).abs() < 1e-3);
     }

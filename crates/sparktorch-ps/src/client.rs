@@ -20,7 +20,7 @@ use sparktorch_proto::{
     auth, Dtype, ErrorCode, FrameHeader, Message, Mode, PushMeta, MAX_PAYLOAD_BYTES, NONCE_LEN,
 };
 
-use crate::framing::{Head, Incoming, Outgoing, Values};
+use crate::framing::{Head, Incoming, Outgoing, Scratch, Values};
 
 use crate::tls::{self, Fingerprint};
 use crate::ClientError;
@@ -184,10 +184,10 @@ pub struct Client {
     should_stop: bool,
     /// Payload element type on the wire.
     dtype: Dtype,
-    /// Frame encoding buffer (head and converted chunks).
-    out: Vec<u8>,
+    /// Frame encoding buffers (head and converted chunks).
+    out: Scratch,
     /// Chunk buffer for reading converted payloads.
-    chunk: Vec<u8>,
+    chunk: Vec<u16>,
 }
 
 fn io_err(addr: &str, what: &'static str, after: Duration, e: io::Error) -> ClientError {
@@ -251,7 +251,7 @@ impl Client {
             budget: hs,
             should_stop: false,
             dtype: options.dtype,
-            out: Vec::with_capacity(256),
+            out: Scratch::default(),
             chunk: Vec::new(),
         };
         c.handshake(secret, options.server_fingerprint.is_some())?;
@@ -437,7 +437,7 @@ impl Client {
     }
 
     fn send(&mut self, msg: &Message, values: &[f32]) -> Result<(), ClientError> {
-        let bytes = std::mem::take(&mut self.out);
+        let scratch = std::mem::take(&mut self.out);
         let timeout = self.budget;
         let addr = self.addr.clone();
         // Tensor requests travel as the chosen dtype; the others have no tensor.
@@ -446,7 +446,7 @@ impl Client {
         } else {
             Dtype::F32
         };
-        let mut out = match Outgoing::new(msg, Values::Slice(values), dtype, bytes) {
+        let mut out = match Outgoing::new(msg, Values::Slice(values), dtype, scratch) {
             Ok(o) => o,
             Err(source) => return Err(self.broken(ClientError::Protocol { addr, source })),
         };
@@ -464,7 +464,7 @@ impl Client {
                     .map_err(|e| io_err(&addr, "sending a request", timeout, e))
             }
         };
-        self.out = out.into_buffer();
+        self.out = out.into_scratch();
         result.map_err(|e| self.broken(e))
     }
 

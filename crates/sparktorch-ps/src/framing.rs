@@ -64,6 +64,7 @@ impl<'a> Values<'a> {
             return;
         }
         if let Self::View(ParamsView::Cells { cells, .. }) = self {
+            // Small frames only (large ones go through `encode_words` for bfloat16).
             let cells = &cells[start..end];
             match dtype {
                 Dtype::F32 => {
@@ -81,10 +82,38 @@ impl<'a> Values<'a> {
     }
 }
 
+impl Values<'_> {
+    /// Encode values `[start, start + dst.len())` as bfloat16 words in wire order.
+    fn encode_words(&self, start: usize, dst: &mut [u16]) {
+        let end = start + dst.len();
+        match self.as_slice() {
+            Some(s) => payload::encode_bf16_words(&s[start..end], dst),
+            None => {
+                if let Self::View(ParamsView::Cells { cells, .. }) = self {
+                    for (o, c) in dst.iter_mut().zip(&cells[start..end]) {
+                        *o = payload::f32_to_bf16(c.load()).to_le();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scratch buffers of a frame writer or reader, reused across frames.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Head and meta (and a small payload), then each converted `f32` chunk.
+    bytes: Vec<u8>,
+    /// Each bfloat16 chunk.
+    words: Vec<u16>,
+}
+
 /// One frame on its way out; call [`Outgoing::next_bytes`] until it returns `None`.
 pub(crate) struct Outgoing<'a> {
-    /// The header and meta (and a small payload), then each converted chunk.
+    /// The header and meta (and a small payload), then each converted `f32` chunk.
     buf: Vec<u8>,
+    /// Each bfloat16 chunk (a `u16` buffer: the conversion loop vectorises).
+    words: Vec<u16>,
     /// The payload.
     values: Values<'a>,
     /// Its type on the wire.
@@ -98,14 +127,18 @@ pub(crate) struct Outgoing<'a> {
 }
 
 impl<'a> Outgoing<'a> {
-    /// Encode the head of `msg` carrying `values` as `dtype`. `buf` is a scratch buffer,
-    /// returned by [`Outgoing::into_buffer`] for reuse.
+    /// Encode the head of `msg` carrying `values` as `dtype`, in `scratch` (returned by
+    /// [`Outgoing::into_scratch`] for reuse).
     pub(crate) fn new(
         msg: &Message,
         values: Values<'a>,
         dtype: Dtype,
-        mut buf: Vec<u8>,
+        scratch: Scratch,
     ) -> Result<Self, ProtoError> {
+        let Scratch {
+            bytes: mut buf,
+            words,
+        } = scratch;
         let n = values.len();
         let payload_len = n * dtype.size();
         buf.clear();
@@ -113,6 +146,7 @@ impl<'a> Outgoing<'a> {
         let total = (buf.len() + payload_len) as u64;
         let mut out = Self {
             buf,
+            words,
             values,
             dtype,
             head_pending: true,
@@ -159,14 +193,24 @@ impl<'a> Outgoing<'a> {
                 }
             }
         }
+        let m = CHUNK_VALUES.min(n - self.next);
+        if self.dtype == Dtype::Bf16 {
+            self.words.resize(m, 0);
+            self.values.encode_words(self.next, &mut self.words);
+            self.next += m;
+            return Some(payload::words_as_bytes(&self.words));
+        }
         self.buf.clear();
-        self.append_chunk(CHUNK_VALUES.min(n - self.next));
+        self.append_chunk(m);
         Some(&self.buf)
     }
 
-    /// The scratch buffer, for the next frame.
-    pub(crate) fn into_buffer(self) -> Vec<u8> {
-        self.buf
+    /// The scratch buffers, for the next frame.
+    pub(crate) fn into_scratch(self) -> Scratch {
+        Scratch {
+            bytes: self.buf,
+            words: self.words,
+        }
     }
 }
 
@@ -177,8 +221,8 @@ pub(crate) struct Incoming<'a> {
     out: &'a mut [f32],
     /// The payload's type on the wire.
     dtype: Dtype,
-    /// Chunk buffer for bfloat16 bytes.
-    chunk: &'a mut Vec<u8>,
+    /// Chunk buffer for bfloat16 words.
+    chunk: &'a mut Vec<u16>,
     /// Values done.
     done: usize,
     /// Values in the buffer handed out last.
@@ -188,7 +232,7 @@ pub(crate) struct Incoming<'a> {
 impl<'a> Incoming<'a> {
     /// Read a payload of `header`'s dtype into `out` (whose length the caller checked against
     /// the header); `chunk` is scratch for converted payloads.
-    pub(crate) fn new(header: &FrameHeader, out: &'a mut [f32], chunk: &'a mut Vec<u8>) -> Self {
+    pub(crate) fn new(header: &FrameHeader, out: &'a mut [f32], chunk: &'a mut Vec<u16>) -> Self {
         Self {
             out,
             dtype: header.dtype,
@@ -211,8 +255,8 @@ impl<'a> Incoming<'a> {
             }
             Dtype::Bf16 => {
                 self.pending = CHUNK_VALUES.min(n - self.done);
-                self.chunk.resize(self.pending * 2, 0);
-                Some(&mut self.chunk[..])
+                self.chunk.resize(self.pending, 0);
+                Some(payload::words_as_bytes_mut(self.chunk))
             }
         }
     }
@@ -222,7 +266,7 @@ impl<'a> Incoming<'a> {
         let range = self.done..self.done + self.pending;
         match self.dtype {
             Dtype::F32 => payload::from_wire_in_place(&mut self.out[range]),
-            Dtype::Bf16 => payload::decode_bf16(self.chunk, &mut self.out[range]),
+            Dtype::Bf16 => payload::decode_bf16_words(self.chunk, &mut self.out[range]),
         }
         self.done += self.pending;
         self.pending = 0;
@@ -287,7 +331,7 @@ mod tests {
     use sparktorch_proto::{Decoder, PushMeta};
 
     fn frame_bytes(msg: &Message, values: Values<'_>, dtype: Dtype) -> (Vec<u8>, usize) {
-        let mut out = Outgoing::new(msg, values, dtype, Vec::new()).expect("encodes");
+        let mut out = Outgoing::new(msg, values, dtype, Scratch::default()).expect("encodes");
         let total = out.total() as usize;
         let (mut bytes, mut pieces) = (Vec::new(), 0);
         while let Some(b) = out.next_bytes() {
@@ -307,7 +351,7 @@ mod tests {
             .copy_from_slice(&bytes[HEADER_LEN..meta_end]);
         let (header, msg) = head.message().expect("meta");
         let mut out = vec![f32::NAN; n];
-        let mut chunk = Vec::new();
+        let mut chunk: Vec<u16> = Vec::new();
         let mut rx = Incoming::new(&header, &mut out, &mut chunk);
         let mut at = meta_end;
         while let Some(buf) = rx.buffer() {

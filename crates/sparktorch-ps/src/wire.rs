@@ -7,7 +7,7 @@ use std::io;
 use sparktorch_proto::{Dtype, FrameHeader, Message, ProtoError, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::framing::{Head, Incoming, Outgoing, Values};
+use crate::framing::{Head, Incoming, Outgoing, Scratch, Values};
 
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     header: &FrameHeader,
     buf: &mut Vec<f32>,
-    chunk: &mut Vec<u8>,
+    chunk: &mut Vec<u16>,
 ) -> Result<(), ReadError> {
     let n = header.payload_values();
     if buf.capacity() < n {
@@ -108,12 +108,8 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// The scratch buffer of a frame writer (head and converted chunks), reused across frames.
-#[derive(Default)]
-pub(crate) struct WriteBuffers {
-    /// Head and converted chunks.
-    bytes: Vec<u8>,
-}
+/// The scratch buffers of a frame writer, reused across frames.
+pub(crate) type WriteBuffers = Scratch;
 
 /// Write one frame carrying `values` as `dtype`; returns the bytes written.
 pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
@@ -123,8 +119,7 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     dtype: Dtype,
     scratch: &mut WriteBuffers,
 ) -> io::Result<u64> {
-    let bytes = std::mem::take(&mut scratch.bytes);
-    let mut out = Outgoing::new(msg, values, dtype, bytes)
+    let mut out = Outgoing::new(msg, values, dtype, std::mem::take(scratch))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let total = out.total();
     let mut result = Ok(());
@@ -134,7 +129,7 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
             break;
         }
     }
-    scratch.bytes = out.into_buffer();
+    *scratch = out.into_scratch();
     result?;
     w.flush().await?;
     Ok(total)

@@ -165,7 +165,7 @@ struct Conn<S> {
     /// Gradient buffer, reused across pushes.
     grads: Vec<f32>,
     /// Chunk buffer for reading bfloat16 payloads.
-    chunk: Vec<u8>,
+    chunk: Vec<u16>,
     /// The version of the last `Params` this connection delivered whole (the staleness base).
     last_pulled: Option<u64>,
     /// Frame encoding buffers.
