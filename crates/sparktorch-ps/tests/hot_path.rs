@@ -373,3 +373,35 @@ fn a_refused_worker_is_not_starved_by_faster_ones() {
     );
     assert!(r.server.stats().staleness_max == 0);
 }
+
+#[tokio::test]
+async fn a_bf16_push_must_carry_one_value_per_parameter() {
+    use sparktorch_proto::{encode_head_as, ErrorCode, Message, PushMeta};
+    use tokio::io::AsyncWriteExt;
+    let server = server(Mode::Async, vec![0.0; 8], 1, |_| {});
+    let addr = start_local(&server).await;
+    let mut raw = Raw::register(addr, 0).await;
+    // 16 bfloat16 values (32 bytes) for an 8-parameter model: the byte count an f32 push of 8
+    // values would have, but twice the values.
+    let meta = PushMeta {
+        worker: 0,
+        attempt: 0,
+        step: 0,
+        batch_size: 1,
+        loss: 0.0,
+        val_loss: f64::NAN,
+        base_version: 0,
+    };
+    let mut frame = Vec::new();
+    encode_head_as(&Message::Push(meta), Dtype::Bf16, 32, &mut frame).unwrap();
+    frame.extend_from_slice(&[0u8; 32]);
+    raw.s.write_all(&frame).await.unwrap();
+    match raw.recv().await {
+        Some((Message::Error { code, message }, _)) => {
+            assert_eq!(code, ErrorCode::WrongLength, "{message}");
+            assert!(message.contains("16 values"), "{message}");
+        }
+        other => panic!("expected WrongLength, got {other:?}"),
+    }
+    assert_eq!(server.version(), 0, "nothing applied");
+}
