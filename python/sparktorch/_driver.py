@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._progress import Progress
+from ._shards import ShardedServer
 from ._state import StateLayout, buffer_change_scale, buffer_momentum
 from .errors import (
     DataError,
@@ -63,6 +64,8 @@ class FitPlan:
     resume_from: str | None
     epochs: int = 0
     """> 0: passes over each partition's training rows (the steps follow from the data)."""
+    ps_shards: int = 1
+    """Parameter server shards (1: one server on the driver; K > 1: K shards on executors)."""
 
 
 def engine_mode(mode: str, acquire_lock: bool) -> str:
@@ -113,6 +116,7 @@ def validate(est: Any) -> FitPlan:
         raise ParamError(f"epochs={epochs}: must be >= 0 (0: run iters steps)")
     if epochs > 0 and est.isSet("iters"):
         raise ParamError(f"epochs={epochs} and iters={iters} are both set: set iters (steps) or epochs (passes over the data), not both")
+    shards = _validate_ps_shards(est, mode, policy, checkpoint_path, interval, resume_from)
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
         iters=iters,
@@ -129,7 +133,45 @@ def validate(est: Any) -> FitPlan:
         checkpoint_interval=interval,
         resume_from=resume_from,
         epochs=epochs,
+        ps_shards=shards,
     )
+
+
+def _validate_ps_shards(
+    est: Any, mode: str, policy: str, checkpoint_path: str | None, interval: int, resume_from: str | None
+) -> int:
+    """``psShards``: an int >= 1; K > 1 refuses the combinations it cannot keep (see
+    ``docs/architecture.md``, "Sharded parameter server")."""
+    k = est.getPsShards()
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ParamError(f"psShards={k!r}: must be an int >= 1 (1: one parameter server on the driver)")
+    if k == 1:
+        return 1
+    if mode == "synchronous" and policy == "drop":
+        raise ParamError(
+            f"psShards={k} with mode='synchronous' needs lostWorkerPolicy='fail': each shard would drop a late "
+            "worker from its own round on its own clock, so shards could close a round with different sets of "
+            "workers (and the result would differ from one server's)"
+        )
+    if checkpoint_path or interval or resume_from:
+        raise ParamError(
+            f"psShards={k}: checkpoints (checkpointPath, checkpointInterval, resumeFrom) are not supported with "
+            "more than one shard yet; use psShards=1 to checkpoint"
+        )
+    return k
+
+
+def check_shard_slots(k: int, num_parts: int, slots: int, num_values: int) -> None:
+    """Refuse, before any job, a sharded fit that cannot get its task slots or has fewer values
+    than shards. K shard tasks hold K slots for the whole fit, and every training task needs a
+    slot of its own beside them (whatever the mode)."""
+    if k > num_values:
+        raise ParamError(f"psShards={k}: the model has only {num_values} values to split over the shards")
+    if k + num_parts > slots:
+        raise ParamError(
+            f"psShards={k}: {k} shard tasks plus {num_parts} training tasks need {k + num_parts} task slots, "
+            f"but the cluster runs only {slots} tasks at once; lower psShards or partitions, or add executor cores"
+        )
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -424,6 +466,7 @@ def _run_jobs(
             epochs=plan.epochs,
             holdout_seed=est.getSeed(),
             buffer_bytes=buffer_bytes,
+            shards=server.addresses if isinstance(server, ShardedServer) else None,
         )
         trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
         if est.getUseBarrier():
@@ -435,8 +478,11 @@ def _run_jobs(
             with _job_tagged(sc, description) as tag:
                 if progress is not None:
                     progress.job_started(tag)
+                # A lost shard cancels the training job (its tasks would wait on the others).
+                guard = server.guard_job(tag) if isinstance(server, ShardedServer) else contextlib.nullcontext()
                 try:
-                    rows = trained.collect()
+                    with guard:
+                        rows = trained.collect()
                 except KeyboardInterrupt:
                     sc.cancelJobsWithTag(tag)
                     raise
@@ -531,6 +577,25 @@ def _start_server(
     )
 
 
+def _start_shards(
+    spark: Any, state: StateLayout, opt_name: str, hyper: Any, secret: bytes, bind: str, connect: str, plan: FitPlan, num_parts: int, est: Any
+) -> ShardedServer:
+    """Start the fit's ``psShards`` shards on executors and wait for them to register (the
+    registry listens on the driver's address, on ``port`` when set)."""
+    try:
+        server = ShardedServer(spark, state, opt_name, dict(hyper), secret, bind, connect, plan.port, plan, num_parts, est, plan.ps_shards)
+    except OSError as e:
+        raise ParamError(
+            f"port={plan.port}: the shard registry cannot listen on {bind}:{plan.port} ({e}); choose a free port, or 0 to let the OS choose"
+        ) from e
+    for a in server.addresses:
+        log.info(
+            "parameter server shard %d (%s, %s) at %s:%d holds [%d, %d) for %d workers",
+            a.index, plan.engine_mode, "TLS" if a.tls_fingerprint else "plaintext", a.host, a.port, a.lo, a.hi, num_parts,
+        )
+    return server
+
+
 def fit(est: Any, dataset: Any) -> Any:
     """Train ``est`` on ``dataset``; see the module docstring for the order of events."""
     import numpy as np
@@ -562,6 +627,8 @@ def fit(est: Any, dataset: Any) -> Any:
     if num_parts == 0:
         raise DataError("the DataFrame has zero rows (and no partitions): nothing to train on")
     slots = cluster_slots(sc)
+    if plan.ps_shards > 1:
+        check_shard_slots(plan.ps_shards, num_parts, slots, state.num_trainable + state.num_buffers)
     needs_all = est.getUseBarrier() or plan.engine_mode == "synchronous"
     if needs_all and num_parts > slots:
         why = "useBarrier=True" if est.getUseBarrier() else "mode='synchronous'"
@@ -587,17 +654,20 @@ def fit(est: Any, dataset: Any) -> Any:
     secret = os.urandom(32)
     bind, connect = server_host(sc)
     tls = use_tls(est.getPsEncryption(), sc.getConf(), bind)
-    try:
-        server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est, tls=tls)
-    except SparkTorchError:
-        raise  # e.g. a CheckpointError (also an OSError) when resuming
-    except OSError as e:
-        raise ParamError(
-            f"port={plan.port}: the parameter server cannot listen on {bind}:{plan.port} ({e}); "
-            "choose a free port, or 0 to let the OS choose"
-        ) from e
-    host, port = server.address
-    log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
+    if plan.ps_shards > 1:
+        server: Any = _start_shards(spark, state, opt_name, hyper, secret, bind, connect, plan, num_parts, est)
+    else:
+        try:
+            server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est, tls=tls)
+        except SparkTorchError:
+            raise  # e.g. a CheckpointError (also an OSError) when resuming
+        except OSError as e:
+            raise ParamError(
+                f"port={plan.port}: the parameter server cannot listen on {bind}:{plan.port} ({e}); "
+                "choose a free port, or 0 to let the OS choose"
+            ) from e
+        host, port = server.address
+        log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
     if preloading:
         prestart_python_workers(spark)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ._shards import ShardAddress, ShardedClient
 from ._spill import BUFFER_BYTES, Spilled
 from .errors import DataError, ParamError
 
@@ -61,6 +62,8 @@ class TaskConfig:
     """The fit's seed of the validation holdout (the same in every partition shuffle)."""
     buffer_bytes: int = BUFFER_BYTES
     """Byte budget of a full-batch chunk and of a resident holdout."""
+    shards: tuple[ShardAddress, ...] | None = None
+    """``psShards`` > 1: every shard's address, range and fingerprint (``host``/``port`` unused)."""
 
 
 def task_device(requested: str) -> str:
@@ -197,7 +200,14 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
     last_loss = math.nan
     finished = False
 
-    client = _native.Client(
+    client = ShardedClient(
+        cfg.shards,
+        cfg.secret,
+        worker=partition,
+        attempt=attempt,
+        timeout_s=cfg.io_timeout_s,
+        connect_timeout_s=cfg.connect_timeout_s,
+    ) if cfg.shards else _native.Client(
         cfg.host,
         cfg.port,
         cfg.secret,

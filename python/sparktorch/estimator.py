@@ -98,6 +98,15 @@ class _SparkTorchParams(_SharedTorchParams):
         typeConverter=TypeConverters.toString,
     )
 
+    psShards = Param(
+        Params._dummy(),
+        "psShards",
+        "number of parameter server shards: 1 (default) serves every parameter from the driver; K > 1 "
+        "range-partitions them over K shards that run as long-lived Spark tasks on executors (K task slots "
+        "besides the training tasks)",
+        typeConverter=TypeConverters.toInt,
+    )
+
     mlflowLogging = Param(
         Params._dummy(),
         "mlflowLogging",
@@ -107,7 +116,7 @@ class _SparkTorchParams(_SharedTorchParams):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._setDefault(psEncryption="auto", mlflowLogging=True)
+        self._setDefault(psEncryption="auto", mlflowLogging=True, psShards=1)
         self._setDefault(
             labelCol=None,
             torchObj="",
@@ -233,6 +242,10 @@ class _SparkTorchParams(_SharedTorchParams):
         """TLS for parameter traffic: 'auto', 'on' or 'off'."""
         return self.getOrDefault(self.psEncryption)
 
+    def getPsShards(self) -> int:
+        """Number of parameter server shards (1: one server on the driver)."""
+        return self.getOrDefault(self.psShards)
+
     def getMlflowLogging(self) -> bool:
         """Whether a fit logs to the active MLflow run (when there is one)."""
         return self.getOrDefault(self.mlflowLogging)
@@ -285,6 +298,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         psEncryption: str | None = None,
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
+        psShards: int | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -321,6 +335,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         psEncryption: str | None = None,
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
+        psShards: int | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs
