@@ -494,6 +494,8 @@ class ShardedServer:
             if not self._stopped:
                 self._lost(None, "the shard job ended before the fit did")
         except Exception as e:  # noqa: BLE001 - recorded as the fit's error
+            if not self._stopped and len(self._handles) == self.k:
+                self._poll_all()  # names the shard that is gone, when one is
             if not self._stopped:
                 first = str(e).strip().splitlines()
                 detail = next((line for line in first if "sparktorch.errors" in line or "Error" in line), first[0] if first else repr(e))

@@ -1,0 +1,181 @@
+"""``psShards``: the parameter vector range-partitioned over shards running as Spark tasks.
+
+Real local Spark (the shared local[4] session: 2 shard slots + 2 training slots), real sockets,
+real process deaths. See docs/architecture.md, "Sharded parameter server".
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from nets import BNConvNet, TwoLayer
+from toy_data import blobs
+from toy_data import vector_frame as frame
+from sparktorch import SparkTorch, serialize_torch_obj
+from sparktorch.errors import EngineError, ParamError
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _state(fitted) -> dict[str, torch.Tensor]:
+    return {k: v.detach().double() for k, v in fitted.getPytorchModel().state_dict().items()}
+
+
+def _accuracy(fitted, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        net = fitted.getPytorchModel().eval()
+        return float((net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def _jobs(spark) -> set[int]:
+    return set(spark.sparkContext.statusTracker().getJobIdsForGroup(None)) | set(
+        spark.sparkContext.statusTracker().getActiveJobsIds()
+    )
+
+
+def test_synchronous_two_shards_equal_one_mlp(spark):
+    x, y = blobs(120, seed=4)
+    df = frame(spark, x, y, 2)
+    states = {}
+    for k in (1, 2):
+        torch.manual_seed(0)
+        obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+        fitted = SparkTorch(
+            inputCol="features", labelCol="label", torchObj=obj, iters=15, miniBatch=16, partitions=2,
+            mode="synchronous", lostWorkerPolicy="fail", psShards=k,
+        ).fit(df)
+        states[k] = (_state(fitted), fitted.getTrainingHistory(), fitted.getOptimizerStateDict())
+    (one, h1, o1), (two, h2, o2) = states[1], states[2]
+    assert one.keys() == two.keys()
+    for name in one:
+        assert float((one[name] - two[name]).abs().max()) <= 1e-6, name
+    # The history (shard 0's) is the global one: every push of every worker, once.
+    assert sorted((h["worker"], h["step"]) for h in h1) == sorted((h["worker"], h["step"]) for h in h2)
+    assert len(h2) == 30
+    # The optimizer state is whole: every shard's slice in place.
+    for p1, p2 in zip(o1["state"].values(), o2["state"].values()):
+        for key in p1:
+            assert torch.allclose(torch.as_tensor(p1[key]).double(), torch.as_tensor(p2[key]).double(), atol=1e-6), key
+
+
+def test_synchronous_two_shards_equal_one_batchnorm_cnn(spark):
+    # Buffers (BatchNorm running statistics, num_batches_tracked) are the tail of the flat vector:
+    # with 2 shards the last one holds trainable values and the whole buffer tail, and the
+    # boundary cuts the head's linear layer in two.
+    rng = np.random.default_rng(5)
+    x = rng.random((96, 14 * 14), dtype=np.float32)
+    y = rng.integers(0, 10, 96)
+    df = frame(spark, x, y, 2)
+    states = {}
+    for k in (1, 2):
+        torch.manual_seed(1)
+        obj = serialize_torch_obj(BNConvNet(14), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+        fitted = SparkTorch(
+            inputCol="features", labelCol="label", torchObj=obj, iters=6, miniBatch=16, partitions=2,
+            mode="synchronous", lostWorkerPolicy="fail", psShards=k,
+        ).fit(df)
+        states[k] = _state(fitted)
+    one, two = states
+    one, two = states[1], states[2]
+    assert float((one["features.1.running_var"] - 1).abs().max()) > 1e-3  # buffers moved
+    assert int(two["features.1.num_batches_tracked"]) == int(one["features.1.num_batches_tracked"]) == 6
+    for name in one:
+        assert float((one[name] - two[name]).abs().max()) <= 1e-6, name
+
+
+@pytest.mark.parametrize("mode,lock", [("hogwild", False), ("async", True)])
+def test_async_styles_train_with_two_shards(spark, mode, lock):
+    x, y = blobs(200, seed=6)
+    df = frame(spark, x, y, 2)
+    acc = {}
+    for k in (1, 2):
+        torch.manual_seed(2)
+        obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.02)
+        fitted = SparkTorch(
+            inputCol="features", labelCol="label", torchObj=obj, iters=40, miniBatch=20, partitions=2,
+            mode=mode, acquireLock=lock, psShards=k,
+        ).fit(df)
+        acc[k] = _accuracy(fitted, x, y)
+        if k == 2:
+            hist = fitted.getTrainingHistory()
+            assert sorted({h["worker"] for h in hist}) == [0, 1] and len(hist) == 80
+    assert acc[2] >= 0.9 and acc[2] >= acc[1] - 0.05, acc
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"psShards": 0}, r"psShards=0: must be an int >= 1"),
+        ({"psShards": -2}, r"psShards=-2: must be an int >= 1"),
+        ({"psShards": 3}, r"psShards=3: 3 shard tasks plus 2 training tasks need 5 task slots.*only 4"),
+        ({"psShards": 2, "mode": "synchronous"}, r"psShards=2 with mode='synchronous' needs lostWorkerPolicy='fail'"),
+        ({"psShards": 2, "checkpointPath": "/tmp/sparktorch-never-written"}, r"psShards=2: checkpoints"),
+    ],
+)
+def test_bad_ps_shards_fail_before_any_job(spark, kwargs, match):
+    x, y = blobs(40, seed=7)
+    df = frame(spark, x, y, 2)
+    torch.manual_seed(0)
+    obj = serialize_torch_obj(TwoLayer(5, 8, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+    before = _jobs(spark)
+    with pytest.raises(ParamError, match=match):
+        SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=2, partitions=2, **kwargs).fit(df)
+    assert _jobs(spark) == before
+
+
+def test_more_shards_than_values_fails_before_any_job(spark):
+    x, y = blobs(40, seed=7, dim=1, classes=2)
+    df = frame(spark, x, y, 1)
+    obj = serialize_torch_obj(nn.Linear(1, 1, bias=False), nn.MSELoss(), torch.optim.SGD, lr=0.01)
+    before = _jobs(spark)
+    with pytest.raises(ParamError, match=r"psShards=2: the model has only 1 values"):
+        SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=2, partitions=1, psShards=2).fit(df)
+    assert _jobs(spark) == before
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "async"])
+def test_killed_shard_fails_the_fit_naming_it(spark, mode):
+    # A long fit; once the shards have registered and training runs, the Python worker serving
+    # shard 1 is killed (SIGKILL, a real process death). Documented outcome: the fit fails with an
+    # EngineError naming shard 1, within seconds (no restart, no hang).
+    x, y = blobs(400, seed=8)
+    df = frame(spark, x, y, 2)
+    torch.manual_seed(3)
+    obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+    est = SparkTorch(
+        inputCol="features", labelCol="label", torchObj=obj, iters=100_000, miniBatch=8, partitions=2,
+        mode=mode, lostWorkerPolicy="fail", psShards=2,
+    )
+    from sparktorch._shards import live_shards
+
+    killed: dict[str, float] = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            shard = [s for s in live_shards() if s["shard"] == 1]
+            if shard:
+                time.sleep(4.0)  # training has started meanwhile
+                os.kill(int(shard[0]["pid"]), signal.SIGKILL)
+                killed["at"] = time.monotonic()
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    with pytest.raises(EngineError, match=r"parameter server shard 1 \(127\.0\.0\.1:\d+\)") as info:
+        est.fit(df)
+    failed = time.monotonic()
+    t.join(5)
+    assert "at" in killed, "the shard was never seen"
+    assert failed - killed["at"] < 30, f"the fit took {failed - killed['at']:.1f} s to fail"
+    assert "not restarted" in str(info.value) or "lost" in str(info.value)
+    assert live_shards() == []
