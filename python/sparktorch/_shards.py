@@ -31,12 +31,17 @@ checked against bounds before anything is allocated:
    ``{"ok": true, "mac": HMAC(secret, "shard-registry-ack" | shard nonce | driver nonce)}``,
    which the shard checks in turn. Only then is the shard's address used.
 
+After that, every control frame carries an HMAC under a per-connection key (see
+:class:`_Channel`): the driver's requests (``stats``, ``history``, ``stop``) and the shard's
+answers cannot be forged, altered or replayed by a peer without the secret. They are not
+encrypted: they carry counters and losses, never parameters. A shard's final parameters and
+optimizer state are its Spark task's *result* (through Spark's own result channel, protected as
+the task closure that carries the secret is, and bounded by ``spark.driver.maxResultSize``).
+
 The per-fit secret is the one the data connections use (it travels in the Spark closure); the
 shard's TLS certificate fingerprint reaches the training tasks inside their closure, and the
-fingerprint itself is covered by the MAC. The control connection is not encrypted: it carries
-counters, losses and, at the end, the final parameters of a range (the same bytes a pull
-returns, which is encrypted when TLS is on). See ``docs/architecture.md`` ("Sharded parameter
-server") and ``docs/reliability.md``.
+fingerprint itself is covered by the registration MAC. See ``docs/architecture.md`` ("Sharded
+parameter server") and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -200,6 +205,53 @@ def _int_keys(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _Channel:
+    """The control connection after registration: every frame carries a trailing
+    ``HMAC-SHA256(key, direction | sequence number | header | payload)`` with a per-connection key
+    ``HMAC(secret, "shard-control" | driver nonce | shard nonce)``, checked before the frame is
+    used: a peer without the secret can neither forge, alter, reorder nor replay a frame (it can
+    read them: they hold counters and losses, never parameters)."""
+
+    def __init__(self, sock: socket.socket, secret: bytes, driver_nonce: bytes, shard_nonce: bytes, is_driver: bool) -> None:
+        self.sock = sock
+        self._key = hmac.new(secret, b"shard-control|" + driver_nonce + b"|" + shard_nonce, hashlib.sha256).digest()
+        self._out, self._in = (b"d", b"s") if is_driver else (b"s", b"d")
+        self._seq_out = 0
+        self._seq_in = 0
+
+    def _tag(self, direction: bytes, seq: int, head: bytes, payload: bytes | bytearray | memoryview) -> bytes:
+        m = hmac.new(self._key, direction + struct.pack(">Q", seq) + struct.pack(">I", len(head)) + head, hashlib.sha256)
+        m.update(payload)
+        return m.digest()
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        head = json.dumps(header, separators=(",", ":")).encode()
+        tag = self._tag(self._out, self._seq_out, head, payload)
+        self._seq_out += 1
+        self.sock.sendall(struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)))
+        if len(payload):
+            self.sock.sendall(payload)
+        self.sock.sendall(tag)
+
+    def recv(self, max_payload: int) -> tuple[dict[str, Any], bytearray]:
+        (hlen,) = struct.unpack(">I", _recv_exact(self.sock, 4))
+        if hlen > MAX_HEADER:
+            raise ConnectionError(f"control frame header of {hlen} bytes exceeds {MAX_HEADER}")
+        head = bytes(_recv_exact(self.sock, hlen))
+        (plen,) = struct.unpack(">Q", _recv_exact(self.sock, 8))
+        if plen > max_payload:
+            raise ConnectionError(f"control frame payload of {plen} bytes exceeds {max_payload}")
+        payload = _recv_exact(self.sock, plen) if plen else bytearray()
+        tag = bytes(_recv_exact(self.sock, 32))
+        if not hmac.compare_digest(tag, self._tag(self._in, self._seq_in, head, payload)):
+            raise ConnectionError("control frame failed authentication")
+        self._seq_in += 1
+        header = json.loads(head)
+        if not isinstance(header, dict):
+            raise ConnectionError("control frame header is not an object")
+        return header, payload
+
+
 # ------------------------------------------------------------------------------------ shard task
 
 
@@ -284,15 +336,15 @@ def serve_shard(spec: ShardSpec, index: int, init: np.ndarray, attempt: int = 0)
         sock = socket.create_connection((spec.registry_host, spec.registry_port), timeout=spec.io_timeout_s)
         try:
             sock.settimeout(spec.io_timeout_s)
-            _register(sock, spec, index, attempt, host, port, server.tls_fingerprint)
-            return _serve_control(sock, spec, index, server)
+            channel = _register(sock, spec, index, attempt, host, port, server.tls_fingerprint)
+            return _serve_control(channel, spec, index, server)
         finally:
             sock.close()
     finally:
         server.stop()
 
 
-def _register(sock: socket.socket, spec: ShardSpec, index: int, attempt: int, host: str, port: int, fp: bytes | None) -> None:
+def _register(sock: socket.socket, spec: ShardSpec, index: int, attempt: int, host: str, port: int, fp: bytes | None) -> _Channel:
     hello, _ = _recv(sock, 0)
     driver_nonce = bytes.fromhex(str(hello.get("nonce", "")))
     if len(driver_nonce) != 32:
@@ -312,36 +364,34 @@ def _register(sock: socket.socket, spec: ShardSpec, index: int, attempt: int, ho
     expected = _mac(spec.secret, b"shard-registry-ack", bytes.fromhex(fields["nonce"]), driver_nonce)
     if not ack.get("ok") or not hmac.compare_digest(str(ack.get("mac", "")), expected):
         raise EngineError(f"parameter server shard {index}: the registry refused it or failed to authenticate: {ack.get('error')}")
+    return _Channel(sock, spec.secret, driver_nonce, bytes.fromhex(fields["nonce"]), is_driver=False)
 
 
-def _serve_control(sock: socket.socket, spec: ShardSpec, index: int, server: Any) -> dict[str, Any]:
-    sock.settimeout(spec.idle_timeout_s)
+def _serve_control(channel: _Channel, spec: ShardSpec, index: int, server: Any) -> dict[str, Any]:
+    """Answer the driver until it says stop; then return this shard's final state (the task's
+    result: it reaches the driver through Spark's own result channel, not the control one)."""
+    channel.sock.settimeout(spec.idle_timeout_s)
     while True:
         try:
-            req, _ = _recv(sock, 0)
+            req, _ = channel.recv(0)
         except socket.timeout as e:
             raise EngineError(f"parameter server shard {index}: no word from the driver in {spec.idle_timeout_s:.0f} s; stopping") from e
         cmd = req.get("cmd")
         if cmd == "stats":
-            _send(sock, {"stats": server.stats()})
+            channel.send({"stats": server.stats()})
         elif cmd == "history":
             nxt, entries = server.history(since=int(req.get("since", 0)))
             arr = np.asarray(entries, dtype=np.float64).reshape(-1, 4)
-            _send(sock, {"next": nxt, "count": len(arr)}, arr.tobytes())
-        elif cmd == "final":
-            params = np.ascontiguousarray(server.parameters(), dtype=np.float32)
-            opt = server.optimizer_state()
-            bufs = [(str(k), np.ascontiguousarray(v, dtype=np.float32)) for k, v in opt.get("buffers", {}).items()]
-            meta = {k: v for k, v in opt.items() if k != "buffers"}
-            payload = b"".join([params.tobytes()] + [b.tobytes() for _, b in bufs])
-            _send(sock, {"params": len(params), "optimizer": meta, "buffers": [[k, len(b)] for k, b in bufs]}, payload)
+            channel.send({"next": nxt, "count": len(arr)}, arr.tobytes())
         elif cmd == "stop":
             error = server.stats().get("error")
+            params = np.ascontiguousarray(server.parameters(), dtype=np.float32)
+            opt = server.optimizer_state()
             server.stop()
-            _send(sock, {"stopped": True, "error": error})
-            return {"shard": index, "error": error}
+            channel.send({"stopped": True, "error": error})
+            return {"shard": index, "params": params, "optimizer": opt, "error": error}
         else:
-            _send(sock, {"error": f"unknown command {cmd!r}"})
+            channel.send({"error": f"unknown command {cmd!r}"})
 
 
 def _shard_task(spec: ShardSpec) -> Callable[[int, Iterator[Any]], Iterator[Any]]:
@@ -364,9 +414,10 @@ def _shard_task(spec: ShardSpec) -> Callable[[int, Iterator[Any]], Iterator[Any]
 class _Handle:
     """The driver's control connection to one registered shard (one request at a time)."""
 
-    def __init__(self, index: int, sock: socket.socket, info: dict[str, Any], timeout_s: float) -> None:
+    def __init__(self, index: int, channel: _Channel, info: dict[str, Any], timeout_s: float) -> None:
         self.index = index
-        self.sock = sock
+        self.channel = channel
+        self.sock = channel.sock
         self.info = info
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
@@ -377,8 +428,8 @@ class _Handle:
     def request(self, header: dict[str, Any], max_payload: int = 0, timeout_s: float | None = None) -> tuple[dict[str, Any], bytearray]:
         with self.lock:
             self.sock.settimeout(timeout_s or self.timeout_s)
-            _send(self.sock, header)
-            return _recv(self.sock, max_payload)
+            self.channel.send(header)
+            return self.channel.recv(max_payload)
 
     def close(self) -> None:
         try:
@@ -434,8 +485,12 @@ class ShardedServer:
         self._handles: dict[int, _Handle] = {}
         self._cond = threading.Condition()
         self._stopped = False
+        self._stopping = False
         self._guarded: set[str] = set()
+        self._results: list[dict[str, Any]] | None = None
         self._final: tuple[np.ndarray, dict[str, Any]] | None = None
+        self._final_stats: dict[str, Any] | None = None
+        self._final_history: list[tuple[int, int, float, float]] | None = None
         self.tag = f"{SHARD_TAG_PREFIX}{uuid.uuid4().hex[:12]}"
 
         self._listener = socket.create_server((bind, port), backlog=max(16, 2 * k))
@@ -490,13 +545,13 @@ class ShardedServer:
         sc.addJobTag(self.tag)
         sc.setLocalProperty("spark.job.description", f"sparktorch parameter server: {self.k} shards")
         try:
-            sc.parallelize(rows, self.k).mapPartitionsWithIndex(_shard_task(spec)).collect()
-            if not self._stopped:
+            self._results = sc.parallelize(rows, self.k).mapPartitionsWithIndex(_shard_task(spec)).collect()
+            if not self._stopping:
                 self._lost(None, "the shard job ended before the fit did")
         except Exception as e:  # noqa: BLE001 - recorded as the fit's error
-            if not self._stopped and len(self._handles) == self.k:
+            if not self._stopping and len(self._handles) == self.k:
                 self._poll_all()  # names the shard that is gone, when one is
-            if not self._stopped:
+            if not self._stopping:
                 first = str(e).strip().splitlines()
                 detail = next((line for line in first if "sparktorch.errors" in line or "Error" in line), first[0] if first else repr(e))
                 self._lost(None, f"the shard job failed: {detail[:500]}")
@@ -532,7 +587,8 @@ class ShardedServer:
                     sock.close()
                     return
                 _send(sock, {"ok": True, "mac": _mac(self._secret, b"shard-registry-ack", bytes.fromhex(str(msg["nonce"])), nonce)})
-                handle = _Handle(index, sock, msg, self._io_timeout)
+                channel = _Channel(sock, self._secret, nonce, bytes.fromhex(str(msg["nonce"])), is_driver=True)
+                handle = _Handle(index, channel, msg, self._io_timeout)
                 r = self.ranges[index]
                 handle.address = ShardAddress(index, handle.address.host, handle.address.port, r.lo, r.hi, handle.address.tls_fingerprint)
                 self._handles[index] = handle
@@ -568,7 +624,7 @@ class ShardedServer:
     def _lost(self, index: int | None, why: str) -> None:
         """Record the fit's fatal shard error (the first one wins) and cancel guarded jobs."""
         with self._error_lock:
-            if self._stopped or self._error is not None:
+            if self._stopping or self._error is not None:
                 return
             where = "the parameter server shards" if index is None else self.describe(index)
             self._error = f"{where}: {why}"
@@ -606,7 +662,7 @@ class ShardedServer:
         return guard()
 
     def _watch(self) -> None:
-        while not self._stopped and self._error is None:
+        while not self._stopping and self._error is None:
             self._poll_all()
             time.sleep(POLL_S)
 
@@ -645,7 +701,9 @@ class ShardedServer:
         counters summed over shards, ``error`` set when any shard failed or was lost, and
         ``shards``: per shard ``{"shard", "host", "port", "version", "updates", "bytes_in",
         "bytes_out"}``."""
-        if self._stopped:
+        if self._final_stats is not None:
+            return dict(self._final_stats)
+        if self._stopping:
             raise EngineError("the sharded parameter server is stopped")
         per = self._poll_all()
         merged = dict(per[0])
@@ -666,43 +724,56 @@ class ShardedServer:
 
     def history(self, since: int | None = None) -> Any:
         """Shard 0's history (every applied push, in its order); as ``ParameterServer.history``."""
+        if self._final_history is not None:
+            entries = self._final_history[since or 0 :]
+            return list(entries) if since is None else (len(self._final_history), list(entries))
         head, payload = self._handles[0].request({"cmd": "history", "since": since or 0}, max_payload=32 * 2**20 * 2, timeout_s=max(60.0, self._io_timeout))
         arr = np.frombuffer(bytes(payload), dtype=np.float64).reshape(-1, 4)
         entries = [(int(w), int(s), float(loss), float(vl)) for w, s, loss, vl in arr]
         return entries if since is None else (int(head["next"]), entries)
 
     def _collect_final(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """End the shards (once the training job is over): take the final stats and shard 0's
+        whole history over the control connections, tell every shard to stop, and read each
+        shard's final parameters and optimizer state from the shard job's results."""
         if self._final is not None:
             return self._final
-        flat = np.empty(self._n, dtype=np.float32)
-        meta: dict[str, Any] = {}
-        buffers: dict[str, list[np.ndarray]] = {}
-        for r in self.ranges:
-            bound = 4 * r.size * 8 + (1 << 20)
+        stats = self.stats()
+        if stats.get("error"):
+            raise EngineError(f"training failed: {stats['error']}")
+        history = self.history()
+        self._stopping = True
+        for i in range(self.k):
             try:
-                head, payload = self._handles[r.index].request({"cmd": "final"}, max_payload=bound, timeout_s=max(60.0, self._io_timeout))
+                self._handles[i].request({"cmd": "stop"})
             except (OSError, ValueError) as e:
-                self._lost(r.index, f"lost while collecting the final parameters ({e})")
-                raise EngineError(f"training failed: {self._error}") from e
-            raw = np.frombuffer(bytes(payload), dtype=np.float32)
-            n = int(head["params"])
-            if n != r.size:
-                raise EngineError(f"{self.describe(r.index)} returned {n} values for a range of {r.size}")
-            flat[r.lo : r.hi] = raw[:n]
-            offset = n
-            for name, length in head["buffers"]:
-                buffers.setdefault(name, []).append(raw[offset : offset + int(length)])
-                offset += int(length)
+                raise EngineError(f"training failed: {self.describe(i)} was lost before it returned its parameters ({e})") from e
+        wait_s = max(60.0, self._io_timeout)
+        self._job.join(timeout=wait_s)
+        if self._job.is_alive() or self._results is None:
+            raise EngineError(f"psShards={self.k}: the shard job did not return the final parameters within {wait_s:.0f} s")
+        flat = np.empty(self._n, dtype=np.float32)
+        buffers: dict[str, list[np.ndarray]] = {}
+        meta: dict[str, Any] = {}
+        for row in sorted(self._results, key=lambda r: int(r["shard"])):
+            r = self.ranges[int(row["shard"])]
+            params = np.asarray(row["params"], dtype=np.float32)
+            if params.size != r.size:
+                raise EngineError(f"{self.describe(r.index)} returned {params.size} values for a range of {r.size}")
+            flat[r.lo : r.hi] = params
+            opt = dict(row["optimizer"])
+            for name, value in opt.pop("buffers", {}).items():
+                buffers.setdefault(str(name), []).append(np.asarray(value, dtype=np.float32).reshape(-1))
             if r.index == 0:
-                meta = dict(head["optimizer"])
-        hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("hyperparameters", {}).items()}
-        state = {**meta, "hyperparameters": hyper, "buffers": {k: np.concatenate(v) for k, v in buffers.items()}}
-        self._final = (flat, state)
+                meta = opt
+        self._final_stats, self._final_history = stats, history
+        self._final = (flat, {**meta, "buffers": {k: np.concatenate(v) for k, v in buffers.items()}})
         return self._final
 
     def parameters(self) -> np.ndarray:
-        """The flat parameters, every shard's range in place (taken once the training job is
-        over; during a fit each shard's part is only consistent within the shard)."""
+        """The flat parameters, every shard's range in place. Call it once the training job is
+        over: it ends the shards (their final state is their task's result); afterwards
+        :meth:`stats` and :meth:`history` answer with what they held then."""
         return self._collect_final()[0].copy()
 
     def optimizer_state(self) -> dict[str, Any]:
@@ -715,12 +786,14 @@ class ShardedServer:
         is still there, close the registry. Idempotent; never raises."""
         if self._stopped:
             return
-        self._stopped = True
+        already = self._stopping
+        self._stopping = self._stopped = True
         for i, h in list(self._handles.items()):
-            try:
-                h.request({"cmd": "stop"}, timeout_s=min(30.0, self._io_timeout))
-            except Exception as e:  # noqa: BLE001 - a shard already gone
-                log.debug("stopping shard %d: %s", i, e)
+            if not already:
+                try:
+                    h.request({"cmd": "stop"}, timeout_s=min(30.0, self._io_timeout))
+                except Exception as e:  # noqa: BLE001 - a shard already gone
+                    log.debug("stopping shard %d: %s", i, e)
             h.close()
         self._job.join(timeout=30.0)
         if self._job.is_alive():
