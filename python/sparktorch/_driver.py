@@ -110,13 +110,17 @@ def validate(est: Any) -> FitPlan:
     if not est.getTorchObj():
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
     _validate_ps_encryption(est)
-    checkpoint_path, interval, resume_from = _checkpoint_plan(est)
+    k = est.getPsShards()
+    if isinstance(k, int) and not isinstance(k, bool) and k > 1:
+        checkpoint_path, interval, resume_from = _sharded_checkpoint_plan(est, k)
+    else:
+        checkpoint_path, interval, resume_from = _checkpoint_plan(est)
     epochs = est.getEpochs()
     if epochs < 0:
         raise ParamError(f"epochs={epochs}: must be >= 0 (0: run iters steps)")
     if epochs > 0 and est.isSet("iters"):
         raise ParamError(f"epochs={epochs} and iters={iters} are both set: set iters (steps) or epochs (passes over the data), not both")
-    shards = _validate_ps_shards(est, mode, policy, checkpoint_path, interval, resume_from)
+    shards = _validate_ps_shards(est, mode, policy)
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
         iters=iters,
@@ -137,9 +141,7 @@ def validate(est: Any) -> FitPlan:
     )
 
 
-def _validate_ps_shards(
-    est: Any, mode: str, policy: str, checkpoint_path: str | None, interval: int, resume_from: str | None
-) -> int:
+def _validate_ps_shards(est: Any, mode: str, policy: str) -> int:
     """``psShards``: an int >= 1; K > 1 refuses the combinations it cannot keep (see
     ``docs/architecture.md``, "Sharded parameter server")."""
     k = est.getPsShards()
@@ -153,12 +155,42 @@ def _validate_ps_shards(
             "worker from its own round on its own clock, so shards could close a round with different sets of "
             "workers (and the result would differ from one server's)"
         )
-    if checkpoint_path or interval or resume_from:
-        raise ParamError(
-            f"psShards={k}: checkpoints (checkpointPath, checkpointInterval, resumeFrom) are not supported with "
-            "more than one shard yet; use psShards=1 to checkpoint"
-        )
     return k
+
+
+def _sharded_checkpoint_plan(est: Any, k: int) -> tuple[str | None, int, str | None]:
+    """As :func:`_checkpoint_plan`, for a sharded checkpoint: a directory holding
+    ``manifest.json`` and one ``part-<i>/`` per shard (see ``docs/architecture.md``). Resuming
+    needs the same ``psShards`` (checked here) and model (checked when the shards start)."""
+    from ._shards import MANIFEST, read_manifest
+
+    path, interval, resume = est.getCheckpointPath(), est.getCheckpointInterval(), est.getResumeFrom()
+    if interval < 0:
+        raise ParamError(f"checkpointInterval={interval}: must be >= 0 (0: a checkpoint only when the fit ends)")
+    if interval > 0 and not path:
+        raise ParamError(f"checkpointInterval={interval} needs checkpointPath (the directory to write to)")
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ParamError(f"checkpointPath={path!r} exists and is not a directory")
+    if resume:
+        if not os.path.isfile(os.path.join(resume, MANIFEST)):
+            single = os.path.isfile(resume) or os.path.isfile(os.path.join(resume, CHECKPOINT_FILE))
+            raise ParamError(
+                f"resumeFrom={resume!r}: no sharded checkpoint there (expected a directory holding {MANIFEST}, "
+                f"written by a fit with psShards > 1)" + ("; it holds a one-server checkpoint: resume it with psShards=1" if single else "")
+            )
+        manifest = read_manifest(resume)
+        if int(manifest.get("shards", 0)) != k:
+            raise ParamError(
+                f"psShards={k}: resumeFrom={resume!r} was written with psShards={manifest.get('shards')}; "
+                "resume with the same psShards"
+            )
+        log.warning("resuming from sharded checkpoint %s (version %s)", resume, manifest.get("version"))
+    elif path and os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ParamError(
+            f"checkpointPath={path!r} already holds {MANIFEST} from an earlier fit: pass "
+            f"resumeFrom={path!r} to continue from it, or choose an empty directory (or delete it) to start over"
+        )
+    return path or None, interval, resume or None
 
 
 def check_shard_slots(k: int, num_parts: int, slots: int, num_values: int) -> None:

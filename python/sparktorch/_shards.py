@@ -46,11 +46,13 @@ parameter server") and ``docs/reliability.md``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import threading
@@ -278,6 +280,11 @@ class ShardSpec:
     spark_rpc_encrypted: bool
     idle_timeout_s: float
     """A shard that hears nothing from the driver for this long stops (the driver is gone)."""
+    checkpoint_path: str | None = None
+    """The sharded checkpoint directory: shard ``i`` writes ``<dir>/part-<i>/``."""
+    checkpoint_interval: int = 0
+    resume_parts: tuple[str, ...] | None = None
+    """Per shard, the part file to resume from (absolute paths; from the manifest)."""
 
 
 def _shard_host(registry_host: str, registry_port: int) -> str:
@@ -329,7 +336,11 @@ def serve_shard(spec: ShardSpec, index: int, init: np.ndarray, attempt: int = 0)
         io_timeout_s=spec.io_timeout_s,
         model_buffers=rng.buffers,
         tls=tls,
+        checkpoint_path=part_dir(spec.checkpoint_path, index) if spec.checkpoint_path else None,
+        checkpoint_interval=spec.checkpoint_interval,
+        resume_from=spec.resume_parts[index] if spec.resume_parts else None,
     )
+    parts = _PartKeeper(part_dir(spec.checkpoint_path, index), server) if spec.checkpoint_path else None
     try:
         host, port = server.address
         log.info("parameter server shard %d [%d, %d) listening on %s:%d (%s)", index, rng.lo, rng.hi, host, port, "TLS" if tls else "plaintext")
@@ -337,11 +348,140 @@ def serve_shard(spec: ShardSpec, index: int, init: np.ndarray, attempt: int = 0)
         try:
             sock.settimeout(spec.io_timeout_s)
             channel = _register(sock, spec, index, attempt, host, port, server.tls_fingerprint)
-            return _serve_control(channel, spec, index, server)
+            return _serve_control(channel, spec, index, server, parts)
         finally:
             sock.close()
     finally:
-        server.stop()
+        if parts is not None:
+            parts.close()
+        try:
+            server.stop()
+        except SparkTorchError as e:  # a failed final checkpoint: the fit's outcome is told elsewhere
+            log.error("parameter server shard %d: %s", index, e)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "sparktorch-sharded-checkpoint"
+KEEP_PARTS = 8
+"""Versions of its part each shard keeps (the manifest points at the newest common one)."""
+
+
+def part_dir(root: str | None, index: int) -> str:
+    """Shard ``index``'s directory under a sharded checkpoint directory."""
+    return os.path.join(str(root), f"part-{index}")
+
+
+def part_name(version: int) -> str:
+    """The file name of a part of ``version``."""
+    return f"v{version:012d}.safetensors"
+
+
+def checkpoint_version(path: str) -> int:
+    """The ``version`` in a checkpoint file's safetensors header (the header alone is read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 << 20:
+            raise ValueError(f"{path}: safetensors header of {n} bytes")
+        header = json.loads(f.read(n))
+    return int(header["__metadata__"]["version"])
+
+
+class _PartKeeper:
+    """Keeps versions of a shard's checkpoint: the engine rewrites ``checkpoint.safetensors``
+    (atomically: temp file, rename) every ``checkpointInterval`` versions; a thread polling the
+    server's ``last_checkpoint_version`` every 10 ms hard-links each new file as
+    ``v<version>.safetensors`` (the version read from the linked file's own header) and keeps the
+    newest :data:`KEEP_PARTS`. The driver's manifest names a version every shard still has."""
+
+    def __init__(self, directory: str, server: Any) -> None:
+        self.directory = directory
+        self._server = server
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._seen: int | None = None
+        self.pinned: int | None = None
+        """The version the driver's manifest names now: never pruned."""
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="sparktorch-shard-parts", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            try:
+                v = self._server.stats().get("last_checkpoint_version")
+            except Exception:  # noqa: BLE001 - the server is stopping
+                return
+            if v is not None and v != self._seen:
+                self.keep()
+
+    def keep(self) -> None:
+        """Link the current ``checkpoint.safetensors`` under its version; prune old ones."""
+        with self._lock:
+            src = os.path.join(self.directory, "checkpoint.safetensors")
+            tmp = os.path.join(self.directory, f".link-{uuid.uuid4().hex}")
+            try:
+                os.link(src, tmp)
+                version = checkpoint_version(tmp)
+                os.replace(tmp, os.path.join(self.directory, part_name(version)))
+                self._seen = version
+            except (OSError, ValueError, KeyError) as e:
+                self.errors += 1
+                log.warning("checkpoint part in %s not kept: %s", self.directory, e)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                return
+            for old in self.versions()[:-KEEP_PARTS]:
+                if old == self.pinned:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, part_name(old)))
+
+    def versions(self) -> list[int]:
+        """The versions kept, oldest first."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n[1:13]) for n in names if n.startswith("v") and n.endswith(".safetensors") and n[1:13].isdigit())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def write_manifest(root: str, manifest: dict[str, Any]) -> None:
+    """Write ``<root>/manifest.json`` atomically (temp file, fsync, rename)."""
+    tmp = os.path.join(root, f".{MANIFEST}.{uuid.uuid4().hex}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, MANIFEST))
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    """Read and check ``<root>/manifest.json``; :class:`ParamError` naming ``resumeFrom``."""
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ParamError(f"resumeFrom={root!r}: cannot read {MANIFEST} ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise ParamError(f"resumeFrom={root!r}: {MANIFEST} is not a sparktorch sharded checkpoint manifest")
+    if int(m.get("format_version", 0)) > 1:
+        raise ParamError(f"resumeFrom={root!r}: {MANIFEST} has format_version {m.get('format_version')}, newer than this sparktorch reads (1)")
+    parts = m.get("parts")
+    if not isinstance(parts, list) or len(parts) != int(m.get("shards", -1)):
+        raise ParamError(f"resumeFrom={root!r}: {MANIFEST} does not name one part per shard")
+    for i, part in enumerate(parts):
+        if not isinstance(part, str) or not re.fullmatch(rf"part-{i}/v\d{{12}}\.safetensors", part):
+            raise ParamError(f"resumeFrom={root!r}: {MANIFEST} names part {i} as {part!r}, not part-{i}/v<version>.safetensors")
+        if not os.path.isfile(os.path.join(root, part)):
+            raise ParamError(f"resumeFrom={root!r}: part {i} ({part}) named by {MANIFEST} is missing")
+    return m
 
 
 def _register(sock: socket.socket, spec: ShardSpec, index: int, attempt: int, host: str, port: int, fp: bytes | None) -> _Channel:
@@ -367,7 +507,7 @@ def _register(sock: socket.socket, spec: ShardSpec, index: int, attempt: int, ho
     return _Channel(sock, spec.secret, driver_nonce, bytes.fromhex(fields["nonce"]), is_driver=False)
 
 
-def _serve_control(channel: _Channel, spec: ShardSpec, index: int, server: Any) -> dict[str, Any]:
+def _serve_control(channel: _Channel, spec: ShardSpec, index: int, server: Any, parts: _PartKeeper | None = None) -> dict[str, Any]:
     """Answer the driver until it says stop; then return this shard's final state (the task's
     result: it reaches the driver through Spark's own result channel, not the control one)."""
     channel.sock.settimeout(spec.idle_timeout_s)
@@ -378,7 +518,9 @@ def _serve_control(channel: _Channel, spec: ShardSpec, index: int, server: Any) 
             raise EngineError(f"parameter server shard {index}: no word from the driver in {spec.idle_timeout_s:.0f} s; stopping") from e
         cmd = req.get("cmd")
         if cmd == "stats":
-            channel.send({"stats": server.stats()})
+            if parts is not None and isinstance(req.get("pinned"), int):
+                parts.pinned = int(req["pinned"])
+            channel.send({"stats": server.stats(), "parts": parts.versions() if parts else None})
         elif cmd == "history":
             nxt, entries = server.history(since=int(req.get("since", 0)))
             arr = np.asarray(entries, dtype=np.float64).reshape(-1, 4)
@@ -387,8 +529,16 @@ def _serve_control(channel: _Channel, spec: ShardSpec, index: int, server: Any) 
             error = server.stats().get("error")
             params = np.ascontiguousarray(server.parameters(), dtype=np.float32)
             opt = server.optimizer_state()
-            server.stop()
-            channel.send({"stopped": True, "error": error})
+            checkpoint_error = None
+            if parts is not None:
+                parts.close()
+            try:
+                server.stop()  # writes the final checkpoint when checkpointing
+            except SparkTorchError as e:
+                checkpoint_error = str(e)
+            if parts is not None and checkpoint_error is None:
+                parts.keep()
+            channel.send({"stopped": True, "error": error, "checkpoint_error": checkpoint_error, "parts": parts.versions() if parts else None})
             return {"shard": index, "params": params, "optimizer": opt, "error": error}
         else:
             channel.send({"error": f"unknown command {cmd!r}"})
@@ -492,6 +642,10 @@ class ShardedServer:
         self._final_stats: dict[str, Any] | None = None
         self._final_history: list[tuple[int, int, float, float]] | None = None
         self.tag = f"{SHARD_TAG_PREFIX}{uuid.uuid4().hex[:12]}"
+        self._manifest_lock = threading.Lock()
+        resume_parts = self._resume_parts(plan.resume_from)
+        if plan.checkpoint_path:
+            os.makedirs(plan.checkpoint_path, exist_ok=True)
 
         self._listener = socket.create_server((bind, port), backlog=max(16, 2 * k))
         self._listener.settimeout(POLL_S)
@@ -521,7 +675,13 @@ class ShardedServer:
             ps_encryption=est.getPsEncryption(),
             spark_rpc_encrypted=encrypted,
             idle_timeout_s=max(30.0, self._io_timeout),
+            checkpoint_path=os.path.abspath(plan.checkpoint_path) if plan.checkpoint_path else None,
+            checkpoint_interval=plan.checkpoint_interval,
+            resume_parts=resume_parts,
         )
+        self._spec_checkpoint_path = spec.checkpoint_path
+        self._manifest_base = self._manifest_skeleton(state, plan) if plan.checkpoint_path else None
+        self._manifest_version: int | None = None
         log.info("parameter server: %d shards of ~%d values; registry on %s:%d", k, self._n // k, bind, reg_port)
         self._acceptor = threading.Thread(target=self._accept_loop, name="sparktorch-shard-registry", daemon=True)
         self._acceptor.start()
@@ -538,6 +698,66 @@ class ShardedServer:
         self._watchdog = threading.Thread(target=self._watch, name="sparktorch-shard-watchdog", daemon=True)
         self._watchdog.start()
 
+    # ---------------------------------------------------------------- checkpoints
+
+    def _resume_parts(self, resume_from: str | None) -> tuple[str, ...] | None:
+        if not resume_from:
+            return None
+        m = read_manifest(resume_from)
+        if int(m["shards"]) != self.k or [list(r) for r in m["ranges"]] != [[r.lo, r.hi] for r in self.ranges]:
+            raise ParamError(
+                f"resumeFrom={resume_from!r}: written with psShards={m['shards']} over {m.get('values')} values, "
+                f"this fit has psShards={self.k} over {self._n}; resume with the same psShards and model"
+            )
+        return tuple(os.path.abspath(os.path.join(resume_from, p)) for p in m["parts"])
+
+    def _manifest_skeleton(self, state: Any, plan: Any) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "format_version": 1,
+            "shards": self.k,
+            "values": self._n,
+            "num_trainable": int(state.num_trainable),
+            "model_buffers": int(state.num_buffers),
+            "mode": plan.engine_mode,
+            "ranges": [[r.lo, r.hi] for r in self.ranges],
+        }
+
+    def _update_manifest(self, kept: list[list[int] | None], final: bool = False) -> None:
+        """Point the manifest at the newest version every shard has kept (if newer)."""
+        if self._manifest_base is None or any(k is None for k in kept):
+            return
+        with self._manifest_lock:
+            self._update_manifest_locked(kept, final)
+
+    def _update_manifest_locked(self, kept: list[list[int] | None], final: bool) -> None:
+        common = set(kept[0] or [])
+        for k in kept[1:]:
+            common &= set(k or [])
+        if not common:
+            return
+        version = max(common)
+        current = self._manifest_version
+        if current is not None and (version < current or (version == current and not final)):
+            return
+        root = self._spec_checkpoint_path
+        manifest = {
+            **self._manifest_base,
+            "version": version,
+            "parts": [os.path.join(f"part-{i}", part_name(version)) for i in range(self.k)],
+            # Synchronous: every shard stepped the same rounds. Async styles: the same number of
+            # pushes, not necessarily the same ones, unless the fit had ended (final).
+            "global_cut": self._manifest_base["mode"] == "synchronous" or final,
+            "final": final,
+            "created_unix": time.time(),
+        }
+        try:
+            write_manifest(root, manifest)
+            self._manifest_version = version
+            log.info("sharded checkpoint: %s now names version %d of every shard", os.path.join(root, MANIFEST), version)
+        except OSError as e:
+            log.error("sharded checkpoint: writing %s failed: %s", os.path.join(root, MANIFEST), e)
+
     # ---------------------------------------------------------------- start-up
 
     def _run_job(self, rows: list[tuple[int, np.ndarray]], spec: ShardSpec) -> None:
@@ -549,11 +769,18 @@ class ShardedServer:
             if not self._stopping:
                 self._lost(None, "the shard job ended before the fit did")
         except Exception as e:  # noqa: BLE001 - recorded as the fit's error
-            if not self._stopping and len(self._handles) == self.k:
-                self._poll_all()  # names the shard that is gone, when one is
             if not self._stopping:
-                first = str(e).strip().splitlines()
-                detail = next((line for line in first if "sparktorch.errors" in line or "Error" in line), first[0] if first else repr(e))
+                with self._cond:
+                    registered = sorted(self._handles.items())
+                for i, h in registered:  # names the shard that is gone, when one is
+                    try:
+                        h.request({"cmd": "stats"}, timeout_s=5.0)
+                    except (OSError, ValueError) as probe:
+                        self._lost(i, f"lost ({type(probe).__name__}: {probe}); a lost shard is not restarted, the fit fails")
+            if not self._stopping:
+                lines = [ln.strip(" :\t") for ln in str(e).splitlines()]
+                useful = [ln for ln in lines if ln and not ln.startswith("at ") and ("Error" in ln or "Exception" in ln)]
+                detail = next((ln for ln in useful if "sparktorch.errors" in ln), useful[0] if useful else repr(e))
                 self._lost(None, f"the shard job failed: {detail[:500]}")
         finally:
             sc.removeJobTag(self.tag)
@@ -644,15 +871,13 @@ class ShardedServer:
 
     def guard_job(self, tag: str) -> Any:
         """Context manager: while it is open, a lost shard cancels the jobs tagged ``tag``."""
-        import contextlib
 
         @contextlib.contextmanager
         def guard() -> Iterator[None]:
             with self._error_lock:
+                if self._error is not None:
+                    raise EngineError(f"training failed: {self._error}")
                 self._guarded.add(tag)
-                failed = self._error is not None
-            if failed:
-                self._sc.cancelJobsWithTag(tag)
             try:
                 yield
             finally:
@@ -662,20 +887,34 @@ class ShardedServer:
         return guard()
 
     def _watch(self) -> None:
-        while not self._stopping and self._error is None:
-            self._poll_all()
+        # After a loss, the guarded jobs are cancelled again at every tick: a job submitted just
+        # after the first cancel (the tag is set before its job exists) is caught by the next.
+        while not self._stopping:
+            if self._error is None:
+                self._poll_all()
+            else:
+                with self._error_lock:
+                    tags = list(self._guarded)
+                for tag in tags:
+                    with contextlib.suppress(Exception):
+                        self._sc.cancelJobsWithTag(tag)
             time.sleep(POLL_S)
 
     def _poll_all(self) -> list[dict[str, Any]]:
         out = []
+        kept: list[list[int] | None] = []
         for i in range(self.k):
             h = self._handles[i]
             try:
-                head, _ = h.request({"cmd": "stats"})
+                head, _ = h.request({"cmd": "stats", "pinned": self._manifest_version})
                 out.append(_int_keys(head["stats"]))
+                kept.append(head.get("parts"))
             except (OSError, ValueError, KeyError) as e:
                 self._lost(i, f"lost ({type(e).__name__}: {e}); a lost shard is not restarted, the fit fails")
                 out.append({})
+                kept.append(None)
+        if self._manifest_base is not None and not self._stopping:
+            self._update_manifest(kept)
         return out
 
     # ---------------------------------------------------------------- the ParameterServer surface
@@ -743,11 +982,14 @@ class ShardedServer:
             raise EngineError(f"training failed: {stats['error']}")
         history = self.history()
         self._stopping = True
+        replies = []
         for i in range(self.k):
             try:
-                self._handles[i].request({"cmd": "stop"})
+                head, _ = self._handles[i].request({"cmd": "stop"}, timeout_s=max(60.0, self._io_timeout))
+                replies.append(head)
             except (OSError, ValueError) as e:
                 raise EngineError(f"training failed: {self.describe(i)} was lost before it returned its parameters ({e})") from e
+        self._final_checkpoint(replies)
         wait_s = max(60.0, self._io_timeout)
         self._job.join(timeout=wait_s)
         if self._job.is_alive() or self._results is None:
@@ -770,6 +1012,20 @@ class ShardedServer:
         self._final = (flat, {**meta, "buffers": {k: np.concatenate(v) for k, v in buffers.items()}})
         return self._final
 
+    def _final_checkpoint(self, replies: list[dict[str, Any]], final: bool = True) -> None:
+        """After every shard stopped: the manifest names their final parts (a failed final
+        checkpoint is warned about, as with one server, and leaves the manifest where it was)."""
+        if self._manifest_base is None:
+            return
+        failed = [f"{self.describe(i)}: {r['checkpoint_error']}" for i, r in enumerate(replies) if r.get("checkpoint_error")]
+        if failed:
+            import warnings
+
+            log.error("the final checkpoint failed: %s", "; ".join(failed))
+            warnings.warn(f"the final checkpoint failed (a resume would start from an older one, or none): {'; '.join(failed)}", RuntimeWarning, stacklevel=4)
+            return
+        self._update_manifest([r.get("parts") for r in replies], final=final)
+
     def parameters(self) -> np.ndarray:
         """The flat parameters, every shard's range in place. Call it once the training job is
         over: it ends the shards (their final state is their task's result); afterwards
@@ -788,13 +1044,20 @@ class ShardedServer:
             return
         already = self._stopping
         self._stopping = self._stopped = True
+        replies: list[dict[str, Any]] = []
         for i, h in list(self._handles.items()):
             if not already:
                 try:
-                    h.request({"cmd": "stop"}, timeout_s=min(30.0, self._io_timeout))
+                    head, _ = h.request({"cmd": "stop"}, timeout_s=max(30.0, self._io_timeout))
+                    replies.append(head)
                 except Exception as e:  # noqa: BLE001 - a shard already gone
                     log.debug("stopping shard %d: %s", i, e)
             h.close()
+        if len(replies) == self.k and self._error is None:
+            # Stopped without a lost shard (an error in a task, Ctrl-C): every shard wrote its
+            # final part. Not necessarily one cut (a push may have reached one shard and not
+            # another): the manifest moves only to a version every shard has, as mid-fit.
+            self._final_checkpoint(replies, final=False)
         self._job.join(timeout=30.0)
         if self._job.is_alive():
             log.warning("the shard job did not end in 30 s: cancelling it")

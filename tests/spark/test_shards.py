@@ -6,6 +6,7 @@ real process deaths. See docs/architecture.md, "Sharded parameter server".
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,10 +17,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nets import BNConvNet, TwoLayer
+from nets import BNConvNet, SlowTwoLayer, TwoLayer
 from toy_data import blobs
 from toy_data import vector_frame as frame
-from sparktorch import SparkTorch, serialize_torch_obj
+from sparktorch import SparkTorch, _native, serialize_torch_obj
 from sparktorch.errors import EngineError, ParamError
 
 pytestmark = pytest.mark.timeout(300)
@@ -117,7 +118,7 @@ def test_async_styles_train_with_two_shards(spark, mode, lock):
         ({"psShards": -2}, r"psShards=-2: must be an int >= 1"),
         ({"psShards": 3}, r"psShards=3: 3 shard tasks plus 2 training tasks need 5 task slots.*only 4"),
         ({"psShards": 2, "mode": "synchronous"}, r"psShards=2 with mode='synchronous' needs lostWorkerPolicy='fail'"),
-        ({"psShards": 2, "checkpointPath": "/tmp/sparktorch-never-written"}, r"psShards=2: checkpoints"),
+        ({"psShards": 2, "resumeFrom": "/tmp/sparktorch-never-written"}, r"resumeFrom=.*no sharded checkpoint there"),
     ],
 )
 def test_bad_ps_shards_fail_before_any_job(spark, kwargs, match):
@@ -141,11 +142,13 @@ def test_more_shards_than_values_fails_before_any_job(spark):
     assert _jobs(spark) == before
 
 
-@pytest.mark.parametrize("mode", ["synchronous", "async"])
-def test_killed_shard_fails_the_fit_naming_it(spark, mode):
-    # A long fit; once the shards have registered and training runs, the Python worker serving
-    # shard 1 is killed (SIGKILL, a real process death). Documented outcome: the fit fails with an
-    # EngineError naming shard 1, within seconds (no restart, no hang).
+@pytest.mark.parametrize("mode,when", [("synchronous", "mid-fit"), ("async", "mid-fit"), ("async", "at-start")])
+def test_killed_shard_fails_the_fit_naming_it(spark, mode, when):
+    # A long fit; once the shards have registered and training runs (mid-fit), or as soon as
+    # shard 1 has registered (at-start: the training job may not even be submitted yet), the
+    # Python worker serving shard 1 is killed (SIGKILL, a real process death). Documented
+    # outcome: the fit fails with an EngineError naming shard 1, within seconds (no restart, no
+    # hang).
     x, y = blobs(400, seed=8)
     df = frame(spark, x, y, 2)
     torch.manual_seed(3)
@@ -158,12 +161,19 @@ def test_killed_shard_fails_the_fit_naming_it(spark, mode):
 
     killed: dict[str, float] = {}
 
+    tracker = spark.sparkContext.statusTracker()
+
+    def running_tasks() -> int:
+        stages = [tracker.getStageInfo(i) for i in tracker.getActiveStageIds()]
+        return sum(st.numActiveTasks for st in stages if st is not None)
+
     def killer() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             shard = [s for s in live_shards() if s["shard"] == 1]
-            if shard:
-                time.sleep(4.0)  # training has started meanwhile
+            if shard and (when == "at-start" or running_tasks() >= 4):  # 2 shard + 2 training tasks
+                if when == "mid-fit":
+                    time.sleep(2.0)  # training steps run meanwhile
                 os.kill(int(shard[0]["pid"]), signal.SIGKILL)
                 killed["at"] = time.monotonic()
                 return
@@ -179,3 +189,85 @@ def test_killed_shard_fails_the_fit_naming_it(spark, mode):
     assert failed - killed["at"] < 30, f"the fit took {failed - killed['at']:.1f} s to fail"
     assert "not restarted" in str(info.value) or "lost" in str(info.value)
     assert live_shards() == []
+
+
+def _sync_est(obj: str, **kw):
+    args = {
+        "inputCol": "features", "labelCol": "label", "torchObj": obj, "miniBatch": 16, "partitions": 2,
+        "mode": "synchronous", "lostWorkerPolicy": "fail", "psShards": 2, **kw,
+    }
+    return SparkTorch(**args)
+
+
+def test_sharded_checkpoint_resumes_to_the_uninterrupted_result(spark, tmp_path):
+    x, y = blobs(120, seed=9)
+    df = frame(spark, x, y, 2)
+    torch.manual_seed(4)
+    obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    ckpt = str(tmp_path / "ckpt")
+    first = _sync_est(obj, iters=4, checkpointPath=ckpt, checkpointInterval=2).fit(df)
+    assert len(first.getTrainingHistory()) == 8
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["shards"] == 2 and manifest["version"] == 4 and manifest["global_cut"] and manifest["final"]
+    for i, part in enumerate(manifest["parts"]):
+        meta = _native.read_checkpoint(str(tmp_path / "ckpt" / part))
+        assert meta["version"] == 4
+        lo, hi = manifest["ranges"][i]
+        assert meta["params"].size == hi - lo
+    # Reusing the directory without resumeFrom is refused, as with one server.
+    with pytest.raises(ParamError, match=r"checkpointPath=.*manifest\.json.*resumeFrom="):
+        _sync_est(obj, iters=8, checkpointPath=ckpt).fit(df)
+    resumed = _sync_est(obj, iters=8, checkpointPath=ckpt, resumeFrom=ckpt).fit(df)
+    assert sorted({h["step"] for h in resumed.getTrainingHistory()}) == [4, 5, 6, 7]
+    straight = _sync_est(obj, iters=8).fit(df)
+    a, b = _state(resumed), _state(straight)
+    for name in a:
+        assert float((a[name] - b[name]).abs().max()) <= 1e-6, name
+    assert json.loads((tmp_path / "ckpt" / "manifest.json").read_text())["version"] == 8
+
+
+def test_resuming_a_sharded_checkpoint_needs_the_same_ps_shards(spark, tmp_path):
+    x, y = blobs(40, seed=10)
+    df = frame(spark, x, y, 2)
+    obj = serialize_torch_obj(TwoLayer(5, 8, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    ckpt = str(tmp_path / "ckpt")
+    _sync_est(obj, iters=2, checkpointPath=ckpt).fit(df)
+    before = _jobs(spark)
+    with pytest.raises(ParamError, match=r"psShards=3: resumeFrom=.* was written with psShards=2"):
+        _sync_est(obj, iters=4, resumeFrom=ckpt, psShards=3).fit(df)
+    with pytest.raises(ParamError, match=r"resumeFrom=.*no checkpoint there"):
+        _sync_est(obj, iters=4, resumeFrom=ckpt, psShards=1, lostWorkerPolicy="drop").fit(df)
+    assert _jobs(spark) == before
+
+
+def test_periodic_sharded_checkpoints_are_consistent_cuts(spark, tmp_path):
+    # While a synchronous fit runs, every manifest written names one version, and every part it
+    # names is a checkpoint of that very version (a consistent cut across the shards).
+    x, y = blobs(80, seed=11)
+    df = frame(spark, x, y, 2)
+    torch.manual_seed(5)
+    obj = serialize_torch_obj(SlowTwoLayer(5, 8, 3, delay_s=0.15), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    root = tmp_path / "ckpt"
+    seen: dict[int, list[int]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                m = json.loads((root / "manifest.json").read_text())
+                if m["version"] not in seen:
+                    seen[m["version"]] = [_native.read_checkpoint(str(root / p))["version"] for p in m["parts"]]
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        _sync_est(obj, iters=24, checkpointPath=str(root), checkpointInterval=2).fit(df)
+    finally:
+        done.set()
+        t.join(10)
+    assert 24 in seen and len(seen) >= 3, seen  # some mid-fit cuts, and the final one
+    for version, parts in seen.items():
+        assert parts == [version, version], (version, parts)
