@@ -594,7 +594,8 @@ _LIVE: dict[str, list[dict[str, Any]]] = {}
 
 def live_shards() -> list[dict[str, Any]]:
     """The shards of the sharded fits running in this driver process: ``{"fit", "shard", "host",
-    "port", "pid"}`` each (``pid``: the Python worker serving it). For diagnostics and tests."""
+    "port", "pid", "registry"}`` each (``pid``: the Python worker serving it; ``registry``: the
+    driver's registry address). For diagnostics and tests."""
     return [dict(s) for shards in list(_LIVE.values()) for s in shards]
 
 
@@ -820,7 +821,10 @@ class ShardedServer:
                 handle.address = ShardAddress(index, handle.address.host, handle.address.port, r.lo, r.hi, handle.address.tls_fingerprint)
                 self._handles[index] = handle
                 _LIVE.setdefault(self.fit_id, []).append(
-                    {"fit": self.fit_id, "shard": index, "host": handle.address.host, "port": handle.address.port, "pid": msg.get("pid")}
+                    {
+                        "fit": self.fit_id, "shard": index, "host": handle.address.host, "port": handle.address.port,
+                        "pid": msg.get("pid"), "registry": self._listener.getsockname()[:2],
+                    }
                 )
                 self._cond.notify_all()
             log.info("parameter server shard %d [%d, %d) registered from %s:%d", index, r.lo, r.hi, handle.address.host, handle.address.port)

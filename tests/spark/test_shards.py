@@ -271,3 +271,38 @@ def test_periodic_sharded_checkpoints_are_consistent_cuts(spark, tmp_path):
     assert 24 in seen and len(seen) >= 3, seen  # some mid-fit cuts, and the final one
     for version, parts in seen.items():
         assert parts == [version, version], (version, parts)
+
+
+def test_a_forged_shard_registration_is_refused_and_the_fit_goes_on(spark):
+    # While a sharded fit runs, a peer without the per-fit secret connects to the driver's shard
+    # registry and claims to be shard 1: it is refused (bad MAC) and the fit ends normally.
+    import socket as so
+
+    from sparktorch._shards import _canonical, _mac, _recv, _send, live_shards
+
+    x, y = blobs(80, seed=12)
+    df = frame(spark, x, y, 2)
+    obj = serialize_torch_obj(SlowTwoLayer(5, 8, 3, delay_s=0.1), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    answers: list[dict] = []
+
+    def forger() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not live_shards():
+            time.sleep(0.05)
+        host, port = live_shards()[0]["registry"]
+        with so.create_connection((host, port), timeout=10) as s:
+            s.settimeout(10)
+            nonce = bytes.fromhex(_recv(s, 0)[0]["nonce"])
+            fields = {"fit": live_shards()[0]["fit"], "shard": 1, "attempt": 0, "host": "127.0.0.1", "port": 9,
+                      "fingerprint": None, "pid": 1, "nonce": "00" * 32}
+            _send(s, {**fields, "mac": _mac(b"not-the-secret-0123456789", b"shard-register", nonce, _canonical(fields))})
+            answers.append(_recv(s, 0)[0])
+
+    t = threading.Thread(target=forger, daemon=True)
+    t.start()
+    fitted = SparkTorch(
+        inputCol="features", labelCol="label", torchObj=obj, iters=20, partitions=2, psShards=2,
+    ).fit(df)
+    t.join(30)
+    assert answers == [{"ok": False, "error": "authentication failed"}]
+    assert len(fitted.getTrainingHistory()) == 40

@@ -100,3 +100,32 @@ def test_client_names_the_unreachable_shard():
             ShardedClient(addresses, SECRET, worker=0, timeout_s=5.0, connect_timeout_s=2.0)
     finally:
         servers[0].stop()
+
+
+def test_control_frames_are_authenticated_in_order():
+    import socket
+
+    from sparktorch._shards import _Channel
+
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    dn, sn = b"d" * 32, b"s" * 32
+    driver = _Channel(a, SECRET, dn, sn, is_driver=True)
+    shard = _Channel(b, SECRET, dn, sn, is_driver=False)
+    driver.send({"cmd": "stats"})
+    assert shard.recv(0)[0] == {"cmd": "stats"}
+    shard.send({"next": 1}, b"\x01" * 16)
+    head, payload = driver.recv(64)
+    assert head == {"next": 1} and bytes(payload) == b"\x01" * 16
+    # A frame under another secret, or replayed / reflected, fails its MAC.
+    _Channel(a, b"another-secret-0123456789abc", dn, sn, is_driver=True).send({"cmd": "stop"})
+    with pytest.raises(ConnectionError, match="failed authentication"):
+        shard.recv(0)
+    # A payload larger than the receiver's bound is refused from the header.
+    a2, b2 = socket.socketpair()
+    _Channel(a2, SECRET, dn, sn, is_driver=True).send({"x": 1}, b"\x00" * 100)
+    with pytest.raises(ConnectionError, match="exceeds"):
+        _Channel(b2, SECRET, dn, sn, is_driver=False).recv(10)
+    for s in (a, b, a2, b2):
+        s.close()
