@@ -16,7 +16,7 @@
 # 3: room for psShards=4 — two shard tasks and one training task per worker). The namespaces, the bridge and every
 # process started here are removed on exit, on failure and on Ctrl-C.
 #
-# Environment: PYTHON (default /work/main/.venv/bin/python), SPARKTORCH_PYTHONPATH (default: this
+# Environment: PYTHON (default: this checkout's .venv/bin/python), SPARKTORCH_PYTHONPATH (default: this
 # checkout's python/), RATE, CORES.
 set -euo pipefail
 
@@ -24,7 +24,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 OUT="${1:-$REPO/benchmarks/results/netns_shards.json}"
 shift || true
-PYTHON="${PYTHON:-/work/main/.venv/bin/python}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 PYPATH="${SPARKTORCH_PYTHONPATH:-$REPO/python}"
 RATE="${RATE:-200mbit}"
 CORES="${CORES:-3}"
