@@ -306,3 +306,26 @@ def test_a_forged_shard_registration_is_refused_and_the_fit_goes_on(spark):
     t.join(30)
     assert answers == [{"ok": False, "error": "authentication failed"}]
     assert len(fitted.getTrainingHistory()) == 40
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_seed_program_with_two_shards_equals_one_server(tmp_path):
+    # The seed program (MNIST MLP, 4 partitions, barrier) in synchronous mode, psShards 1 then 2,
+    # in its own process with local[6] (2 shard slots + 4 training slots).
+    import subprocess
+    import sys
+
+    out = tmp_path / "params.npz"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "seed_sharded.py"), str(tmp_path), "10", str(out)],
+        env=env, capture_output=True, text=True, timeout=840,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = np.load(out)
+    names = [n[3:] for n in got.files if n.startswith("k1_")]
+    assert names
+    for name in names:
+        one, two = got[f"k1_{name}"], got[f"k2_{name}"]
+        assert float(np.abs(one.astype(np.float64) - two).max()) <= 1e-6, name
