@@ -304,9 +304,10 @@ def serve_shard(spec: ShardSpec, index: int, init: np.ndarray, attempt: int = 0)
     """The body of shard task ``index``: serve ``[lo, hi)`` until the driver says stop.
 
     Binds this executor's address (see :func:`_shard_host`), registers with the driver's
-    registry and answers its control requests. Returns a summary (the driver does not need it).
-    A retried attempt is refused (the first attempt's state is lost with it): a lost shard fails
-    the fit, it is not restarted.
+    registry and answers its control requests. Returns the shard's final state (``{"shard",
+    "params", "optimizer", "error"}``: the task's result, which the driver collects). A retried
+    attempt is refused (the first attempt's state is lost with it): a lost shard fails the fit,
+    it is not restarted.
     """
     from . import _native
     from ._driver import use_tls
