@@ -329,3 +329,43 @@ def test_the_seed_program_with_two_shards_equals_one_server(tmp_path):
     for name in names:
         one, two = got[f"k1_{name}"], got[f"k2_{name}"]
         assert float(np.abs(one.astype(np.float64) - two).max()) <= 1e-6, name
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "async"])
+def test_early_stopping_is_global_across_shards(spark, mode):
+    # lr=0 never improves the loss: shard 0 runs early stopping for the whole fit, every task
+    # stops, and the history (shard 0's) ends early, as with one server. (Async: an evaluation
+    # waits for every live worker's report, so how many steps a fast worker makes before a slow
+    # one's first push depends on start-up timing; every worker still stops long before iters.)
+    x, y = blobs(60, seed=13)
+    obj = serialize_torch_obj(TwoLayer(5, 8, 3), nn.CrossEntropyLoss(), torch.optim.SGD, lr=0.0)
+    fitted = SparkTorch(
+        inputCol="features", labelCol="label", torchObj=obj, iters=500, earlyStopPatience=3, partitions=2,
+        mode=mode, lostWorkerPolicy="fail", psShards=2,
+    ).fit(frame(spark, x, y, 2))
+    history = fitted.getTrainingHistory()
+    if mode == "synchronous":
+        assert 0 < len(history) <= 2 * 10
+    last = {w: max(h["step"] for h in history if h["worker"] == w) for w in (0, 1)}
+    assert max(last.values()) < 250, last
+
+
+def test_tls_shards_with_step_logging(spark, caplog):
+    # psEncryption='on': every shard serves TLS with its own key; the tasks pin each shard's
+    # fingerprint (registered with the driver under the MAC). verbose=2 reads shard 0's history
+    # incrementally over the control connection while the fit runs.
+    import logging
+
+    x, y = blobs(80, seed=14)
+    torch.manual_seed(6)
+    obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+    with caplog.at_level(logging.INFO, logger="sparktorch"):
+        fitted = SparkTorch(
+            inputCol="features", labelCol="label", torchObj=obj, iters=30, partitions=2, psShards=2,
+            psEncryption="on", verbose=2,
+        ).fit(frame(spark, x, y, 2))
+    shard_lines = [r.getMessage() for r in caplog.records if "parameter server shard" in r.getMessage() and "holds" in r.getMessage()]
+    assert len(shard_lines) == 2 and all("TLS" in line for line in shard_lines), shard_lines
+    step_lines = [r for r in caplog.records if r.getMessage().startswith("worker ") and " step " in r.getMessage()]
+    assert step_lines  # per-step lines from shard 0's history
+    assert _accuracy(fitted, x, y) >= 0.9
