@@ -91,3 +91,19 @@ class FrozenEmbeddingLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.rnn(self.emb(x.long()))
         return self.head(h[:, -1])
+
+
+class SlowTwoLayer(TwoLayer):
+    """:class:`TwoLayer` whose training forward pass takes at least ``delay_s`` (for tests that
+    watch a fit while it runs)."""
+
+    def __init__(self, n_in: int = 5, hidden: int = 8, n_out: int = 3, delay_s: float = 0.1) -> None:
+        super().__init__(n_in, hidden, n_out)
+        self.delay_s = delay_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            import time
+
+            time.sleep(self.delay_s)
+        return super().forward(x)

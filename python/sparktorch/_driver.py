@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._progress import Progress
+from ._shards import ShardedServer
 from ._state import StateLayout, buffer_change_scale, buffer_momentum
 from .errors import (
     DataError,
@@ -67,6 +68,8 @@ class FitPlan:
     """Bounded staleness of the asynchronous styles; None: unbounded."""
     ps_dtype: str = "float32"
     """Element type of parameter traffic on the wire."""
+    ps_shards: int = 1
+    """Parameter server shards (1: one server on the driver; K > 1: K shards on executors)."""
 
 
 def engine_mode(mode: str, acquire_lock: bool) -> str:
@@ -112,12 +115,17 @@ def validate(est: Any) -> FitPlan:
         raise ParamError("torchObj is empty: pass the string made by sparktorch.serialize_torch_obj(...)")
     _validate_ps_encryption(est)
     max_staleness, ps_dtype = _validate_traffic(est, mode)
-    checkpoint_path, interval, resume_from = _checkpoint_plan(est)
+    k = est.getPsShards()
+    if isinstance(k, int) and not isinstance(k, bool) and k > 1:
+        checkpoint_path, interval, resume_from = _sharded_checkpoint_plan(est, k)
+    else:
+        checkpoint_path, interval, resume_from = _checkpoint_plan(est)
     epochs = est.getEpochs()
     if epochs < 0:
         raise ParamError(f"epochs={epochs}: must be >= 0 (0: run iters steps)")
     if epochs > 0 and est.isSet("iters"):
         raise ParamError(f"epochs={epochs} and iters={iters} are both set: set iters (steps) or epochs (passes over the data), not both")
+    shards = _validate_ps_shards(est, mode, policy)
     return FitPlan(
         engine_mode=engine_mode(mode, est.getAcquireLock()),
         iters=iters,
@@ -136,6 +144,7 @@ def validate(est: Any) -> FitPlan:
         epochs=epochs,
         max_staleness=max_staleness,
         ps_dtype=ps_dtype,
+        ps_shards=shards,
     )
 
 
@@ -154,6 +163,77 @@ def _validate_traffic(est: Any, mode: str) -> tuple[int | None, str]:
     if dtype not in PS_DTYPES:
         raise ParamError(f"psDtype={dtype!r}: expected one of {', '.join(PS_DTYPES)}")
     return (k if k >= 0 else None), dtype
+
+
+def _validate_ps_shards(est: Any, mode: str, policy: str) -> int:
+    """``psShards``: an int >= 1; K > 1 refuses the combinations it cannot keep (see
+    ``docs/architecture.md``, "Sharded parameter server")."""
+    k = est.getPsShards()
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ParamError(f"psShards={k!r}: must be an int >= 1 (1: one parameter server on the driver)")
+    if k == 1:
+        return 1
+    staleness = est.getMaxStaleness()
+    if staleness >= 0:
+        raise ParamError(
+            f"psShards={k} with maxStaleness={staleness}: bounded staleness is not supported across shards (a push "
+            "refused by one shard and applied by another would be half a step); use psShards=1 or maxStaleness=-1"
+        )
+    if mode == "synchronous" and policy == "drop":
+        raise ParamError(
+            f"psShards={k} with mode='synchronous' needs lostWorkerPolicy='fail': each shard would drop a late "
+            "worker from its own round on its own clock, so shards could close a round with different sets of "
+            "workers (and the result would differ from one server's)"
+        )
+    return k
+
+
+def _sharded_checkpoint_plan(est: Any, k: int) -> tuple[str | None, int, str | None]:
+    """As :func:`_checkpoint_plan`, for a sharded checkpoint: a directory holding
+    ``manifest.json`` and one ``part-<i>/`` per shard (see ``docs/architecture.md``). Resuming
+    needs the same ``psShards`` (checked here) and model (checked when the shards start)."""
+    from ._shards import MANIFEST, read_manifest
+
+    path, interval, resume = est.getCheckpointPath(), est.getCheckpointInterval(), est.getResumeFrom()
+    if interval < 0:
+        raise ParamError(f"checkpointInterval={interval}: must be >= 0 (0: a checkpoint only when the fit ends)")
+    if interval > 0 and not path:
+        raise ParamError(f"checkpointInterval={interval} needs checkpointPath (the directory to write to)")
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ParamError(f"checkpointPath={path!r} exists and is not a directory")
+    if resume:
+        if not os.path.isfile(os.path.join(resume, MANIFEST)):
+            single = os.path.isfile(resume) or os.path.isfile(os.path.join(resume, CHECKPOINT_FILE))
+            raise ParamError(
+                f"resumeFrom={resume!r}: no sharded checkpoint there (expected a directory holding {MANIFEST}, "
+                f"written by a fit with psShards > 1)" + ("; it holds a one-server checkpoint: resume it with psShards=1" if single else "")
+            )
+        manifest = read_manifest(resume)
+        if int(manifest.get("shards", 0)) != k:
+            raise ParamError(
+                f"psShards={k}: resumeFrom={resume!r} was written with psShards={manifest.get('shards')}; "
+                "resume with the same psShards"
+            )
+        log.warning("resuming from sharded checkpoint %s (version %s)", resume, manifest.get("version"))
+    elif path and os.path.isfile(os.path.join(path, MANIFEST)):
+        raise ParamError(
+            f"checkpointPath={path!r} already holds {MANIFEST} from an earlier fit: pass "
+            f"resumeFrom={path!r} to continue from it, or choose an empty directory (or delete it) to start over"
+        )
+    return path or None, interval, resume or None
+
+
+def check_shard_slots(k: int, num_parts: int, slots: int, num_values: int) -> None:
+    """Refuse, before any job, a sharded fit that cannot get its task slots or has fewer values
+    than shards. K shard tasks hold K slots for the whole fit, and every training task needs a
+    slot of its own beside them (whatever the mode)."""
+    if k > num_values:
+        raise ParamError(f"psShards={k}: the model has only {num_values} values to split over the shards")
+    if k + num_parts > slots:
+        raise ParamError(
+            f"psShards={k}: {k} shard tasks plus {num_parts} training tasks need {k + num_parts} task slots, "
+            f"but the cluster runs only {slots} tasks at once; lower psShards or partitions, or add executor cores"
+        )
 
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -449,6 +529,7 @@ def _run_jobs(
             holdout_seed=est.getSeed(),
             buffer_bytes=buffer_bytes,
             ps_dtype=plan.ps_dtype,
+            shards=server.addresses if isinstance(server, ShardedServer) else None,
         )
         trained = frame.mapInArrow(make_task(cfg), RESULT_SCHEMA, barrier=est.getUseBarrier())
         if est.getUseBarrier():
@@ -460,8 +541,11 @@ def _run_jobs(
             with _job_tagged(sc, description) as tag:
                 if progress is not None:
                     progress.job_started(tag)
+                # A lost shard cancels the training job (its tasks would wait on the others).
+                guard = server.guard_job(tag) if isinstance(server, ShardedServer) else contextlib.nullcontext()
                 try:
-                    rows = trained.collect()
+                    with guard:
+                        rows = trained.collect()
                 except KeyboardInterrupt:
                     sc.cancelJobsWithTag(tag)
                     raise
@@ -557,6 +641,25 @@ def _start_server(
     )
 
 
+def _start_shards(
+    spark: Any, state: StateLayout, opt_name: str, hyper: Any, secret: bytes, bind: str, connect: str, plan: FitPlan, num_parts: int, est: Any
+) -> ShardedServer:
+    """Start the fit's ``psShards`` shards on executors and wait for them to register (the
+    registry listens on the driver's address, on ``port`` when set)."""
+    try:
+        server = ShardedServer(spark, state, opt_name, dict(hyper), secret, bind, connect, plan.port, plan, num_parts, est, plan.ps_shards)
+    except OSError as e:
+        raise ParamError(
+            f"port={plan.port}: the shard registry cannot listen on {bind}:{plan.port} ({e}); choose a free port, or 0 to let the OS choose"
+        ) from e
+    for a in server.addresses:
+        log.info(
+            "parameter server shard %d (%s, %s) at %s:%d holds [%d, %d) for %d workers",
+            a.index, plan.engine_mode, "TLS" if a.tls_fingerprint else "plaintext", a.host, a.port, a.lo, a.hi, num_parts,
+        )
+    return server
+
+
 def fit(est: Any, dataset: Any) -> Any:
     """Train ``est`` on ``dataset``; see the module docstring for the order of events."""
     import numpy as np
@@ -588,6 +691,8 @@ def fit(est: Any, dataset: Any) -> Any:
     if num_parts == 0:
         raise DataError("the DataFrame has zero rows (and no partitions): nothing to train on")
     slots = cluster_slots(sc)
+    if plan.ps_shards > 1:
+        check_shard_slots(plan.ps_shards, num_parts, slots, state.num_trainable + state.num_buffers)
     needs_all = est.getUseBarrier() or plan.engine_mode == "synchronous"
     if needs_all and num_parts > slots:
         why = "useBarrier=True" if est.getUseBarrier() else "mode='synchronous'"
@@ -613,17 +718,20 @@ def fit(est: Any, dataset: Any) -> Any:
     secret = os.urandom(32)
     bind, connect = server_host(sc)
     tls = use_tls(est.getPsEncryption(), sc.getConf(), bind)
-    try:
-        server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est, tls=tls)
-    except SparkTorchError:
-        raise  # e.g. a CheckpointError (also an OSError) when resuming
-    except OSError as e:
-        raise ParamError(
-            f"port={plan.port}: the parameter server cannot listen on {bind}:{plan.port} ({e}); "
-            "choose a free port, or 0 to let the OS choose"
-        ) from e
-    host, port = server.address
-    log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
+    if plan.ps_shards > 1:
+        server: Any = _start_shards(spark, state, opt_name, hyper, secret, bind, connect, plan, num_parts, est)
+    else:
+        try:
+            server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est, tls=tls)
+        except SparkTorchError:
+            raise  # e.g. a CheckpointError (also an OSError) when resuming
+        except OSError as e:
+            raise ParamError(
+                f"port={plan.port}: the parameter server cannot listen on {bind}:{plan.port} ({e}); "
+                "choose a free port, or 0 to let the OS choose"
+            ) from e
+        host, port = server.address
+        log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
     if preloading:
         prestart_python_workers(spark)

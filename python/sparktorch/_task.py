@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ._shards import ShardAddress, ShardedClient
 from ._spill import BUFFER_BYTES, Spilled
 from .errors import DataError, ParamError
 
@@ -63,6 +64,8 @@ class TaskConfig:
     """Byte budget of a full-batch chunk and of a resident holdout."""
     ps_dtype: str = "float32"
     """Element type of gradients and parameters on the wire ('float32' or 'bfloat16')."""
+    shards: tuple[ShardAddress, ...] | None = None
+    """``psShards`` > 1: every shard's address, range and fingerprint (``host``/``port`` unused)."""
 
 
 def task_device(requested: str) -> str:
@@ -199,7 +202,15 @@ def _train(cfg: TaskConfig, data: Spilled, partition: int, attempt: int) -> Iter
     last_loss = math.nan
     finished = False
 
-    client = _native.Client(
+    client = ShardedClient(
+        cfg.shards,
+        cfg.secret,
+        worker=partition,
+        attempt=attempt,
+        timeout_s=cfg.io_timeout_s,
+        connect_timeout_s=cfg.connect_timeout_s,
+        dtype=cfg.ps_dtype,
+    ) if cfg.shards else _native.Client(
         cfg.host,
         cfg.port,
         cfg.secret,

@@ -116,6 +116,15 @@ class _SparkTorchParams(_SharedTorchParams):
         typeConverter=TypeConverters.toString,
     )
 
+    psShards = Param(
+        Params._dummy(),
+        "psShards",
+        "number of parameter server shards: 1 (default) serves every parameter from the driver; K > 1 "
+        "range-partitions them over K shards that run as long-lived Spark tasks on executors (K task slots "
+        "besides the training tasks)",
+        typeConverter=TypeConverters.toInt,
+    )
+
     mlflowLogging = Param(
         Params._dummy(),
         "mlflowLogging",
@@ -125,7 +134,7 @@ class _SparkTorchParams(_SharedTorchParams):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._setDefault(psEncryption="auto", mlflowLogging=True, maxStaleness=-1, psDtype="float32")
+        self._setDefault(psEncryption="auto", mlflowLogging=True, maxStaleness=-1, psDtype="float32", psShards=1)
         self._setDefault(
             labelCol=None,
             torchObj="",
@@ -258,6 +267,9 @@ class _SparkTorchParams(_SharedTorchParams):
     def getPsDtype(self) -> str:
         """Element type of parameter traffic: 'float32' or 'bfloat16'."""
         return self.getOrDefault(self.psDtype)
+    def getPsShards(self) -> int:
+        """Number of parameter server shards (1: one server on the driver)."""
+        return self.getOrDefault(self.psShards)
 
     def getMlflowLogging(self) -> bool:
         """Whether a fit logs to the active MLflow run (when there is one)."""
@@ -313,6 +325,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         psDtype: str | None = None,
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
+        psShards: int | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -351,6 +364,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         psDtype: str | None = None,
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
+        psShards: int | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs

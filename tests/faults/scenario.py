@@ -38,10 +38,11 @@ from sparktorch import SparkTorch, _native, serialize_torch_obj  # noqa: E402
 ITERS = 300
 
 
-def session() -> SparkSession:
-    # local[2,3]: two task slots, and a failed task is retried (up to 3 attempts in all).
+def session(slots: int = 2) -> SparkSession:
+    # local[2,3]: two task slots, and a failed task is retried (up to 3 attempts in all);
+    # the psShards=2 scenarios need 2 more slots for the shard tasks.
     return (
-        SparkSession.builder.master("local[2,3]")
+        SparkSession.builder.master(f"local[{slots},3]")
         .appName("sparktorch-faults")
         .config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
@@ -145,11 +146,17 @@ SCENARIOS = {
     "kill-worker-barrier": lambda spark: kill_worker(spark, mode="hogwild", acquireLock=True, useBarrier=True),
     "kill-worker-sync": lambda spark: kill_worker(spark, mode="synchronous", useBarrier=True),
     "kill-server": kill_server,
+    # A training task dies while two parameter-server shards serve the fit: its retry registers
+    # with every shard and continues from the smallest step they report.
+    "kill-worker-async-shards": lambda spark: kill_worker(spark, mode="hogwild", acquireLock=True, psShards=2),
+    "kill-worker-sync-shards": lambda spark: kill_worker(
+        spark, mode="synchronous", useBarrier=True, psShards=2, lostWorkerPolicy="fail"
+    ),
 }
 
 
 def main(name: str, out: str) -> None:
-    spark = session()
+    spark = session(4 if name.endswith("-shards") else 2)
     spark.sparkContext.setLogLevel("ERROR")
     try:
         Path(out).write_text(json.dumps(SCENARIOS[name](spark)))

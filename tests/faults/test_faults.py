@@ -28,7 +28,10 @@ def run_scenario(name: str, tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", ["kill-worker-async", "kill-worker-hogwild", "kill-worker-barrier", "kill-worker-sync"])
+@pytest.mark.parametrize(
+    "name",
+    ["kill-worker-async", "kill-worker-hogwild", "kill-worker-barrier", "kill-worker-sync", "kill-worker-async-shards", "kill-worker-sync-shards"],
+)
 def test_a_killed_worker_is_retried_and_the_fit_still_reaches_its_accuracy(name, tmp_path):
     result = run_scenario(name, tmp_path)
     assert result["killed"], "the fault did not fire"

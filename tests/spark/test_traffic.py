@@ -54,6 +54,21 @@ def test_bfloat16_traffic_trains_a_batchnorm_cnn_like_float32(spark, mode, lock)
     assert _accuracy(fits["bfloat16"], x, y) >= _accuracy(fits["float32"], x, y) - 0.05
 
 
+def test_bfloat16_traffic_over_two_shards_equals_one_server(spark):
+    # bfloat16 rounding is element by element: splitting the vector over shards changes nothing.
+    x, y = blobs(120, seed=5)
+    df = frame(spark, x, y, 2)
+    params = {}
+    for k in (1, 2):
+        torch.manual_seed(0)
+        obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
+        params[k] = _params(SparkTorch(
+            inputCol="features", labelCol="label", torchObj=obj, iters=10, miniBatch=16, partitions=2,
+            mode="synchronous", lostWorkerPolicy="fail", psShards=k, psDtype="bfloat16",
+        ).fit(df))
+    assert float(np.abs(params[1] - params[2]).max()) <= 1e-6
+
+
 def test_max_staleness_zero_still_applies_every_step_once(spark, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -62,6 +77,8 @@ def test_max_staleness_zero_still_applies_every_step_once(spark, tmp_path, monke
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    # A fresh store: the experiment an earlier test made active lives in another one.
+    mlflow.set_experiment("sparktorch-traffic")
     try:
         x, y = blobs(300, seed=4)
         torch.manual_seed(4)
@@ -89,6 +106,7 @@ def test_max_staleness_zero_still_applies_every_step_once(spark, tmp_path, monke
         ({"maxStaleness": -2}, "maxStaleness"),
         ({"maxStaleness": 1, "mode": "synchronous"}, "maxStaleness"),
         ({"psDtype": "float16"}, "psDtype"),
+        ({"maxStaleness": 1, "psShards": 2}, "maxStaleness"),
     ],
 )
 def test_bad_traffic_params_are_named_before_any_job(spark, kwargs, match):
