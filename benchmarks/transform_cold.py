@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--noop-first", action="store_true",
                     help="time the no-op UDF cold first (the session's first Python task): Spark's own cold cost")
+    ap.add_argument("--daemon", help="spark.python.daemon.module to set at start-up (default: left to sparktorch; "
+                    "with --noop-first: sparktorch._daemon)")
     args = ap.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -63,8 +65,9 @@ def main() -> None:
         .config("spark.driver.memory", "4g").config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1").config("spark.ui.enabled", "false")
     )
-    if args.noop_first:  # one daemon for both (set at start-up, as on a cluster)
-        builder = builder.config("spark.python.daemon.module", "sparktorch._daemon")
+    daemon = args.daemon or ("sparktorch._daemon" if args.noop_first else None)
+    if daemon:  # one daemon for both (set at start-up, as on a cluster)
+        builder = builder.config("spark.python.daemon.module", daemon)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     parts = spark.sparkContext.defaultParallelism
@@ -137,7 +140,7 @@ def main() -> None:
     rate = {k[: -len("_s")]: args.rows / v for k, v in res.items()}
     bound = 1.0 / (1.0 / rate["noop_udf"] + 1.0 / rate["torch"])
     report = {
-        "rows": args.rows, "master": args.master, "partitions": parts, "sparktorch": os.path.dirname(sparktorch.__file__),
+        "rows": args.rows, "master": args.master, "daemon": daemon, "partitions": parts, "sparktorch": os.path.dirname(sparktorch.__file__),
         "seconds": {k: round(v, 2) for k, v in res.items()},
         "rows_per_s": {**{k: round(v) for k, v in rate.items()}, "bound": round(bound)},
         "cold_over_warm": round(res["cold_s"] / res["warm_s"], 2),
