@@ -39,10 +39,17 @@ def columns_frame(spark, x: np.ndarray, y: np.ndarray, parts: int):
 
 
 @pytest.mark.parametrize(
-    "mode,lock,barrier",
-    [("hogwild", False, False), ("hogwild", True, True), ("synchronous", True, False)],
+    "mode,lock,barrier,traffic",
+    [
+        ("hogwild", False, False, {}),
+        ("hogwild", True, True, {}),
+        ("synchronous", True, False, {}),
+        # The traffic options and the sharded server on every PySpark line too.
+        ("hogwild", False, False, {"psDtype": "bfloat16", "maxStaleness": 1}),
+        ("synchronous", True, False, {"psShards": 2, "lostWorkerPolicy": "fail", "psDtype": "bfloat16"}),
+    ],
 )
-def test_fit_transform_save_load(spark, tmp_path, mode, lock, barrier):
+def test_fit_transform_save_load(spark, tmp_path, mode, lock, barrier, traffic):
     torch.manual_seed(0)
     x, y = blobs(120)
     df = columns_frame(spark, x, y, 2)
@@ -52,7 +59,7 @@ def test_fit_transform_save_load(spark, tmp_path, mode, lock, barrier):
     assembler = VectorAssembler(inputCols=[f"f{i}" for i in range(5)], outputCol="features")
     est = SparkTorch(
         inputCol="features", labelCol="label", predictionCol="predicted", torchObj=obj, iters=40,
-        partitions=2, mode=mode, acquireLock=lock, useBarrier=barrier,
+        partitions=2, mode=mode, acquireLock=lock, useBarrier=barrier, **traffic,
     )
     fitted = Pipeline(stages=[assembler, est]).fit(df)
     out = fitted.transform(df)
@@ -64,7 +71,10 @@ def test_fit_transform_save_load(spark, tmp_path, mode, lock, barrier):
     assert acc >= 0.9
 
     Pipeline(stages=[assembler, est]).write().overwrite().save(str(tmp_path / "unfitted"))
-    assert Pipeline.load(str(tmp_path / "unfitted")).getStages()[-1].getIters() == 40
+    unfitted = Pipeline.load(str(tmp_path / "unfitted")).getStages()[-1]
+    assert unfitted.getIters() == 40
+    for name, value in traffic.items():
+        assert unfitted.getOrDefault(name) == value, name
     fitted.write().overwrite().save(str(tmp_path / "p"))
     loaded = PipelineModel.load(str(tmp_path / "p"))
     again = loaded.transform(df).select("label", "predicted").collect()
