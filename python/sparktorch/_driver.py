@@ -194,13 +194,7 @@ def _sharded_checkpoint_plan(est: Any, k: int) -> tuple[str | None, int, str | N
     needs the same ``psShards`` (checked here) and model (checked when the shards start)."""
     from ._shards import MANIFEST, read_manifest
 
-    path, interval, resume = est.getCheckpointPath(), est.getCheckpointInterval(), est.getResumeFrom()
-    if interval < 0:
-        raise ParamError(f"checkpointInterval={interval}: must be >= 0 (0: a checkpoint only when the fit ends)")
-    if interval > 0 and not path:
-        raise ParamError(f"checkpointInterval={interval} needs checkpointPath (the directory to write to)")
-    if path and os.path.exists(path) and not os.path.isdir(path):
-        raise ParamError(f"checkpointPath={path!r} exists and is not a directory")
+    path, interval, resume = _checkpoint_params(est)
     if resume:
         if not os.path.isfile(os.path.join(resume, MANIFEST)):
             single = os.path.isfile(resume) or os.path.isfile(os.path.join(resume, CHECKPOINT_FILE))
@@ -239,13 +233,9 @@ def check_shard_slots(k: int, num_parts: int, slots: int, num_values: int) -> No
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
-def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
-    """(checkpoint directory, interval, checkpoint file to resume from), validated.
-
-    Resuming is explicit: a ``checkpointPath`` that already holds a checkpoint is refused unless
-    ``resumeFrom`` names a checkpoint to continue from (that one, typically), so that a rerun
-    never silently returns old weights, nor overwrites a checkpoint someone may still need.
-    """
+def _checkpoint_params(est: Any) -> tuple[str | None, int, str | None]:
+    """``checkpointPath``, ``checkpointInterval`` and ``resumeFrom``, with the checks every
+    checkpoint plan shares (one server or sharded)."""
     path, interval, resume = est.getCheckpointPath(), est.getCheckpointInterval(), est.getResumeFrom()
     if interval < 0:
         raise ParamError(f"checkpointInterval={interval}: must be >= 0 (0: a checkpoint only when the fit ends)")
@@ -253,6 +243,17 @@ def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
         raise ParamError(f"checkpointInterval={interval} needs checkpointPath (the directory to write to)")
     if path and os.path.exists(path) and not os.path.isdir(path):
         raise ParamError(f"checkpointPath={path!r} exists and is not a directory")
+    return path, interval, resume
+
+
+def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
+    """(checkpoint directory, interval, checkpoint file to resume from), validated.
+
+    Resuming is explicit: a ``checkpointPath`` that already holds a checkpoint is refused unless
+    ``resumeFrom`` names a checkpoint to continue from (that one, typically), so that a rerun
+    never silently returns old weights, nor overwrites a checkpoint someone may still need.
+    """
+    path, interval, resume = _checkpoint_params(est)
     if resume:
         file = os.path.join(resume, CHECKPOINT_FILE) if os.path.isdir(resume) else resume
         if not os.path.isfile(file):

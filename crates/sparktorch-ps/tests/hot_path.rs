@@ -243,7 +243,16 @@ fn bf16_clients_halve_the_bytes_and_the_server_keeps_f32_weights() {
         );
         let before = r.server.stats();
         half.push_pull(&grads, &mut out, 0, 1, 0.0, None).unwrap();
-        let after = r.server.stats();
+        // The server counts bytes out once its write returned, which may be just after the
+        // client has read them all: wait (bounded) for the count to settle.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut after = r.server.stats();
+        while after.bytes_out - before.bytes_out < (n as u64) * 2
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+            after = r.server.stats();
+        }
         let (pushed, pulled) = (
             after.bytes_in - before.bytes_in,
             after.bytes_out - before.bytes_out,
@@ -316,22 +325,25 @@ fn buffers_are_recycled_while_many_pulls_overlap_steps() {
 
 #[test]
 fn a_refused_worker_is_not_starved_by_faster_ones() {
-    // max_staleness 0, one fast worker pushing as fast as it can and one that computes 20 ms
+    // max_staleness 0, one fast worker pushing as fast as it can (up to 20,000 steps, about
+    // 2 s unhindered) and one that computes 20 ms
     // per step: after each refusal the fast worker's pushes wait for the slow one, so the slow
     // worker finishes its steps long before the fast one (without that, every push of the
     // slow worker would be refused until the fast one had finished all of its steps).
     let r = Arc::new(Running::start(server(Mode::Async, vec![0.0; 64], 2, |c| {
         c.max_staleness = Some(0)
     })));
+    const FAST_STEPS: u64 = 20_000;
     let fast_done = Arc::new(AtomicU64::new(0));
+    let slow_done = Arc::new(AtomicBool::new(false));
     let fast = {
-        let (r, fast_done) = (r.clone(), fast_done.clone());
+        let (r, fast_done, slow_done) = (r.clone(), fast_done.clone(), slow_done.clone());
         std::thread::spawn(move || {
             let mut c = r.client(0, 0).unwrap();
             let mut out = vec![0.0; 64];
             c.pull(&mut out, None).unwrap();
             let mut step = 0;
-            while step < 3000 {
+            while step < FAST_STEPS && !slow_done.load(Ordering::SeqCst) {
                 let (ack, _) = c
                     .push_pull(&[1e-3; 64], &mut out, step, 1, 0.0, None)
                     .unwrap();
@@ -360,6 +372,7 @@ fn a_refused_worker_is_not_starved_by_faster_ones() {
         }
     }
     let fast_steps = fast_done.load(Ordering::SeqCst);
+    slow_done.store(true, Ordering::SeqCst);
     fast.join().unwrap();
     // Once refused, only a fast push already under way can get in before it: it may be
     // refused once more, not again and again.
@@ -368,7 +381,7 @@ fn a_refused_worker_is_not_starved_by_faster_ones() {
         "the slow worker was refused {worst} times in a row"
     );
     assert!(
-        fast_steps < 3000,
+        fast_steps < FAST_STEPS,
         "the slow worker only got through after the fast one"
     );
     assert!(r.server.stats().staleness_max == 0);

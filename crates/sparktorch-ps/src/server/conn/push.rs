@@ -85,15 +85,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if inner.config.mode == Mode::Synchronous {
             return self.push_sync(p).await;
         }
-        let checked_at = inner.store.version();
-        let staleness = {
-            let mut coord = lock(&inner.coord);
-            coord.check_push(p, checked_at)?
-        };
-        let Some(staleness) = staleness else {
+        // The staleness recorded is the one measured when the step is applied (below).
+        let fresh = lock(&inner.coord).check_push(p, inner.store.version())?;
+        if fresh.is_none() {
             return Ok(self.duplicate(p));
-        };
-        let _ = (checked_at, staleness);
+        }
         // The version the worker computed on: what it says, and never newer than what this
         // connection last delivered to it.
         let base = match self.last_pulled {
