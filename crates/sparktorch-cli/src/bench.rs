@@ -4,10 +4,20 @@
 //! With `--loopback`, every repetition first measures two baselines on plain sockets, then the
 //! server's operations, so that each ratio compares numbers taken within seconds of each other
 //! (the machines this runs on are noisy):
-//! - the raw single-stream rate: one connection, 4 MiB writes, nothing else;
-//! - the raw push+pull exchange: one connection, the client writes the tensor's bytes, a server
-//!   thread reads them into a buffer and writes as many back, the client reads them: what a
-//!   push+pull would cost with no protocol, no optimizer step and no copies of ours.
+//! - the raw single-stream rate: one connection, the same 4 MiB buffer written and read again
+//!   and again (the buffers stay in cache), nothing else;
+//! - the same stream from and into model-sized buffers (each 4 MiB write and read touches new
+//!   memory, as a push or pull of the model does);
+//! - the raw push+pull exchange: one connection per client, the client writes the tensor's
+//!   bytes, a server thread reads them into a buffer and writes as many back, the client reads
+//!   them: what a push+pull would cost with no protocol, no optimizer step and no copies of ours;
+//! - the raw full-duplex exchange: the same, but the server thread writes each MiB back as soon
+//!   as it is in while the client still sends: the lower bound of any push+pull design over one
+//!   connection (both directions at once, no work in between).
+//!
+//! Every line also gives the CPU the whole process (server, clients, and the baselines' peer
+//! threads alike) used meanwhile, in cores busy: on loopback the "network" is the kernel
+//! copying bytes on the same cores the server steps on.
 //!
 //! The medians over `--reps` repetitions are printed last, with the ratios.
 
@@ -74,18 +84,63 @@ fn loopback_pair(
     Ok((s, peer))
 }
 
-/// One stream of raw TCP over loopback for `secs`: the bandwidth ceiling, in bytes/s.
-fn raw_stream(secs: f64) -> Result<f64> {
-    let (mut w, reader) = loopback_pair(|mut s| {
-        let mut buf = vec![0u8; 4 << 20];
-        while s.read(&mut buf)? > 0 {}
-        Ok(())
+/// Bytes per write (and per read) of the raw stream.
+const RAW_CHUNK: usize = 4 << 20;
+
+/// CPU time (user + system) this process has used so far, all threads together, in seconds;
+/// `None` where `/proc/self/stat` is not available (not Linux).
+fn process_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks of USER_HZ (100 on Linux).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// A measurement and the cores the process kept busy meanwhile.
+struct Measured<T> {
+    value: T,
+    /// CPU seconds per wall-clock second (`NaN` when unknown).
+    cores: f64,
+}
+
+/// Run `f`, also measuring the CPU the process used meanwhile.
+fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<Measured<T>> {
+    let (c0, t0) = (process_cpu(), Instant::now());
+    let value = f()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cores = match (c0, process_cpu()) {
+        (Some(a), Some(b)) if wall > 0.0 => (b - a) / wall,
+        _ => f64::NAN,
+    };
+    Ok(Measured { value, cores })
+}
+
+/// One stream of raw TCP over loopback for `secs`, in bytes/s: the bandwidth ceiling. Writes
+/// and reads are 4 MiB; they cycle through buffers of `buffer_bytes` (the 4 MiB themselves:
+/// always the same bytes, in cache; or a model's size: new memory each time).
+fn raw_stream(secs: f64, buffer_bytes: usize) -> Result<f64> {
+    let len = buffer_bytes.max(RAW_CHUNK);
+    let (mut w, reader) = loopback_pair(move |mut s| {
+        let mut buf = vec![0u8; len];
+        let mut at = 0;
+        loop {
+            let end = (at + RAW_CHUNK).min(len);
+            match s.read(&mut buf[at..end])? {
+                0 => return Ok(()),
+                n => at = if at + n >= len { 0 } else { at + n },
+            }
+        }
     })?;
-    let chunk = vec![1u8; 4 << 20];
-    let (t0, mut total) = (Instant::now(), 0u64);
+    let src = vec![1u8; len];
+    let (t0, mut total, mut at) = (Instant::now(), 0u64, 0);
     while t0.elapsed().as_secs_f64() < secs {
-        w.write_all(&chunk)?;
-        total += chunk.len() as u64;
+        let end = (at + RAW_CHUNK).min(len);
+        w.write_all(&src[at..end])?;
+        total += (end - at) as u64;
+        at = if end >= len { 0 } else { end };
     }
     drop(w);
     reader
@@ -94,32 +149,79 @@ fn raw_stream(secs: f64) -> Result<f64> {
     Ok(total as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// Raw push+pull exchanges of `bytes` each way over one loopback connection for `secs`:
-/// seconds per exchange.
-fn raw_exchange(bytes: usize, secs: f64) -> Result<f64> {
-    let (mut s, echo) = loopback_pair(move |mut s| {
-        let mut buf = vec![0u8; bytes];
-        loop {
-            match s.read_exact(&mut buf) {
-                Ok(()) => s.write_all(&buf)?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-    })?;
-    let out = vec![1u8; bytes];
-    let mut back = vec![0u8; bytes];
-    let (t0, mut n) = (Instant::now(), 0u32);
-    while n == 0 || t0.elapsed().as_secs_f64() < secs {
-        s.write_all(&out)?;
-        s.read_exact(&mut back)?;
-        n += 1;
+/// Bytes the full-duplex echo reads before writing them back.
+const DUPLEX_CHUNK: usize = 1 << 20;
+
+/// How a raw exchange's echo answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    /// Reads all the bytes, then writes them back (a push, then a pull: what the protocol does).
+    Whole,
+    /// Writes each 1 MiB back as soon as it is in, while the client still sends (the client
+    /// writes on a second thread): both directions at once, the lower bound of any push+pull
+    /// design over one connection, with no work between reading and writing.
+    Duplex,
+}
+
+/// Raw push+pull exchanges of `bytes` each way, one loopback connection per client, `clients`
+/// at once, for `secs`: exchanges per second, all clients together.
+fn raw_exchanges(bytes: usize, secs: f64, clients: u32, echo: Echo) -> Result<f64> {
+    let barrier = Arc::new(Barrier::new(clients as usize + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                let (mut s, peer) = loopback_pair(move |mut s| {
+                    let mut buf = vec![0u8; bytes];
+                    let step = if echo == Echo::Duplex { DUPLEX_CHUNK } else { bytes };
+                    loop {
+                        for at in (0..bytes).step_by(step.max(1)) {
+                            let b = &mut buf[at..(at + step).min(bytes)];
+                            match s.read_exact(b) {
+                                Ok(()) => s.write_all(b)?,
+                                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                    return Ok(())
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                    }
+                })?;
+                let out = vec![1u8; bytes];
+                let mut back = vec![0u8; bytes];
+                let mut writer = s.try_clone()?;
+                barrier.wait();
+                let (t0, mut n) = (Instant::now(), 0u64);
+                while n == 0 || t0.elapsed().as_secs_f64() < secs {
+                    match echo {
+                        Echo::Whole => {
+                            s.write_all(&out)?;
+                            s.read_exact(&mut back)?;
+                        }
+                        Echo::Duplex => std::thread::scope(|sc| -> Result<()> {
+                            let w = sc.spawn(|| writer.write_all(&out));
+                            s.read_exact(&mut back)?;
+                            w.join()
+                                .map_err(|_| anyhow!("loopback writer thread panicked"))??;
+                            Ok(())
+                        })?,
+                    }
+                    n += 1;
+                }
+                drop((s, writer));
+                peer.join()
+                    .map_err(|_| anyhow!("loopback echo thread panicked"))??;
+                Ok(n)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let t0 = Instant::now();
+    let mut total = 0u64;
+    for t in threads {
+        total += t.join().map_err(|_| anyhow!("raw client thread panicked"))??;
     }
-    let per = t0.elapsed().as_secs_f64() / f64::from(n);
-    drop(s);
-    echo.join()
-        .map_err(|_| anyhow!("loopback echo thread panicked"))??;
-    Ok(per)
+    Ok(total as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Run `op` on `clients` threads for `secs`; returns operations per second (all clients).
@@ -256,67 +358,128 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.tls { "TLS 1.3" } else { "plaintext" }
     );
     println!(
-        "{:<4} {:<22} {:>10} {:>14} {:>12}",
-        "rep", "what", "ops/s", "ms/op/client", "MB/s"
+        "{:<4} {:<30} {:>8} {:>13} {:>8} {:>10}",
+        "rep", "what", "ops/s", "ms/op/client", "MB/s", "CPU cores"
     );
-    let (mut streams, mut exchanges) = (Vec::new(), Vec::new());
+    let row = |rep: u32, what: &str, ops: Option<f64>, ms: Option<f64>, mbs: f64, cores: f64| {
+        let opt = |v: Option<f64>, prec: usize| v.map_or(String::new(), |x| format!("{x:.prec$}"));
+        println!(
+            "{rep:<4} {what:<30} {:>8} {:>13} {mbs:>8.0} {cores:>10.2}",
+            opt(ops, 1),
+            opt(ms, 2)
+        );
+    };
+    let (mut streams, mut cold_streams) = (Vec::new(), Vec::new());
+    let (mut exchanges, mut duplexes) = (Vec::new(), Vec::new());
+    let mut stream_cores = Vec::new();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    let mut cores: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    let raw_secs = a.seconds.min(3.0);
     for rep in 1..=a.reps {
         if a.loopback {
-            let bw = raw_stream(a.seconds.min(3.0))?;
-            println!(
-                "{rep:<4} {:<22} {:>10} {:>14} {:>12.0}",
-                "raw stream",
-                "",
-                "",
-                bw / 1e6
+            let m = with_cpu(|| raw_stream(raw_secs, RAW_CHUNK))?;
+            row(rep, "raw stream", None, None, m.value / 1e6, m.cores);
+            streams.push(m.value);
+            stream_cores.push(m.cores);
+            let m = with_cpu(|| raw_stream(raw_secs, tensor_bytes))?;
+            row(
+                rep,
+                "raw stream, model-sized buffers",
+                None,
+                None,
+                m.value / 1e6,
+                m.cores,
             );
-            streams.push(bw);
-            let ex = raw_exchange(tensor_bytes, a.seconds.min(3.0))?;
-            println!(
-                "{rep:<4} {:<22} {:>10.1} {:>14.2} {:>12.0}",
-                "raw push+pull exchange",
-                1.0 / ex,
-                ex * 1e3,
-                2.0 * mb / ex
-            );
-            exchanges.push(ex);
+            cold_streams.push(m.value);
+            for (echo, what, out) in [
+                (Echo::Whole, "raw push+pull exchange", &mut exchanges),
+                (Echo::Duplex, "raw full-duplex exchange", &mut duplexes),
+            ] {
+                let m = with_cpu(|| raw_exchanges(tensor_bytes, raw_secs, a.clients, echo))?;
+                let rate = m.value;
+                row(
+                    rep,
+                    what,
+                    Some(rate),
+                    Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
+                    rate * 2.0 * mb,
+                    m.cores,
+                );
+                out.push(rate);
+            }
         }
         for (i, op) in ops.iter().enumerate() {
-            let rate = measure(op, &a, port, &secret, options)?;
+            let m = with_cpu(|| measure(op, &a, port, &secret, options))?;
+            let rate = m.value;
             let per_op_mb = if op == "push_pull" { 2.0 * mb } else { mb };
-            println!(
-                "{rep:<4} {op:<22} {rate:>10.1} {:>14.2} {:>12.0}",
-                1e3 * f64::from(a.clients) / rate.max(1e-9),
-                rate * per_op_mb
+            row(
+                rep,
+                op,
+                Some(rate),
+                Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
+                rate * per_op_mb,
+                m.cores,
             );
             rates[i].push(rate);
+            cores[i].push(m.cores);
         }
     }
     println!("medians over {} repetition(s):", a.reps);
     let stream = median(&mut streams);
-    let exchange = median(&mut exchanges);
+    let cold_stream = median(&mut cold_streams);
+    // Exchanges per second over all clients; as the time of one (per client) in ms.
+    let exchange_rate = median(&mut exchanges);
+    let duplex_rate = median(&mut duplexes);
+    let per_client_ms = |rate: f64| 1e3 * f64::from(a.clients) / rate.max(1e-9);
+    // The raw stream's time for `bytes`, in ms.
+    let stream_ms = |bytes: f64| bytes / stream * 1e3;
+    let op_bytes = 2.0 * tensor_bytes as f64;
     if a.loopback {
-        println!("  raw stream              {:>10.0} MB/s", stream / 1e6);
         println!(
-            "  raw push+pull exchange  {:>10.2} ms ({:.1} MB each way)",
-            exchange * 1e3,
-            mb
+            "  raw stream                      {:>8.0} MB/s  ({:.2} CPU cores)",
+            stream / 1e6,
+            median(&mut stream_cores)
         );
+        println!(
+            "  raw stream, model-sized buffers {:>8.0} MB/s  = {:.2}x the raw stream's rate",
+            cold_stream / 1e6,
+            cold_stream / stream
+        );
+        for (what, rate) in [
+            ("raw push+pull exchange  ", exchange_rate),
+            ("raw full-duplex exchange", duplex_rate),
+        ] {
+            println!(
+                "  {what}        {:>8.2} ms/op/client ({:.1} MB each way) = {:.2}x the raw stream's time for its bytes, aggregate {:.2}x its rate",
+                per_client_ms(rate),
+                mb,
+                per_client_ms(rate) / f64::from(a.clients) / stream_ms(op_bytes),
+                rate * op_bytes / stream
+            );
+        }
     }
-    for (op, r) in ops.iter().zip(rates.iter_mut()) {
+    for ((op, r), c) in ops.iter().zip(rates.iter_mut()).zip(cores.iter_mut()) {
         let rate = median(r);
         let ms = 1e3 * f64::from(a.clients) / rate.max(1e-9);
         let per_op_mb = if op == "push_pull" { 2.0 * mb } else { mb };
         print!(
-            "  {op:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s",
-            rate * per_op_mb
+            "  {op:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({:.2} CPU cores)",
+            rate * per_op_mb,
+            median(c)
         );
         if a.loopback && op == "push_pull" {
+            // The time of one push+pull (one client: its latency; several: the aggregate's
+            // time per operation) against the raw stream's time for the same bytes (the
+            // issue's measure), and against the raw exchanges of the same run.
+            let per_op = ms / f64::from(a.clients);
             print!(
-                "  = {:.2}x the raw exchange's time, aggregate {:.2}x the raw stream",
-                ms / (exchange * 1e3),
-                rate * per_op_mb * 1e6 / stream
+                "\n    = {:.2}x the raw stream's time for its {:.0} MB (aggregate {:.2}x its rate), \
+                 {:.2}x the raw exchange's time, {:.2}x the raw full-duplex exchange's",
+                per_op / stream_ms(op_bytes),
+                2.0 * mb,
+                rate * per_op_mb * 1e6 / stream,
+                ms / per_client_ms(exchange_rate),
+                ms / per_client_ms(duplex_rate)
             );
         }
         println!();
