@@ -173,7 +173,11 @@ fn raw_exchanges(bytes: usize, secs: f64, clients: u32, echo: Echo) -> Result<f6
             std::thread::spawn(move || -> Result<u64> {
                 let (mut s, peer) = loopback_pair(move |mut s| {
                     let mut buf = vec![0u8; bytes];
-                    let step = if echo == Echo::Duplex { DUPLEX_CHUNK } else { bytes };
+                    let step = if echo == Echo::Duplex {
+                        DUPLEX_CHUNK
+                    } else {
+                        bytes
+                    };
                     loop {
                         for at in (0..bytes).step_by(step.max(1)) {
                             let b = &mut buf[at..(at + step).min(bytes)];
@@ -219,7 +223,9 @@ fn raw_exchanges(bytes: usize, secs: f64, clients: u32, echo: Echo) -> Result<f6
     let t0 = Instant::now();
     let mut total = 0u64;
     for t in threads {
-        total += t.join().map_err(|_| anyhow!("raw client thread panicked"))??;
+        total += t
+            .join()
+            .map_err(|_| anyhow!("raw client thread panicked"))??;
     }
     Ok(total as f64 / t0.elapsed().as_secs_f64())
 }

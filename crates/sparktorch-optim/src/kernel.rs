@@ -6,6 +6,7 @@
 //! `(param, grad, [state; N]) -> (param', [state'; N])` plus per-step scalars computed once per
 //! step; both step flavours and both schedules run that same function, so they agree bit for bit.
 
+use std::cell::RefCell;
 use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
@@ -188,6 +189,63 @@ pub(crate) enum Source<'a> {
     From(&'a [f32]),
 }
 
+/// The gradients a step reads.
+#[derive(Clone, Copy)]
+pub(crate) enum Grads<'a> {
+    /// `f32` values.
+    F32(&'a [f32]),
+    /// bfloat16 words in wire order (little-endian), as a push carried them: widened to `f32`
+    /// (exactly) [`WIDEN_BLOCK`] at a time into a per-thread scratch buffer that stays in
+    /// cache, so no model-size `f32` copy of the gradient is ever written or read.
+    Bf16(&'a [u16]),
+}
+
+/// Elements widened at a time from bfloat16 (256 KiB of `f32`: in a core's L2 cache).
+pub(crate) const WIDEN_BLOCK: usize = 1 << 16;
+
+/// Widen bfloat16 words in wire order into `out` (same length); exact.
+pub fn widen_bf16(words: &[u16], out: &mut [f32]) {
+    for (o, w) in out.iter_mut().zip(words) {
+        *o = f32::from_bits(u32::from(u16::from_le(*w)) << 16);
+    }
+}
+
+thread_local! {
+    /// Each thread's scratch for widened bfloat16 gradients (at most [`WIDEN_BLOCK`] values).
+    static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An element type gradients arrive in.
+trait GradElem: Copy + Send + Sync {
+    /// Whether a chunk of any length can be read as `f32` without a scratch buffer.
+    const DIRECT: bool;
+    /// Call `f` with `chunk` as `f32` values.
+    fn as_f32<R>(chunk: &[Self], f: impl FnOnce(&[f32]) -> R) -> R;
+}
+
+impl GradElem for f32 {
+    const DIRECT: bool = true;
+    #[inline(always)]
+    fn as_f32<R>(chunk: &[f32], f: impl FnOnce(&[f32]) -> R) -> R {
+        f(chunk)
+    }
+}
+
+impl GradElem for u16 {
+    const DIRECT: bool = false;
+    #[inline(always)]
+    fn as_f32<R>(chunk: &[u16], f: impl FnOnce(&[f32]) -> R) -> R {
+        WIDENED.with(|scratch| {
+            // `f` runs one chunk's element loop (no rayon call, no re-entry): the borrow is
+            // never taken twice.
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize(chunk.len(), 0.0);
+            widen_bf16(chunk, &mut scratch);
+            f(&scratch)
+        })
+    }
+}
+
 /// [`sequential`] reading the parameters from `src` and writing them to `dst`.
 #[inline(always)]
 fn sequential_into<const N: usize, F>(
@@ -236,7 +294,7 @@ fn chunk<const N: usize, F>(
 pub(crate) struct Exclusive<'a> {
     pub(crate) params: &'a mut [f32],
     pub(crate) source: Source<'a>,
-    pub(crate) grads: &'a [f32],
+    pub(crate) grads: Grads<'a>,
     pub(crate) bufs: Vec<&'a mut [f32]>,
     pub(crate) par: Parallelism,
 }
@@ -251,33 +309,71 @@ impl Driver for Exclusive<'_> {
             // every algorithm runs with N equal to that count (covered by every unit test).
             unreachable!("algorithm buffer count does not match its kernel");
         };
-        let (params, grads) = (self.params, self.grads);
         let src = match self.source {
             Source::InPlace => None,
             Source::From(s) => Some(s),
         };
-        match self.par.chunk_for(params.len()) {
-            None => chunk(src, params, grads, bufs, &f),
-            Some(c) => {
-                let mut its = bufs.map(|b| b.chunks_mut(c));
-                let mut srcs = src.map(|s| s.chunks(c));
-                let jobs: Vec<_> = params
-                    .chunks_mut(c)
-                    .zip(grads.chunks(c))
-                    .map(|(pc, gc)| {
-                        // Every buffer (and the source) has params' length (checked in
-                        // `Elementwise::step`), so each iterator yields a chunk here; the
-                        // empty default is never used.
-                        let bc: [&mut [f32]; N] =
-                            its.each_mut().map(|it| it.next().unwrap_or_default());
-                        let sc = srcs.as_mut().map(|it| it.next().unwrap_or_default());
-                        (sc, pc, gc, bc)
-                    })
-                    .collect();
-                jobs.into_par_iter()
-                    .for_each(|(sc, pc, gc, bc)| chunk(sc, pc, gc, bc, &f));
-            }
+        match self.grads {
+            Grads::F32(g) => exclusive(src, self.params, g, bufs, self.par, &f),
+            Grads::Bf16(w) => exclusive(src, self.params, w, bufs, self.par, &f),
         }
+    }
+}
+
+/// One chunk of an exclusive step: its source values (when not in place), parameters,
+/// gradients and state buffers.
+type Job<'a, const N: usize, G> = (
+    Option<&'a [f32]>,
+    &'a mut [f32],
+    &'a [G],
+    [&'a mut [f32]; N],
+);
+
+/// One exclusive step over `params` (from `src` when given) with gradients of element type
+/// `G`: in chunks that rayon updates in parallel when `par` says so, else on this thread (in
+/// [`WIDEN_BLOCK`] blocks when the gradients need widening). Element-wise: the chunking never
+/// changes a result.
+fn exclusive<const N: usize, F, G: GradElem>(
+    src: Option<&[f32]>,
+    params: &mut [f32],
+    grads: &[G],
+    bufs: [&mut [f32]; N],
+    par: Parallelism,
+    f: &F,
+) where
+    F: Fn(f32, f32, [f32; N]) -> (f32, [f32; N]) + Sync,
+{
+    let parallel = par.chunk_for(params.len());
+    let c = match parallel {
+        None if G::DIRECT || params.len() <= WIDEN_BLOCK => {
+            return G::as_f32(grads, |g| chunk(src, params, g, bufs, f));
+        }
+        None => WIDEN_BLOCK,
+        Some(c) if G::DIRECT => c,
+        Some(c) => c.min(WIDEN_BLOCK),
+    };
+    let mut its = bufs.map(|b| b.chunks_mut(c));
+    let mut srcs = src.map(|s| s.chunks(c));
+    let jobs: Vec<_> = params
+        .chunks_mut(c)
+        .zip(grads.chunks(c))
+        .map(|(pc, gc)| {
+            // Every buffer (and the source) has params' length (checked in
+            // `Elementwise::step`), so each iterator yields a chunk here; the empty default is
+            // never used.
+            let bc: [&mut [f32]; N] = its.each_mut().map(|it| it.next().unwrap_or_default());
+            let sc = srcs.as_mut().map(|it| it.next().unwrap_or_default());
+            (sc, pc, gc, bc)
+        })
+        .collect();
+    let run = |job: Job<'_, N, G>| {
+        let (sc, pc, gc, bc) = job;
+        G::as_f32(gc, |g| chunk(sc, pc, g, bc, f));
+    };
+    if parallel.is_some() {
+        jobs.into_par_iter().for_each(run);
+    } else {
+        jobs.into_iter().for_each(run);
     }
 }
 
@@ -366,7 +462,7 @@ impl<A: Algorithm> Elementwise<A> {
     }
 
     /// One exclusive step writing `params`, reading them from `source`.
-    fn step_exclusive(&mut self, params: &mut [f32], source: Source<'_>, grads: &[f32]) {
+    fn step_exclusive(&mut self, params: &mut [f32], source: Source<'_>, grads: Grads<'_>) {
         let st = self
             .scalars
             .get_mut()
@@ -416,13 +512,19 @@ impl<A: Algorithm> Optimizer for Elementwise<A> {
 
     fn step(&mut self, params: &mut [f32], grads: &[f32]) {
         self.check_lengths(params.len(), grads.len());
-        self.step_exclusive(params, Source::InPlace, grads);
+        self.step_exclusive(params, Source::InPlace, Grads::F32(grads));
     }
 
     fn step_into(&mut self, src: &[f32], dst: &mut [f32], grads: &[f32]) {
         self.check_lengths(dst.len(), grads.len());
         self.check_lengths(src.len(), grads.len());
-        self.step_exclusive(dst, Source::From(src), grads);
+        self.step_exclusive(dst, Source::From(src), Grads::F32(grads));
+    }
+
+    fn step_into_bf16(&mut self, src: &[f32], dst: &mut [f32], grads: &[u16]) {
+        self.check_lengths(dst.len(), grads.len());
+        self.check_lengths(src.len(), grads.len());
+        self.step_exclusive(dst, Source::From(src), Grads::Bf16(grads));
     }
 
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {

@@ -89,6 +89,17 @@ pub trait Optimizer: Send + Sync {
         self.step(dst, grads);
     }
 
+    /// [`Self::step_into`] with the gradients as bfloat16 words in wire order (little-endian),
+    /// as a bfloat16 push carries them. Widening bfloat16 is exact, so the result is
+    /// bit-identical to widening `grads` to `f32` and calling `step_into`, which is the default
+    /// implementation (it allocates the widened copy); the element-wise optimizers widen
+    /// chunk by chunk as they step instead.
+    fn step_into_bf16(&mut self, src: &[f32], dst: &mut [f32], grads: &[u16]) {
+        let mut wide = vec![0.0; grads.len()];
+        kernel::widen_bf16(grads, &mut wide);
+        self.step_into(src, dst, &wide);
+    }
+
     /// One step that may run concurrently with other `step_relaxed` calls (HOGWILD!).
     /// Every element of `params` and of the state is loaded and stored with relaxed atomics.
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]);

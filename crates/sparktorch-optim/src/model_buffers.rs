@@ -82,6 +82,17 @@ impl Optimizer for WithModelBuffers {
         }
     }
 
+    fn step_into_bf16(&mut self, src: &[f32], dst: &mut [f32], grads: &[u16]) {
+        let n = self.inner.len();
+        let (head, tail) = dst.split_at_mut(n);
+        self.inner.step_into_bf16(&src[..n], head, &grads[..n]);
+        let mut delta = [0.0f32; 1];
+        for ((b, s), d) in tail.iter_mut().zip(&src[n..]).zip(&grads[n..]) {
+            crate::kernel::widen_bf16(std::slice::from_ref(d), &mut delta);
+            *b = *s + delta[0];
+        }
+    }
+
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {
         let n = self.inner.len();
         self.inner.step_relaxed(&params[..n], &grads[..n]);

@@ -228,6 +228,71 @@ fn relaxed_equals_exclusive_and_parallel_equals_sequential() {
 }
 
 #[test]
+fn bf16_gradients_step_as_their_widened_f32() {
+    // Longer than two widening blocks and not a multiple of one; sequential (blocks on this
+    // thread), parallel in chunks smaller and larger than a block, and the model-buffer tail.
+    let n = 2 * crate::kernel::WIDEN_BLOCK + 1234;
+    let pars = [
+        Parallelism::SEQUENTIAL,
+        Parallelism {
+            min_len: 1,
+            chunk_len: 5000,
+        },
+        Parallelism::default(),
+        Parallelism {
+            min_len: 1,
+            chunk_len: 1 << 20,
+        },
+    ];
+    for (name, hp) in configs() {
+        for par in pars {
+            let mut wide = crate::with_model_buffers(build(name, &hp, n - 3).expect("builds"), 3);
+            let mut narrow = crate::with_model_buffers(build(name, &hp, n - 3).expect("builds"), 3);
+            wide.set_parallelism(par);
+            narrow.set_parallelism(par);
+            let (mut cur_w, mut next_w) = (data(n, 1), vec![f32::NAN; n]);
+            let (mut cur_n, mut next_n) = (cur_w.clone(), vec![f32::NAN; n]);
+            for s in 0..4 {
+                // bfloat16 words in wire order (one in every 97 a NaN's, one a subnormal's).
+                let words: Vec<u16> = data(n, 200 + s)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| match i % 97 {
+                        0 => 0x7fc1,
+                        1 => 0x0001,
+                        _ => (v.to_bits() >> 16) as u16,
+                    })
+                    .map(u16::to_le)
+                    .collect();
+                let g: Vec<f32> = words
+                    .iter()
+                    .map(|w| f32::from_bits(u32::from(u16::from_le(*w)) << 16))
+                    .collect();
+                wide.step_into(&cur_w, &mut next_w, &g);
+                narrow.step_into_bf16(&cur_n, &mut next_n, &words);
+                std::mem::swap(&mut cur_w, &mut next_w);
+                std::mem::swap(&mut cur_n, &mut next_n);
+            }
+            assert_eq!(bits(&cur_w), bits(&cur_n), "{name} {par:?}: values");
+            // Bit for bit (the NaN gradients leave NaNs in some states).
+            let state_bits = |st: crate::OptimizerState| {
+                let bufs: Vec<(String, Vec<u32>)> = st
+                    .buffers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), bits(v)))
+                    .collect();
+                (st.step, st.scalars, bufs)
+            };
+            assert_eq!(
+                state_bits(wide.export_state()),
+                state_bits(narrow.export_state()),
+                "{name} {par:?}: state"
+            );
+        }
+    }
+}
+
+#[test]
 fn state_roundtrip_continues_identically() {
     let n = 33;
     for (name, hp) in configs() {

@@ -142,6 +142,24 @@ pub fn words_as_bytes_mut(words: &mut [u16]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
 }
 
+/// The first `2 * values.len()` `u16` words of `values`' memory, to hold a bfloat16 payload
+/// of `values.len()` words in a buffer that was allocated for as many `f32`s (the words fill
+/// its first half; nothing is widened).
+pub fn f32s_as_words(values: &[f32]) -> &[u16] {
+    // SAFETY: f32 and u16 have no padding and every bit pattern is a valid u16; f32's alignment
+    // (4) satisfies u16's (2); the length covers exactly the slice's bytes; the shared borrow
+    // carries over to the returned slice.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u16>(), 2 * values.len()) }
+}
+
+/// A writable [`f32s_as_words`].
+pub fn f32s_as_words_mut(values: &mut [f32]) -> &mut [u16] {
+    let len = 2 * values.len();
+    // SAFETY: as in `f32s_as_words`; any u16 written is a valid part of an f32 bit pattern; the
+    // exclusive borrow carries over to the returned slice.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u16>(), len) }
+}
+
 /// Encode `values` as little-endian bfloat16 into `out` (`2 * values.len()` bytes).
 pub fn encode_bf16(values: &[f32], out: &mut [u8]) {
     for (o, v) in out.chunks_exact_mut(2).zip(values) {

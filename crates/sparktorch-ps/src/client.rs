@@ -20,7 +20,7 @@ use sparktorch_proto::{
     auth, Dtype, ErrorCode, FrameHeader, Message, Mode, PushMeta, MAX_PAYLOAD_BYTES, NONCE_LEN,
 };
 
-use crate::framing::{Head, Incoming, Outgoing, Scratch, Values};
+use crate::framing::{write_bf16_pipelined, Head, Incoming, Outgoing, Scratch, Values};
 
 use crate::tls::{self, Fingerprint};
 use crate::ClientError;
@@ -457,6 +457,11 @@ impl Client {
                 while let Some(b) = out.next_bytes() {
                     r = stream.write_all(b);
                     if r.is_err() {
+                        break;
+                    }
+                    if let Some(rest) = out.take_bf16_rest() {
+                        // A large bfloat16 payload: encoded ahead on a helper thread.
+                        r = write_bf16_pipelined(rest, |b| stream.write_all(b));
                         break;
                     }
                 }

@@ -207,6 +207,19 @@ impl<'a> Outgoing<'a> {
         Some(&self.buf)
     }
 
+    /// After the head: the rest of a large bfloat16 payload of contiguous values, taken
+    /// whole (the frame is then complete), for [`write_bf16_pipelined`]. `None` for anything
+    /// else (send it with [`Outgoing::next_bytes`]).
+    pub(crate) fn take_bf16_rest(&mut self) -> Option<&'a [f32]> {
+        let n = self.values.len();
+        if self.head_pending || self.dtype != Dtype::Bf16 || n - self.next < PIPELINE_MIN_VALUES {
+            return None;
+        }
+        let rest = &self.values.as_slice()?[self.next..];
+        self.next = n;
+        Some(rest)
+    }
+
     /// The scratch buffers, for the next frame.
     pub(crate) fn into_scratch(self) -> Scratch {
         Scratch {
@@ -214,6 +227,54 @@ impl<'a> Outgoing<'a> {
             words: self.words,
         }
     }
+}
+
+/// Payloads from this many values up are encoded on a helper thread ahead of the writes
+/// (below it the thread costs more than the overlap saves).
+pub(crate) const PIPELINE_MIN_VALUES: usize = 4 * CHUNK_VALUES;
+
+/// Chunks encoded ahead of the writer at most.
+const PIPELINE_DEPTH: usize = 3;
+
+/// Write `values` as bfloat16 wire words through `write`, [`CHUNK_VALUES`] at a time, while a
+/// scoped helper thread encodes the next chunks: the conversion (a pass over the `f32`
+/// values) overlaps the socket's copies instead of alternating with them. Stops at the first
+/// error of `write` (the helper then stops too).
+pub(crate) fn write_bf16_pipelined(
+    values: &[f32],
+    mut write: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::sync::mpsc;
+    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u16>>(PIPELINE_DEPTH);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u16>>();
+    for _ in 0..PIPELINE_DEPTH {
+        // Cannot fail: the receiver is alive.
+        let _ = free_tx.send(Vec::with_capacity(CHUNK_VALUES));
+    }
+    let chunks = values.len().div_ceil(CHUNK_VALUES);
+    std::thread::scope(move |sc| {
+        sc.spawn(move || {
+            for chunk in values.chunks(CHUNK_VALUES) {
+                // Either channel closes when the writer stopped (an error): stop too.
+                let Ok(mut buf) = free_rx.recv() else { return };
+                buf.resize(chunk.len(), 0);
+                payload::encode_bf16_words(chunk, &mut buf);
+                if full_tx.send(buf).is_err() {
+                    return;
+                }
+            }
+        });
+        for _ in 0..chunks {
+            let Ok(buf) = full_rx.recv() else {
+                // Cannot happen: the helper sends every chunk unless a channel closed.
+                return Err(std::io::Error::other("bfloat16 encoder thread stopped"));
+            };
+            write(payload::words_as_bytes(&buf))?;
+            let _ = free_tx.send(buf);
+        }
+        Ok(())
+        // Returning drops `full_rx` and `free_tx`, so the helper ends before the scope joins.
+    })
 }
 
 /// The buffers a payload is read into; call [`Incoming::buffer`], fill it whole, then
@@ -400,6 +461,82 @@ mod tests {
         // The proto crate's own decoder agrees.
         let frame = Decoder::default().decode_exact(&half).expect("decodes");
         assert_eq!(frame.payload, rounded);
+    }
+
+    /// A frame written the way the client writes it: the head, then a large bfloat16 payload
+    /// through [`write_bf16_pipelined`].
+    fn pipelined_frame_bytes(msg: &Message, values: &[f32]) -> Vec<u8> {
+        let mut out = Outgoing::new(msg, Values::Slice(values), Dtype::Bf16, Scratch::default())
+            .expect("encodes");
+        let mut bytes = Vec::new();
+        let mut pipelined = false;
+        while let Some(b) = out.next_bytes() {
+            bytes.extend_from_slice(b);
+            if let Some(rest) = out.take_bf16_rest() {
+                write_bf16_pipelined(rest, |b| {
+                    bytes.extend_from_slice(b);
+                    Ok(())
+                })
+                .expect("writes");
+                pipelined = true;
+            }
+        }
+        assert!(
+            pipelined,
+            "a payload of {} values is pipelined",
+            values.len()
+        );
+        assert_eq!(bytes.len() as u64, out.total());
+        bytes
+    }
+
+    #[test]
+    fn pipelined_bf16_payloads_are_the_same_bytes() {
+        let n = PIPELINE_MIN_VALUES + CHUNK_VALUES / 2 + 3;
+        let values: Vec<f32> = (0..n).map(|i| (i as f32).cos() * 7.0).collect();
+        let msg = Message::Push(PushMeta {
+            worker: 1,
+            attempt: 0,
+            step: 9,
+            batch_size: 8,
+            loss: 0.5,
+            val_loss: f64::NAN,
+            base_version: 4,
+        });
+        let (plain, _) = frame_bytes(&msg, Values::Slice(&values), Dtype::Bf16);
+        assert_eq!(pipelined_frame_bytes(&msg, &values), plain);
+        // Below the threshold, nothing is taken: the chunks go out through `next_bytes`.
+        let small = &values[..PIPELINE_MIN_VALUES - 1];
+        let mut out = Outgoing::new(&msg, Values::Slice(small), Dtype::Bf16, Scratch::default())
+            .expect("encodes");
+        assert!(out.next_bytes().is_some());
+        assert!(out.take_bf16_rest().is_none());
+        // Nor for f32 payloads, which go out straight from memory.
+        let mut out = Outgoing::new(&msg, Values::Slice(&values), Dtype::F32, Scratch::default())
+            .expect("encodes");
+        assert!(out.next_bytes().is_some());
+        assert!(out.take_bf16_rest().is_none());
+    }
+
+    #[test]
+    fn a_failed_pipelined_write_stops_its_helper_and_returns() {
+        let n = 6 * CHUNK_VALUES;
+        let values = vec![1.5f32; n];
+        let mut writes = 0;
+        let r = write_bf16_pipelined(&values, |_| {
+            writes += 1;
+            if writes == 2 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "peer gone",
+                ));
+            }
+            Ok(())
+        });
+        // The error comes back (and the scoped helper, blocked on a full channel, was released:
+        // this returned at all).
+        assert_eq!(r.expect_err("fails").kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(writes, 2);
     }
 
     #[test]

@@ -94,6 +94,32 @@ impl DoubleBuffer {
     }
 }
 
+/// A gradient, as a step reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum Gradient<'a> {
+    /// `f32` values.
+    F32(&'a [f32]),
+    /// bfloat16 words in wire order, as a bfloat16 push carried them: async / synchronous
+    /// steps widen them chunk by chunk as they step ([`Optimizer::step_into_bf16`]), so no
+    /// model-size `f32` copy of the gradient is made; a hogwild step widens them first.
+    Bf16(&'a [u16]),
+}
+
+impl Gradient<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(g) => g.len(),
+            Self::Bf16(w) => w.len(),
+        }
+    }
+
+    /// True for an empty gradient.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A step that was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
@@ -239,7 +265,7 @@ impl Store {
     /// `on_applied` records together, or neither. Hogwild steps hold no exclusive lock:
     /// `on_applied` runs right after the step.
     pub fn apply_then(&self, grads: &[f32], on_applied: impl FnOnce(u64)) -> u64 {
-        match self.try_apply_then(grads, |_| true, on_applied) {
+        match self.try_apply_then(Gradient::F32(grads), |_| true, on_applied) {
             Ok(a) => a.version,
             Err(v) => v,
         }
@@ -253,7 +279,7 @@ impl Store {
     /// overlaps this step. `admit` may be called more than once (hogwild, under contention).
     pub fn try_apply_then(
         &self,
-        grads: &[f32],
+        grads: Gradient<'_>,
         admit: impl Fn(u64) -> bool,
         on_applied: impl FnOnce(u64),
     ) -> Result<Applied, u64> {
@@ -275,7 +301,14 @@ impl Store {
                         Err(now) => before = now,
                     }
                 }
-                opt.step_relaxed(cells, grads);
+                match grads {
+                    Gradient::F32(g) => opt.step_relaxed(cells, g),
+                    Gradient::Bf16(w) => {
+                        let mut g = vec![0.0; w.len()];
+                        sparktorch_optim::kernel::widen_bf16(w, &mut g);
+                        opt.step_relaxed(cells, &g);
+                    }
+                }
                 let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
                 on_applied(version);
                 Ok(Applied { version, before })
@@ -291,7 +324,10 @@ impl Store {
                     // `take_spare` returns only buffers nothing else holds.
                     unreachable!("a spare buffer is shared");
                 };
-                opt.step_into(&cur.data, dst, grads);
+                match grads {
+                    Gradient::F32(g) => opt.step_into(&cur.data, dst, g),
+                    Gradient::Bf16(w) => opt.step_into_bf16(&cur.data, dst, w),
+                }
                 let cur_version = cur.version;
                 let version = cur_version + 1;
                 db.current.store(Arc::new(Snapshot {
@@ -451,9 +487,12 @@ mod tests {
         for mode in [Mode::Async, Mode::Hogwild] {
             let store = Store::new(vec![0.0; 2], sgd(2)?, mode);
             store.apply(&[1.0; 2]);
-            assert_eq!(store.try_apply_then(&[1.0; 2], |v| v < 1, |_| {}), Err(1));
             assert_eq!(
-                store.try_apply_then(&[1.0; 2], |v| v == 1, |_| {}),
+                store.try_apply_then(Gradient::F32(&[1.0; 2]), |v| v < 1, |_| {}),
+                Err(1)
+            );
+            assert_eq!(
+                store.try_apply_then(Gradient::F32(&[1.0; 2]), |v| v == 1, |_| {}),
                 Ok(Applied {
                     version: 2,
                     before: 1

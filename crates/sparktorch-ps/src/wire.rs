@@ -82,13 +82,24 @@ pub(crate) async fn read_head_after<R: AsyncRead + Unpin>(
     Ok(Some(head.message()?))
 }
 
+/// How a bfloat16 payload is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bf16Payload {
+    /// Widened to `f32` as it is read.
+    Widen,
+    /// Kept as wire words in the first half of the buffer's memory
+    /// ([`sparktorch_proto::payload::f32s_as_words`]), for a step that widens as it steps.
+    Keep,
+}
+
 /// Read the payload announced by `header` into `buf` (resized to it; the length was bounded by
-/// [`read_head`]); `chunk` is scratch for a bfloat16 payload.
+/// [`read_head`]); `chunk` is scratch for a bfloat16 payload that is widened.
 pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     header: &FrameHeader,
     buf: &mut Vec<f32>,
     chunk: &mut Vec<u16>,
+    bf16: Bf16Payload,
 ) -> Result<(), ReadError> {
     let n = header.payload_values();
     if buf.capacity() < n {
@@ -97,6 +108,13 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
         *buf = vec![0.0; n];
     } else {
         buf.resize(n, 0.0);
+    }
+    if header.dtype == Dtype::Bf16 && bf16 == Bf16Payload::Keep {
+        let words = &mut sparktorch_proto::payload::f32s_as_words_mut(buf)[..n];
+        r.read_exact(sparktorch_proto::payload::words_as_bytes_mut(words))
+            .await
+            .map_err(|e| eof_to_truncated(e, header.frame_len()))?;
+        return Ok(());
     }
     let mut rx = Incoming::new(header, buf, chunk);
     while let Some(b) = rx.buffer() {

@@ -224,8 +224,10 @@ fn max_staleness_is_refused_in_synchronous_mode() {
 
 #[test]
 fn bf16_clients_halve_the_bytes_and_the_server_keeps_f32_weights() {
-    // Larger than one conversion chunk, to cover the chunked paths; hogwild covers the cells.
-    let n = 200_003;
+    // Larger than the size from which the client encodes a bfloat16 push on a helper thread
+    // (4 conversion chunks of 256Ki values) and than the server's parallel step (256Ki), and
+    // not a multiple of a chunk, to cover the chunked paths; hogwild covers the cells.
+    let n = 1_100_003;
     let init: Vec<f32> = (0..n)
         .map(|i| (i as f32 * 0.37).sin() * 2.0 + 0.001)
         .collect();

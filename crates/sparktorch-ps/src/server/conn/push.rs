@@ -1,10 +1,12 @@
 //! `Push` and `PushPull`: the payload read whole before anything is applied; async pushes
-//! (bounded staleness included) and synchronous ones (queued in the open round).
+//! (bounded staleness included; a bfloat16 gradient kept as it came and widened as it is
+//! stepped) and synchronous ones (queued in the open round).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use sparktorch_proto::{ErrorCode, FrameHeader, Message, Mode, PushMeta};
+use sparktorch_proto::payload::f32s_as_words;
+use sparktorch_proto::{Dtype, ErrorCode, FrameHeader, Message, Mode, PushMeta};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::timeout;
 use tracing::{debug, info};
@@ -13,7 +15,8 @@ use super::{Conn, End, Refusal};
 use crate::lock;
 use crate::server::coord::eval_loss;
 use crate::server::round::Contribution;
-use crate::wire::read_payload;
+use crate::store::Gradient;
+use crate::wire::{read_payload, Bf16Payload};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// A `Push` or `PushPull`: check it, read its payload whole, apply (or queue) it, answer
@@ -59,7 +62,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 self.grads = buf;
             }
         }
-        let read = read_payload(&mut self.stream, header, &mut self.grads, &mut self.chunk);
+        // An async step widens a bfloat16 gradient as it steps (no f32 copy of it); hogwild
+        // steps and synchronous averages read f32, widened as the payload is read.
+        let keep = inner.config.mode == Mode::Async && header.dtype == Dtype::Bf16;
+        self.grads_bf16 = keep;
+        let bf16 = if keep {
+            Bf16Payload::Keep
+        } else {
+            Bf16Payload::Widen
+        };
+        let read = read_payload(
+            &mut self.stream,
+            header,
+            &mut self.grads,
+            &mut self.chunk,
+            bf16,
+        );
         match timeout(io, read).await {
             Err(_) => return Err(End::Timeout("push payload")),
             Ok(Err(e)) => return Err(self.reject(e).await),
@@ -101,14 +119,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.wait_for_starving(p.worker).await;
         }
         let grads = std::mem::take(&mut self.grads);
+        let bf16 = self.grads_bf16;
         let store_owner = inner.clone();
         let (worker, step, attempt) = (p.worker, p.step, p.attempt);
         let (grads, outcome) = tokio::task::spawn_blocking(move || {
+            let gradient = if bf16 {
+                Gradient::Bf16(&f32s_as_words(&grads)[..grads.len()])
+            } else {
+                Gradient::F32(&grads)
+            };
             // Bounded staleness is checked against the steps before this one: the version it
             // applies to (under the step lock, async), or the steps begun, this one's place
             // taken atomically (hogwild).
             let admit = |v: u64| max_staleness.is_none_or(|k| v.saturating_sub(base) <= k);
-            let r = store_owner.store.try_apply_then(&grads, admit, |_| {
+            let r = store_owner.store.try_apply_then(gradient, admit, |_| {
                 store_owner.applied(worker, step, attempt);
             });
             (grads, r)
