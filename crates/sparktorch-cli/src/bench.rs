@@ -99,23 +99,50 @@ fn process_cpu() -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// A measurement and the cores the process kept busy meanwhile.
-struct Measured<T> {
-    value: T,
-    /// CPU seconds per wall-clock second (`NaN` when unknown).
-    cores: f64,
+/// The whole machine's CPU time so far from `/proc/stat` (all CPUs, in ticks): busy (user,
+/// nice, system, irq, softirq, steal) and total (busy plus idle and iowait); `None` where it is
+/// not available. Unlike [`process_cpu`] this counts the kernel's softirq threads, which do
+/// part of loopback TCP's work outside the process.
+fn machine_cpu() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6) + get(7);
+    Some((busy, busy + get(3) + get(4)))
 }
 
-/// Run `f`, also measuring the CPU the process used meanwhile.
+/// A measurement and the CPU busy meanwhile.
+struct Measured<T> {
+    value: T,
+    /// This process: CPU seconds per wall-clock second (`NaN` when unknown).
+    cores: f64,
+    /// The whole machine: the share of all its CPUs' time that was busy (`NaN` when unknown).
+    machine: f64,
+}
+
+/// Run `f`, also measuring the CPU the process and the machine used meanwhile.
 fn with_cpu<T>(f: impl FnOnce() -> Result<T>) -> Result<Measured<T>> {
-    let (c0, t0) = (process_cpu(), Instant::now());
+    let (c0, m0, t0) = (process_cpu(), machine_cpu(), Instant::now());
     let value = f()?;
     let wall = t0.elapsed().as_secs_f64();
     let cores = match (c0, process_cpu()) {
         (Some(a), Some(b)) if wall > 0.0 => (b - a) / wall,
         _ => f64::NAN,
     };
-    Ok(Measured { value, cores })
+    let machine = match (m0, machine_cpu()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    };
+    Ok(Measured {
+        value,
+        cores,
+        machine,
+    })
 }
 
 /// One stream of raw TCP over loopback for `secs`, in bytes/s: the bandwidth ceiling. Writes
@@ -364,15 +391,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if a.tls { "TLS 1.3" } else { "plaintext" }
     );
     println!(
-        "{:<4} {:<30} {:>8} {:>13} {:>8} {:>10}",
-        "rep", "what", "ops/s", "ms/op/client", "MB/s", "CPU cores"
+        "{:<4} {:<30} {:>8} {:>13} {:>8} {:>10} {:>13}",
+        "rep", "what", "ops/s", "ms/op/client", "MB/s", "CPU cores", "machine busy"
     );
-    let row = |rep: u32, what: &str, ops: Option<f64>, ms: Option<f64>, mbs: f64, cores: f64| {
+    let row = |rep: u32, what: &str, ops: Option<f64>, ms: Option<f64>, mbs: f64, m: (f64, f64)| {
         let opt = |v: Option<f64>, prec: usize| v.map_or(String::new(), |x| format!("{x:.prec$}"));
         println!(
-            "{rep:<4} {what:<30} {:>8} {:>13} {mbs:>8.0} {cores:>10.2}",
+            "{rep:<4} {what:<30} {:>8} {:>13} {mbs:>8.0} {:>10.2} {:>12.0}%",
             opt(ops, 1),
-            opt(ms, 2)
+            opt(ms, 2),
+            m.0,
+            m.1 * 100.0
         );
     };
     let (mut streams, mut cold_streams) = (Vec::new(), Vec::new());
@@ -380,11 +409,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut stream_cores = Vec::new();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
     let mut cores: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    let mut machine: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
     let raw_secs = a.seconds.min(3.0);
     for rep in 1..=a.reps {
         if a.loopback {
             let m = with_cpu(|| raw_stream(raw_secs, RAW_CHUNK))?;
-            row(rep, "raw stream", None, None, m.value / 1e6, m.cores);
+            row(
+                rep,
+                "raw stream",
+                None,
+                None,
+                m.value / 1e6,
+                (m.cores, m.machine),
+            );
             streams.push(m.value);
             stream_cores.push(m.cores);
             let m = with_cpu(|| raw_stream(raw_secs, tensor_bytes))?;
@@ -394,7 +431,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 None,
                 None,
                 m.value / 1e6,
-                m.cores,
+                (m.cores, m.machine),
             );
             cold_streams.push(m.value);
             for (echo, what, out) in [
@@ -409,7 +446,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     Some(rate),
                     Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
                     rate * 2.0 * mb,
-                    m.cores,
+                    (m.cores, m.machine),
                 );
                 out.push(rate);
             }
@@ -424,10 +461,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 Some(rate),
                 Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
                 rate * per_op_mb,
-                m.cores,
+                (m.cores, m.machine),
             );
             rates[i].push(rate);
             cores[i].push(m.cores);
+            machine[i].push(m.machine);
         }
     }
     println!("medians over {} repetition(s):", a.reps);
@@ -464,14 +502,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    for ((op, r), c) in ops.iter().zip(rates.iter_mut()).zip(cores.iter_mut()) {
-        let rate = median(r);
+    for (i, op) in ops.iter().enumerate() {
+        let rate = median(&mut rates[i]);
         let ms = 1e3 * f64::from(a.clients) / rate.max(1e-9);
         let per_op_mb = if op == "push_pull" { 2.0 * mb } else { mb };
         print!(
-            "  {op:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({:.2} CPU cores)",
+            "  {op:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({:.2} CPU cores, machine {:.0}% busy)",
             rate * per_op_mb,
-            median(c)
+            median(&mut cores[i]),
+            100.0 * median(&mut machine[i])
         );
         if a.loopback && op == "push_pull" {
             // The time of one push+pull (one client: its latency; several: the aggregate's
@@ -490,6 +529,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         println!();
     }
+    let st = server.stats();
+    println!(
+        "server: {} steps, {} model-size buffers allocated by steps (every recycled one still being sent)",
+        st.updates, st.store_allocations
+    );
     let _ = stop_tx.send(());
     rt.block_on(task)??;
     Ok(())
