@@ -54,6 +54,14 @@ impl<'a> Values<'a> {
         }
     }
 
+    /// The values as bfloat16 wire words already, when the snapshot carries them.
+    fn as_bf16_words(self) -> Option<&'a [u16]> {
+        match self {
+            Self::View(ParamsView::Shared(s)) => s.bf16.as_deref().map(Vec::as_slice),
+            _ => None,
+        }
+    }
+
     /// Encode values `[start, start + dst.len() / dtype.size())` as `dtype` into `dst`: from
     /// the slice, or loading each hogwild cell once, straight into the wire bytes.
     fn encode_range(&self, start: usize, dtype: Dtype, dst: &mut [u8]) {
@@ -193,6 +201,14 @@ impl<'a> Outgoing<'a> {
                     self.next = n;
                     return Some(b);
                 }
+            }
+        }
+        if self.dtype == Dtype::Bf16 {
+            if let Some(words) = self.values.as_bf16_words() {
+                // The step wrote this version's bfloat16 copy: sent as it is.
+                let rest = &words[self.next..];
+                self.next = n;
+                return Some(payload::words_as_bytes(rest));
             }
         }
         let m = CHUNK_VALUES.min(n - self.next);

@@ -16,8 +16,12 @@
 //!   a new one (counted in [`Store::allocations`]; at most the number of versions ever being
 //!   sent at once, never one per step). Memory: two copies of the model, plus one per version
 //!   that slow pulls hold at the same time.
+//! - **bfloat16 copies** (async / synchronous): once a client pulls bfloat16, each step also
+//!   writes the bfloat16 words of the version it produces (a parallel pass over the values just
+//!   written), recycled like the values; bfloat16 pulls send them as they are, and no pull
+//!   converts anything. Memory: half the model more per version.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
@@ -42,7 +46,14 @@ pub struct Snapshot {
     pub version: u64,
     /// The values.
     pub data: Arc<Vec<f32>>,
+    /// The same values as bfloat16 wire words, written by the step that produced them once
+    /// bfloat16 pulls were seen ([`Store::want_bf16`]): such pulls then send these bytes as they
+    /// are, converting nothing.
+    pub bf16: Option<Arc<Vec<u16>>>,
 }
+
+/// Values a step's bfloat16 pass converts per parallel chunk.
+const BF16_PASS_CHUNK: usize = 1 << 16;
 
 /// Async / synchronous storage: the published snapshot and the buffers to step into.
 struct DoubleBuffer {
@@ -51,6 +62,8 @@ struct DoubleBuffer {
     /// Retired buffers. Taken only by steps (which are serialised by the optimizer's write
     /// lock), so this lock is never contended by pulls.
     spares: Mutex<Vec<Arc<Vec<f32>>>>,
+    /// Retired bfloat16 copies, recycled the same way.
+    bf16_spares: Mutex<Vec<Arc<Vec<u16>>>>,
     /// Buffers allocated after construction because every spare was still held by a pull.
     allocations: AtomicU64,
 }
@@ -62,36 +75,64 @@ impl DoubleBuffer {
             current: ArcSwap::from_pointee(Snapshot {
                 version,
                 data: Arc::new(params),
+                bf16: None,
             }),
             spares: Mutex::new(vec![spare]),
+            bf16_spares: Mutex::new(Vec::new()),
             allocations: AtomicU64::new(0),
         }
     }
 
     /// A buffer no pull holds (its contents are overwritten by the step).
     fn take_spare(&self, len: usize) -> Arc<Vec<f32>> {
-        let mut spares = lock(&self.spares);
-        if let Some(i) = spares.iter().position(|b| Arc::strong_count(b) == 1) {
-            return spares.swap_remove(i);
-        }
-        drop(spares);
-        self.allocations.fetch_add(1, Ordering::Relaxed);
-        Arc::new(vec![0.0; len])
+        take_free(&self.spares, len, &self.allocations)
     }
 
-    /// Keep `buf` (just retired) for a later step. Buffers still held by pulls are kept (so
-    /// that a step allocates only when more versions are being sent at once than ever
-    /// before); of the free ones, at most [`MAX_FREE_SPARES`].
-    fn retire(&self, buf: Arc<Vec<f32>>) {
-        let mut spares = lock(&self.spares);
-        spares.push(buf);
-        let mut free = 0;
-        spares.retain(|b| {
-            let held = Arc::strong_count(b) > 1;
-            free += usize::from(!held);
-            held || free <= MAX_FREE_SPARES
-        });
+    /// Keep a retired version's buffers for later steps. Buffers still held by pulls are kept
+    /// (so that a step allocates only when more versions are being sent at once than ever
+    /// before); of the free ones, at most [`MAX_FREE_SPARES`] of each kind.
+    fn retire(&self, data: Arc<Vec<f32>>, bf16: Option<Arc<Vec<u16>>>) {
+        keep_spare(&self.spares, data);
+        if let Some(words) = bf16 {
+            keep_spare(&self.bf16_spares, words);
+        }
     }
+}
+
+/// A buffer of `len` values from `spares` that nothing else holds, else a new one (counted).
+fn take_free<T: Clone + Default>(
+    spares: &Mutex<Vec<Arc<Vec<T>>>>,
+    len: usize,
+    allocations: &AtomicU64,
+) -> Arc<Vec<T>> {
+    let mut spares = lock(spares);
+    if let Some(i) = spares.iter().position(|b| Arc::strong_count(b) == 1) {
+        return spares.swap_remove(i);
+    }
+    drop(spares);
+    allocations.fetch_add(1, Ordering::Relaxed);
+    Arc::new(vec![T::default(); len])
+}
+
+/// Keep a retired `buf`: held ones always, free ones up to [`MAX_FREE_SPARES`].
+fn keep_spare<T>(spares: &Mutex<Vec<Arc<Vec<T>>>>, buf: Arc<Vec<T>>) {
+    let mut spares = lock(spares);
+    spares.push(buf);
+    let mut free = 0;
+    spares.retain(|b| {
+        let held = Arc::strong_count(b) > 1;
+        free += usize::from(!held);
+        held || free <= MAX_FREE_SPARES
+    });
+}
+
+/// Encode `values` as bfloat16 wire words into `words` (same length), in parallel chunks.
+fn encode_bf16_parallel(values: &[f32], words: &mut [u16]) {
+    use rayon::prelude::*;
+    values
+        .par_chunks(BF16_PASS_CHUNK)
+        .zip(words.par_chunks_mut(BF16_PASS_CHUNK))
+        .for_each(|(v, w)| sparktorch_proto::payload::encode_bf16_words(v, w));
 }
 
 /// A gradient, as a step reads it.
@@ -150,6 +191,9 @@ pub struct Store {
     /// Hogwild: steps begun (admitted), `>= version`; a step's staleness is counted against it
     /// so that concurrent steps in flight count too.
     started: AtomicU64,
+    /// Async / synchronous: a bfloat16 pull was seen, so every step also writes the bfloat16
+    /// copy of the version it produces ([`Snapshot::bf16`]).
+    bf16_wanted: AtomicBool,
     /// Number of elements.
     len: usize,
 }
@@ -226,6 +270,7 @@ impl Store {
             optimizer: RwLock::new(optimizer),
             version: AtomicU64::new(version),
             started: AtomicU64::new(version),
+            bf16_wanted: AtomicBool::new(false),
             len,
         }
     }
@@ -245,8 +290,9 @@ impl Store {
         self.version.load(Ordering::Acquire)
     }
 
-    /// Model-size buffers allocated by steps since the store was built (async / synchronous:
-    /// only when every recycled buffer was still held by a pull; hogwild: always 0).
+    /// Model-size buffers allocated by steps since the store was built, values and bfloat16
+    /// copies alike (async / synchronous: only when every recycled buffer was still held by a
+    /// pull, and for the first bfloat16 copies; hogwild: always 0).
     pub fn allocations(&self) -> u64 {
         match &self.values {
             Values::Atomic(_) => 0,
@@ -328,18 +374,29 @@ impl Store {
                     Gradient::F32(g) => opt.step_into(&cur.data, dst, g),
                     Gradient::Bf16(w) => opt.step_into_bf16(&cur.data, dst, w),
                 }
+                // The bfloat16 copy, while the new values are still warm in cache, and only
+                // once bfloat16 pulls were seen.
+                let bf16 = self.bf16_wanted.load(Ordering::Relaxed).then(|| {
+                    let mut words = take_free(&db.bf16_spares, self.len, &db.allocations);
+                    let Some(w) = Arc::get_mut(&mut words) else {
+                        unreachable!("a spare buffer is shared");
+                    };
+                    encode_bf16_parallel(&next, w);
+                    words
+                });
                 let cur_version = cur.version;
                 let version = cur_version + 1;
                 db.current.store(Arc::new(Snapshot {
                     version,
                     data: next,
+                    bf16,
                 }));
                 self.version.store(version, Ordering::Release);
                 on_applied(version);
                 drop(opt);
-                let retired = cur.data.clone();
+                let (data, bf16) = (cur.data.clone(), cur.bf16.clone());
                 drop(cur);
-                db.retire(retired);
+                db.retire(data, bf16);
                 Ok(Applied {
                     version,
                     before: cur_version,
@@ -383,6 +440,16 @@ impl Store {
                 cells,
             },
             Values::Locked(db) => ParamsView::Shared(db.current.load_full()),
+        }
+    }
+
+    /// Say that a client pulls bfloat16: from the next step on (async / synchronous), each
+    /// version is also kept as bfloat16 words, written once by the step that produces it,
+    /// instead of being converted by every pull that sends it. Costs one more buffer of half
+    /// the model's size per version held. No effect in hogwild mode (pulls read the live cells).
+    pub fn want_bf16(&self) {
+        if matches!(self.values, Values::Locked(_)) {
+            self.bf16_wanted.store(true, Ordering::Relaxed);
         }
     }
 
@@ -500,6 +567,52 @@ mod tests {
             );
             assert_eq!(store.snapshot(), (2, vec![-2.0; 2]));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn once_bf16_is_wanted_each_step_writes_its_versions_bf16_copy(
+    ) -> Result<(), sparktorch_optim::OptimError> {
+        use sparktorch_proto::payload::encode_bf16_words;
+        let n = 3 * BF16_PASS_CHUNK + 5;
+        let init: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let store = Store::new(init, sgd(n)?, Mode::Async);
+        store.apply(&vec![0.001; n]);
+        let ParamsView::Shared(before) = store.view() else {
+            unreachable!("async mode shares snapshots");
+        };
+        assert!(before.bf16.is_none(), "no copy before a bf16 pull");
+        store.want_bf16();
+        let grads: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            store.apply(&grads);
+            let ParamsView::Shared(snap) = store.view() else {
+                unreachable!("async mode shares snapshots");
+            };
+            let mut want = vec![0u16; n];
+            encode_bf16_words(&snap.data, &mut want);
+            assert_eq!(snap.bf16.as_deref(), Some(&want), "v{}", snap.version);
+            // Held twice, like a slow pull: its copy must survive the next steps.
+            if held.len() < 2 {
+                held.push((snap.clone(), want));
+            }
+        }
+        for (snap, want) in &held {
+            assert_eq!(snap.bf16.as_deref(), Some(want), "held v{}", snap.version);
+        }
+        // Copies are recycled like the values: a few buffers for 6 steps, not one per step.
+        let allocated = store.allocations();
+        drop(held);
+        for _ in 0..20 {
+            store.apply(&grads);
+        }
+        assert_eq!(store.allocations(), allocated, "no allocation per step");
+        // Hogwild stores ignore it (pulls read the live cells).
+        let cells = Store::new(vec![0.0; 4], sgd(4)?, Mode::Hogwild);
+        cells.want_bf16();
+        cells.apply(&[1.0; 4]);
+        assert_eq!(cells.snapshot(), (1, vec![-1.0; 4]));
         Ok(())
     }
 

@@ -276,6 +276,10 @@ fn bf16_clients_halve_the_bytes_and_the_server_keeps_f32_weights() {
             .collect();
         assert_eq!(master, want, "{mode}");
         assert!(master.iter().any(|v| round(*v) != *v), "{mode}: f32 kept");
+        // The PushPull's bf16 answer is the rounding of the new master weights (async and
+        // synchronous: the bfloat16 copy the step wrote, since the first pull asked for bf16).
+        let want_half: Vec<f32> = want.iter().map(|v| round(*v)).collect();
+        assert_eq!(out, want_half, "{mode}: bf16 answer");
         // An f32 client on the same server reads the master weights exactly.
         half.close();
         let mut full = client_as(&r, 0, Dtype::F32);
