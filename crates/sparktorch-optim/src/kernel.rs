@@ -190,8 +190,8 @@ pub(crate) enum Source<'a> {
 }
 
 /// The gradients a step reads.
-#[derive(Clone, Copy)]
-pub(crate) enum Grads<'a> {
+#[derive(Debug, Clone, Copy)]
+pub enum Grads<'a> {
     /// `f32` values.
     F32(&'a [f32]),
     /// bfloat16 words in wire order (little-endian), as a push carried them: widened to `f32`
@@ -200,14 +200,63 @@ pub(crate) enum Grads<'a> {
     Bf16(&'a [u16]),
 }
 
+impl Grads<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(g) => g.len(),
+            Self::Bf16(w) => w.len(),
+        }
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A second output of a step: each chunk of new values, narrowed by `encode` into the matching
+/// chunk of `out` (same length as the values) right after the step wrote it, while it is still
+/// in cache: what a store does to keep a bfloat16 copy of every version without a second pass
+/// over the model.
+pub struct Narrowed<'a> {
+    /// One word per value.
+    pub out: &'a mut [u16],
+    /// Writes `values`' words into `out` (same length).
+    pub encode: fn(&[f32], &mut [u16]),
+}
+
 /// Elements widened at a time from bfloat16 (256 KiB of `f32`: in a core's L2 cache).
 pub(crate) const WIDEN_BLOCK: usize = 1 << 16;
 
-/// Widen bfloat16 words in wire order into `out` (same length); exact.
+/// Widen bfloat16 words in wire order into `out` (same length); exact. With AVX2 where the
+/// CPU has it (chosen at run time; the same shifts, so the same values).
 pub fn widen_bf16(words: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { widen_bf16_avx2(words, out) };
+        return;
+    }
+    widen_bf16_portable(words, out);
+}
+
+/// [`widen_bf16`] for any CPU.
+#[inline(always)]
+fn widen_bf16_portable(words: &[u16], out: &mut [f32]) {
     for (o, w) in out.iter_mut().zip(words) {
         *o = f32::from_bits(u32::from(u16::from_le(*w)) << 16);
     }
+}
+
+/// [`widen_bf16`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(words: &[u16], out: &mut [f32]) {
+    widen_bf16_portable(words, out);
 }
 
 thread_local! {
@@ -297,6 +346,7 @@ pub(crate) struct Exclusive<'a> {
     pub(crate) grads: Grads<'a>,
     pub(crate) bufs: Vec<&'a mut [f32]>,
     pub(crate) par: Parallelism,
+    pub(crate) narrowed: Option<Narrowed<'a>>,
 }
 
 impl Driver for Exclusive<'_> {
@@ -313,20 +363,22 @@ impl Driver for Exclusive<'_> {
             Source::InPlace => None,
             Source::From(s) => Some(s),
         };
+        let narrowed = self.narrowed;
         match self.grads {
-            Grads::F32(g) => exclusive(src, self.params, g, bufs, self.par, &f),
-            Grads::Bf16(w) => exclusive(src, self.params, w, bufs, self.par, &f),
+            Grads::F32(g) => exclusive(src, self.params, g, bufs, narrowed, self.par, &f),
+            Grads::Bf16(w) => exclusive(src, self.params, w, bufs, narrowed, self.par, &f),
         }
     }
 }
 
 /// One chunk of an exclusive step: its source values (when not in place), parameters,
-/// gradients and state buffers.
+/// gradients, state buffers and narrowed copy (when one is written).
 type Job<'a, const N: usize, G> = (
     Option<&'a [f32]>,
     &'a mut [f32],
     &'a [G],
     [&'a mut [f32]; N],
+    Option<&'a mut [u16]>,
 );
 
 /// One exclusive step over `params` (from `src` when given) with gradients of element type
@@ -338,37 +390,51 @@ fn exclusive<const N: usize, F, G: GradElem>(
     params: &mut [f32],
     grads: &[G],
     bufs: [&mut [f32]; N],
+    narrowed: Option<Narrowed<'_>>,
     par: Parallelism,
     f: &F,
 ) where
     F: Fn(f32, f32, [f32; N]) -> (f32, [f32; N]) + Sync,
 {
+    let (out, encode) = match narrowed {
+        Some(Narrowed { out, encode }) => (Some(out), Some(encode)),
+        None => (None, None),
+    };
     let parallel = par.chunk_for(params.len());
     let c = match parallel {
-        None if G::DIRECT || params.len() <= WIDEN_BLOCK => {
-            return G::as_f32(grads, |g| chunk(src, params, g, bufs, f));
+        None if (G::DIRECT && out.is_none()) || params.len() <= WIDEN_BLOCK => {
+            G::as_f32(grads, |g| chunk(src, params, g, bufs, f));
+            if let (Some(out), Some(encode)) = (out, encode) {
+                encode(params, out);
+            }
+            return;
         }
         None => WIDEN_BLOCK,
-        Some(c) if G::DIRECT => c,
+        Some(c) if G::DIRECT && out.is_none() => c,
         Some(c) => c.min(WIDEN_BLOCK),
     };
     let mut its = bufs.map(|b| b.chunks_mut(c));
     let mut srcs = src.map(|s| s.chunks(c));
+    let mut outs = out.map(|o| o.chunks_mut(c));
     let jobs: Vec<_> = params
         .chunks_mut(c)
         .zip(grads.chunks(c))
         .map(|(pc, gc)| {
-            // Every buffer (and the source) has params' length (checked in
-            // `Elementwise::step`), so each iterator yields a chunk here; the empty default is
-            // never used.
+            // Every buffer (and the source, and the narrowed copy) has params' length (checked
+            // in `Elementwise::step_into_with`), so each iterator yields a chunk here; the
+            // empty default is never used.
             let bc: [&mut [f32]; N] = its.each_mut().map(|it| it.next().unwrap_or_default());
             let sc = srcs.as_mut().map(|it| it.next().unwrap_or_default());
-            (sc, pc, gc, bc)
+            let oc = outs.as_mut().map(|it| it.next().unwrap_or_default());
+            (sc, pc, gc, bc, oc)
         })
         .collect();
     let run = |job: Job<'_, N, G>| {
-        let (sc, pc, gc, bc) = job;
-        G::as_f32(gc, |g| chunk(sc, pc, g, bc, f));
+        let (sc, pc, gc, bc, oc) = job;
+        G::as_f32(gc, |g| chunk(sc, &mut *pc, g, bc, f));
+        if let (Some(oc), Some(encode)) = (oc, encode) {
+            encode(pc, oc);
+        }
     };
     if parallel.is_some() {
         jobs.into_par_iter().for_each(run);
@@ -462,7 +528,13 @@ impl<A: Algorithm> Elementwise<A> {
     }
 
     /// One exclusive step writing `params`, reading them from `source`.
-    fn step_exclusive(&mut self, params: &mut [f32], source: Source<'_>, grads: Grads<'_>) {
+    fn step_exclusive(
+        &mut self,
+        params: &mut [f32],
+        source: Source<'_>,
+        grads: Grads<'_>,
+        narrowed: Option<Narrowed<'_>>,
+    ) {
         let st = self
             .scalars
             .get_mut()
@@ -481,6 +553,7 @@ impl<A: Algorithm> Elementwise<A> {
                 grads,
                 bufs,
                 par: self.par,
+                narrowed,
             },
         );
     }
@@ -512,19 +585,28 @@ impl<A: Algorithm> Optimizer for Elementwise<A> {
 
     fn step(&mut self, params: &mut [f32], grads: &[f32]) {
         self.check_lengths(params.len(), grads.len());
-        self.step_exclusive(params, Source::InPlace, Grads::F32(grads));
+        self.step_exclusive(params, Source::InPlace, Grads::F32(grads), None);
     }
 
     fn step_into(&mut self, src: &[f32], dst: &mut [f32], grads: &[f32]) {
         self.check_lengths(dst.len(), grads.len());
         self.check_lengths(src.len(), grads.len());
-        self.step_exclusive(dst, Source::From(src), Grads::F32(grads));
+        self.step_exclusive(dst, Source::From(src), Grads::F32(grads), None);
     }
 
-    fn step_into_bf16(&mut self, src: &[f32], dst: &mut [f32], grads: &[u16]) {
+    fn step_into_with(
+        &mut self,
+        src: &[f32],
+        dst: &mut [f32],
+        grads: Grads<'_>,
+        narrowed: Option<Narrowed<'_>>,
+    ) {
         self.check_lengths(dst.len(), grads.len());
         self.check_lengths(src.len(), grads.len());
-        self.step_exclusive(dst, Source::From(src), Grads::Bf16(grads));
+        if let Some(n) = &narrowed {
+            self.check_lengths(n.out.len(), grads.len());
+        }
+        self.step_exclusive(dst, Source::From(src), grads, narrowed);
     }
 
     fn step_relaxed(&self, params: &[AtomicF32], grads: &[f32]) {

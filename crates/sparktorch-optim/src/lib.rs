@@ -32,7 +32,7 @@ pub use adaptive::{Adadelta, AdadeltaAlgo, Adagrad, AdagradAlgo, RmsProp, RmsPro
 pub use atomic::AtomicF32;
 pub use error::OptimError;
 pub use hyper::{HyperValue, Hyperparameters};
-pub use kernel::{Elementwise, Parallelism};
+pub use kernel::{Elementwise, Grads, Narrowed, Parallelism};
 pub use model_buffers::{with_model_buffers, WithModelBuffers};
 pub use sgd::{Sgd, SgdAlgo};
 
@@ -89,15 +89,31 @@ pub trait Optimizer: Send + Sync {
         self.step(dst, grads);
     }
 
-    /// [`Self::step_into`] with the gradients as bfloat16 words in wire order (little-endian),
-    /// as a bfloat16 push carries them. Widening bfloat16 is exact, so the result is
-    /// bit-identical to widening `grads` to `f32` and calling `step_into`, which is the default
-    /// implementation (it allocates the widened copy); the element-wise optimizers widen
-    /// chunk by chunk as they step instead.
-    fn step_into_bf16(&mut self, src: &[f32], dst: &mut [f32], grads: &[u16]) {
-        let mut wide = vec![0.0; grads.len()];
-        kernel::widen_bf16(grads, &mut wide);
-        self.step_into(src, dst, &wide);
+    /// [`Self::step_into`], generalised: the gradients may be bfloat16 words in wire order
+    /// ([`Grads::Bf16`], as a bfloat16 push carries them), and the step may also write the new
+    /// values narrowed ([`Narrowed`], e.g. a bfloat16 copy for pulls). Widening bfloat16 is
+    /// exact, so the values and state are bit-identical to widening `grads` to `f32`, calling
+    /// `step_into`, then narrowing `dst` whole, which is the default implementation (it
+    /// allocates the widened copy); the element-wise optimizers widen and narrow chunk by
+    /// chunk as they step instead.
+    fn step_into_with(
+        &mut self,
+        src: &[f32],
+        dst: &mut [f32],
+        grads: Grads<'_>,
+        narrowed: Option<Narrowed<'_>>,
+    ) {
+        match grads {
+            Grads::F32(g) => self.step_into(src, dst, g),
+            Grads::Bf16(w) => {
+                let mut wide = vec![0.0; w.len()];
+                kernel::widen_bf16(w, &mut wide);
+                self.step_into(src, dst, &wide);
+            }
+        }
+        if let Some(Narrowed { out, encode }) = narrowed {
+            encode(dst, out);
+        }
     }
 
     /// One step that may run concurrently with other `step_relaxed` calls (HOGWILD!).

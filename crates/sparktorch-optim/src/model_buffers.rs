@@ -16,7 +16,7 @@
 //! A buffer the model never changes gets a zero delta: `x + 0.0` is `x` exactly.
 
 use crate::atomic::AtomicF32;
-use crate::{Hyperparameters, OptimError, Optimizer, OptimizerState, Parallelism};
+use crate::{Grads, Hyperparameters, Narrowed, OptimError, Optimizer, OptimizerState, Parallelism};
 
 /// An optimizer for the first `inner.len()` elements whose tail of `buffers` elements is
 /// updated by adding the pushed values.
@@ -82,14 +82,45 @@ impl Optimizer for WithModelBuffers {
         }
     }
 
-    fn step_into_bf16(&mut self, src: &[f32], dst: &mut [f32], grads: &[u16]) {
+    fn step_into_with(
+        &mut self,
+        src: &[f32],
+        dst: &mut [f32],
+        grads: Grads<'_>,
+        narrowed: Option<Narrowed<'_>>,
+    ) {
         let n = self.inner.len();
         let (head, tail) = dst.split_at_mut(n);
-        self.inner.step_into_bf16(&src[..n], head, &grads[..n]);
-        let mut delta = [0.0f32; 1];
-        for ((b, s), d) in tail.iter_mut().zip(&src[n..]).zip(&grads[n..]) {
-            crate::kernel::widen_bf16(std::slice::from_ref(d), &mut delta);
-            *b = *s + delta[0];
+        let (inner_out, tail_out) = match narrowed {
+            Some(Narrowed { out, encode }) => {
+                let (a, b) = out.split_at_mut(n);
+                (Some(Narrowed { out: a, encode }), Some((b, encode)))
+            }
+            None => (None, None),
+        };
+        let (inner_grads, tail_grads) = match grads {
+            Grads::F32(g) => (Grads::F32(&g[..n]), Grads::F32(&g[n..])),
+            Grads::Bf16(w) => (Grads::Bf16(&w[..n]), Grads::Bf16(&w[n..])),
+        };
+        self.inner
+            .step_into_with(&src[..n], head, inner_grads, inner_out);
+        // The model's buffers (running statistics): the pushed delta added, widened if need be.
+        match tail_grads {
+            Grads::F32(g) => {
+                for ((b, s), d) in tail.iter_mut().zip(&src[n..]).zip(g) {
+                    *b = *s + *d;
+                }
+            }
+            Grads::Bf16(w) => {
+                let mut d = vec![0.0; w.len()];
+                crate::kernel::widen_bf16(w, &mut d);
+                for ((b, s), d) in tail.iter_mut().zip(&src[n..]).zip(&d) {
+                    *b = *s + *d;
+                }
+            }
+        }
+        if let Some((out, encode)) = tail_out {
+            encode(tail, out);
         }
     }
 

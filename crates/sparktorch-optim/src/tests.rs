@@ -228,7 +228,7 @@ fn relaxed_equals_exclusive_and_parallel_equals_sequential() {
 }
 
 #[test]
-fn bf16_gradients_step_as_their_widened_f32() {
+fn bf16_gradients_step_as_their_widened_f32_and_the_narrowed_copy_is_the_new_values() {
     // Longer than two widening blocks and not a multiple of one; sequential (blocks on this
     // thread), parallel in chunks smaller and larger than a block, and the model-buffer tail.
     let n = 2 * crate::kernel::WIDEN_BLOCK + 1234;
@@ -269,7 +269,25 @@ fn bf16_gradients_step_as_their_widened_f32() {
                     .map(|w| f32::from_bits(u32::from(u16::from_le(*w)) << 16))
                     .collect();
                 wide.step_into(&cur_w, &mut next_w, &g);
-                narrow.step_into_bf16(&cur_n, &mut next_n, &words);
+                // Also narrowed as it steps (here: the top 16 bits, a stand-in encoding).
+                fn top_bits(v: &[f32], out: &mut [u16]) {
+                    for (o, v) in out.iter_mut().zip(v) {
+                        *o = (v.to_bits() >> 16) as u16;
+                    }
+                }
+                let mut copy = vec![0u16; n];
+                narrow.step_into_with(
+                    &cur_n,
+                    &mut next_n,
+                    crate::Grads::Bf16(&words),
+                    Some(crate::Narrowed {
+                        out: &mut copy,
+                        encode: top_bits,
+                    }),
+                );
+                let mut want = vec![1u16; n];
+                top_bits(&next_n, &mut want);
+                assert_eq!(copy, want, "{name} {par:?}: narrowed copy");
                 std::mem::swap(&mut cur_w, &mut next_w);
                 std::mem::swap(&mut cur_n, &mut next_n);
             }

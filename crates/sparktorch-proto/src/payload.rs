@@ -112,19 +112,66 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
-/// Encode `values` as bfloat16 words in wire order (little-endian) into `out` (same length):
-/// a loop the compiler vectorises; [`words_as_bytes`] then gives the wire bytes.
+/// Encode `values` as bfloat16 words in wire order (little-endian) into `out` (same length);
+/// [`words_as_bytes`] then gives the wire bytes. A loop the compiler vectorises: with AVX2
+/// where the CPU has it (chosen at run time; the same integer operations, so the same words),
+/// which halves its time on data in cache.
 pub fn encode_bf16_words(values: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { encode_bf16_words_avx2(values, out) };
+        return;
+    }
+    encode_bf16_words_portable(values, out);
+}
+
+/// [`encode_bf16_words`] for any CPU.
+#[inline(always)]
+fn encode_bf16_words_portable(values: &[f32], out: &mut [u16]) {
     for (o, v) in out.iter_mut().zip(values) {
         *o = f32_to_bf16(*v).to_le();
     }
 }
 
-/// Widen bfloat16 words in wire order into `out` (same length).
+/// [`encode_bf16_words`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn encode_bf16_words_avx2(values: &[f32], out: &mut [u16]) {
+    encode_bf16_words_portable(values, out);
+}
+
+/// Widen bfloat16 words in wire order into `out` (same length); with AVX2 where the CPU has
+/// it, as [`encode_bf16_words`].
 pub fn decode_bf16_words(words: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        unsafe { decode_bf16_words_avx2(words, out) };
+        return;
+    }
+    decode_bf16_words_portable(words, out);
+}
+
+/// [`decode_bf16_words`] for any CPU.
+#[inline(always)]
+fn decode_bf16_words_portable(words: &[u16], out: &mut [f32]) {
     for (o, w) in out.iter_mut().zip(words) {
         *o = bf16_to_f32(u16::from_le(*w));
     }
+}
+
+/// [`decode_bf16_words`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_bf16_words_avx2(words: &[u16], out: &mut [f32]) {
+    decode_bf16_words_portable(words, out);
 }
 
 /// The bytes of `words` (wire order when they were written by [`encode_bf16_words`]).
@@ -227,6 +274,50 @@ mod tests {
         assert_eq!(again, back);
         assert_eq!(&back[..2], &v[..2]);
         assert!((back[2] - 0.1).abs() < 1e-3);
+    }
+
+    #[test]
+    fn every_build_of_the_word_conversions_gives_the_same_words() {
+        // Ties, NaNs of every payload and sign, infinities, subnormals, both zeros, and a
+        // sweep of ordinary values; lengths that leave vector remainders.
+        let mut v: Vec<f32> = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0xffff_ffff),
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x0000_0001),
+            f32::from_bits(0x8000_8000),
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::MAX,
+        ]
+        .to_vec();
+        v.extend((0..10_007).map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761))));
+        let mut portable = vec![0u16; v.len()];
+        encode_bf16_words_portable(&v, &mut portable);
+        let mut dispatched = vec![0u16; v.len()];
+        encode_bf16_words(&v, &mut dispatched);
+        assert_eq!(portable, dispatched);
+        let mut wide_portable = vec![0f32; v.len()];
+        decode_bf16_words_portable(&portable, &mut wide_portable);
+        let mut wide = vec![0f32; v.len()];
+        decode_bf16_words(&portable, &mut wide);
+        let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide_portable), bits(&wide));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut avx2 = vec![0u16; v.len()];
+            // SAFETY: AVX2 is available (checked just above).
+            unsafe { encode_bf16_words_avx2(&v, &mut avx2) };
+            assert_eq!(portable, avx2);
+            let mut wide_avx2 = vec![0f32; v.len()];
+            // SAFETY: as above.
+            unsafe { decode_bf16_words_avx2(&portable, &mut wide_avx2) };
+            assert_eq!(bits(&wide_portable), bits(&wide_avx2));
+        }
     }
 
     #[test]

@@ -17,15 +17,15 @@
 //!   sent at once, never one per step). Memory: two copies of the model, plus one per version
 //!   that slow pulls hold at the same time.
 //! - **bfloat16 copies** (async / synchronous): once a client pulls bfloat16, each step also
-//!   writes the bfloat16 words of the version it produces (a parallel pass over the values just
-//!   written), recycled like the values; bfloat16 pulls send them as they are, and no pull
+//!   writes the bfloat16 words of the version it produces (each chunk narrowed right after it
+//!   is stepped, while in cache), recycled like the values; bfloat16 pulls send them as they are, and no pull
 //!   converts anything. Memory: half the model more per version.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
-use sparktorch_optim::{AtomicF32, Optimizer, OptimizerState};
+use sparktorch_optim::{AtomicF32, Grads, Narrowed, Optimizer, OptimizerState};
 use sparktorch_proto::Mode;
 
 use crate::{lock, read, write};
@@ -51,9 +51,6 @@ pub struct Snapshot {
     /// are, converting nothing.
     pub bf16: Option<Arc<Vec<u16>>>,
 }
-
-/// Values a step's bfloat16 pass converts per parallel chunk.
-const BF16_PASS_CHUNK: usize = 1 << 16;
 
 /// Async / synchronous storage: the published snapshot and the buffers to step into.
 struct DoubleBuffer {
@@ -124,41 +121,6 @@ fn keep_spare<T>(spares: &Mutex<Vec<Arc<Vec<T>>>>, buf: Arc<Vec<T>>) {
         free += usize::from(!held);
         held || free <= MAX_FREE_SPARES
     });
-}
-
-/// Encode `values` as bfloat16 wire words into `words` (same length), in parallel chunks.
-fn encode_bf16_parallel(values: &[f32], words: &mut [u16]) {
-    use rayon::prelude::*;
-    values
-        .par_chunks(BF16_PASS_CHUNK)
-        .zip(words.par_chunks_mut(BF16_PASS_CHUNK))
-        .for_each(|(v, w)| sparktorch_proto::payload::encode_bf16_words(v, w));
-}
-
-/// A gradient, as a step reads it.
-#[derive(Debug, Clone, Copy)]
-pub enum Gradient<'a> {
-    /// `f32` values.
-    F32(&'a [f32]),
-    /// bfloat16 words in wire order, as a bfloat16 push carried them: async / synchronous
-    /// steps widen them chunk by chunk as they step ([`Optimizer::step_into_bf16`]), so no
-    /// model-size `f32` copy of the gradient is made; a hogwild step widens them first.
-    Bf16(&'a [u16]),
-}
-
-impl Gradient<'_> {
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            Self::F32(g) => g.len(),
-            Self::Bf16(w) => w.len(),
-        }
-    }
-
-    /// True for an empty gradient.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A step that was applied.
@@ -311,7 +273,7 @@ impl Store {
     /// `on_applied` records together, or neither. Hogwild steps hold no exclusive lock:
     /// `on_applied` runs right after the step.
     pub fn apply_then(&self, grads: &[f32], on_applied: impl FnOnce(u64)) -> u64 {
-        match self.try_apply_then(Gradient::F32(grads), |_| true, on_applied) {
+        match self.try_apply_then(Grads::F32(grads), |_| true, on_applied) {
             Ok(a) => a.version,
             Err(v) => v,
         }
@@ -325,7 +287,7 @@ impl Store {
     /// overlaps this step. `admit` may be called more than once (hogwild, under contention).
     pub fn try_apply_then(
         &self,
-        grads: Gradient<'_>,
+        grads: Grads<'_>,
         admit: impl Fn(u64) -> bool,
         on_applied: impl FnOnce(u64),
     ) -> Result<Applied, u64> {
@@ -348,8 +310,8 @@ impl Store {
                     }
                 }
                 match grads {
-                    Gradient::F32(g) => opt.step_relaxed(cells, g),
-                    Gradient::Bf16(w) => {
+                    Grads::F32(g) => opt.step_relaxed(cells, g),
+                    Grads::Bf16(w) => {
                         let mut g = vec![0.0; w.len()];
                         sparktorch_optim::kernel::widen_bf16(w, &mut g);
                         opt.step_relaxed(cells, &g);
@@ -370,20 +332,22 @@ impl Store {
                     // `take_spare` returns only buffers nothing else holds.
                     unreachable!("a spare buffer is shared");
                 };
-                match grads {
-                    Gradient::F32(g) => opt.step_into(&cur.data, dst, g),
-                    Gradient::Bf16(w) => opt.step_into_bf16(&cur.data, dst, w),
-                }
-                // The bfloat16 copy, while the new values are still warm in cache, and only
-                // once bfloat16 pulls were seen.
-                let bf16 = self.bf16_wanted.load(Ordering::Relaxed).then(|| {
-                    let mut words = take_free(&db.bf16_spares, self.len, &db.allocations);
-                    let Some(w) = Arc::get_mut(&mut words) else {
+                // Once bfloat16 pulls were seen, the step also writes the new version's
+                // bfloat16 copy, chunk by chunk while the values are in cache.
+                let mut bf16 = self
+                    .bf16_wanted
+                    .load(Ordering::Relaxed)
+                    .then(|| take_free(&db.bf16_spares, self.len, &db.allocations));
+                let narrowed = bf16.as_mut().map(|words| {
+                    let Some(out) = Arc::get_mut(words) else {
                         unreachable!("a spare buffer is shared");
                     };
-                    encode_bf16_parallel(&next, w);
-                    words
+                    Narrowed {
+                        out,
+                        encode: sparktorch_proto::payload::encode_bf16_words,
+                    }
                 });
+                opt.step_into_with(&cur.data, dst, grads, narrowed);
                 let cur_version = cur.version;
                 let version = cur_version + 1;
                 db.current.store(Arc::new(Snapshot {
@@ -555,11 +519,11 @@ mod tests {
             let store = Store::new(vec![0.0; 2], sgd(2)?, mode);
             store.apply(&[1.0; 2]);
             assert_eq!(
-                store.try_apply_then(Gradient::F32(&[1.0; 2]), |v| v < 1, |_| {}),
+                store.try_apply_then(Grads::F32(&[1.0; 2]), |v| v < 1, |_| {}),
                 Err(1)
             );
             assert_eq!(
-                store.try_apply_then(Gradient::F32(&[1.0; 2]), |v| v == 1, |_| {}),
+                store.try_apply_then(Grads::F32(&[1.0; 2]), |v| v == 1, |_| {}),
                 Ok(Applied {
                     version: 2,
                     before: 1
@@ -574,7 +538,7 @@ mod tests {
     fn once_bf16_is_wanted_each_step_writes_its_versions_bf16_copy(
     ) -> Result<(), sparktorch_optim::OptimError> {
         use sparktorch_proto::payload::encode_bf16_words;
-        let n = 3 * BF16_PASS_CHUNK + 5;
+        let n = 3 * (1 << 16) + 5;
         let init: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let store = Store::new(init, sgd(n)?, Mode::Async);
         store.apply(&vec![0.001; n]);

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use sparktorch_optim::Grads;
 use sparktorch_proto::payload::f32s_as_words;
 use sparktorch_proto::{Dtype, ErrorCode, FrameHeader, Message, Mode, PushMeta};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -15,7 +16,6 @@ use super::{Conn, End, Refusal};
 use crate::lock;
 use crate::server::coord::eval_loss;
 use crate::server::round::Contribution;
-use crate::store::Gradient;
 use crate::wire::{read_payload, Bf16Payload};
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -124,9 +124,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let (worker, step, attempt) = (p.worker, p.step, p.attempt);
         let (grads, outcome) = tokio::task::spawn_blocking(move || {
             let gradient = if bf16 {
-                Gradient::Bf16(&f32s_as_words(&grads)[..grads.len()])
+                Grads::Bf16(&f32s_as_words(&grads)[..grads.len()])
             } else {
-                Gradient::F32(&grads)
+                Grads::F32(&grads)
             };
             // Bounded staleness is checked against the steps before this one: the version it
             // applies to (under the step lock, async), or the steps begun, this one's place
