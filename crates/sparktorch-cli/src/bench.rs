@@ -56,7 +56,8 @@ pub struct BenchArgs {
     /// Clients and server speak TLS (a fresh key pair, the certificate pinned).
     #[arg(long)]
     tls: bool,
-    /// Element type of tensors on the wire: float32 | bfloat16.
+    /// Element type of tensors on the wire: float32 | bfloat16 | both (every repetition
+    /// measures each operation in float32, then in bfloat16, and the paired ratios are printed).
     #[arg(long, default_value = "float32")]
     dtype: String,
     /// Repetitions (baselines and operations alternate); medians are reported.
@@ -328,8 +329,13 @@ fn median(v: &mut [f64]) -> f64 {
 /// Measure and print.
 pub fn run(a: BenchArgs) -> Result<()> {
     let mode = parse_mode(&a.mode)?;
-    let Some(dtype) = Dtype::parse(&a.dtype) else {
-        bail!("--dtype must be float32 or bfloat16, got {:?}", a.dtype);
+    let dtypes = match Dtype::parse(&a.dtype) {
+        Some(d) => vec![d],
+        None if a.dtype == "both" => vec![Dtype::F32, Dtype::Bf16],
+        None => bail!(
+            "--dtype must be float32, bfloat16 or both, got {:?}",
+            a.dtype
+        ),
     };
     if a.clients == 0 || a.params == 0 || a.reps == 0 {
         bail!("--clients, --params and --reps must be > 0");
@@ -358,33 +364,64 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let options = ClientOptions {
         server_fingerprint: config.tls.as_ref().map(|t| t.fingerprint()),
-        dtype,
         ..ClientOptions::default()
     };
+    // Every operation in every dtype, in this order within each repetition.
+    let cases: Vec<(String, Dtype)> = ops
+        .iter()
+        .flat_map(|op| dtypes.iter().map(move |d| (op.clone(), *d)))
+        .collect();
+    let case_name = |(op, d): &(String, Dtype)| {
+        if dtypes.len() > 1 {
+            format!("{op} {}", d.as_str())
+        } else {
+            op.clone()
+        }
+    };
     let hyper = vec![("lr".to_string(), HyperValue::Float(1e-9))];
-    let opt = sparktorch_optim::build("SGD", &hyper, a.params)?;
-    let server = Server::new(random_init(a.params, 1), vec![], opt, config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let port = listener.local_addr()?.port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let s = server.clone();
-    let task = rt.spawn(async move {
-        s.run(listener, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    // One server per dtype (a server that has seen bfloat16 pulls writes a bfloat16 copy of
+    // every version, which float32 clients would pay for); all in one runtime, one busy at a
+    // time.
+    let mut servers = Vec::new();
+    for _ in &dtypes {
+        let opt = sparktorch_optim::build("SGD", &hyper, a.params)?;
+        let server = Server::new(random_init(a.params, 1), vec![], opt, config.clone())?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let port = listener.local_addr()?.port();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let s = server.clone();
+        let task = rt.spawn(async move {
+            s.run(listener, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        servers.push((server, port, stop_tx, task));
+    }
+    let port_of = |d: Dtype| {
+        let i = dtypes.iter().position(|x| *x == d).unwrap_or(0);
+        servers[i].1
+    };
     let tensor_bytes = a.params * 4;
     let mb = tensor_bytes as f64 / 1e6;
-    let wire_mb = (a.params * dtype.size()) as f64 / 1e6;
+    let wire: Vec<String> = dtypes
+        .iter()
+        .map(|d| {
+            format!(
+                "{:.1} MB as {}",
+                (a.params * d.size()) as f64 / 1e6,
+                d.as_str()
+            )
+        })
+        .collect();
     println!(
-        "params={} ({mb:.1} MB/tensor as f32, {wire_mb:.1} MB on the wire as {}) clients={} \
+        "params={} ({mb:.1} MB/tensor as f32; on the wire {}) clients={} \
          mode={mode} seconds/op={} reps={} transport={}",
         a.params,
-        dtype.as_str(),
+        wire.join(", "),
         a.clients,
         a.seconds,
         a.reps,
@@ -407,9 +444,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let (mut streams, mut cold_streams) = (Vec::new(), Vec::new());
     let (mut exchanges, mut duplexes) = (Vec::new(), Vec::new());
     let mut stream_cores = Vec::new();
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
-    let mut cores: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
-    let mut machine: Vec<Vec<f64>> = vec![Vec::new(); ops.len()];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut cores: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut machine: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let raw_secs = a.seconds.min(3.0);
     for rep in 1..=a.reps {
         if a.loopback {
@@ -451,13 +488,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 out.push(rate);
             }
         }
-        for (i, op) in ops.iter().enumerate() {
+        for (i, case) in cases.iter().enumerate() {
+            let (op, dtype) = (&case.0, case.1);
+            let options = ClientOptions { dtype, ..options };
+            let port = port_of(dtype);
             let m = with_cpu(|| measure(op, &a, port, &secret, options))?;
             let rate = m.value;
             let per_op_mb = if op == "push_pull" { 2.0 * mb } else { mb };
             row(
                 rep,
-                op,
+                &case_name(case),
                 Some(rate),
                 Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
                 rate * per_op_mb,
@@ -502,12 +542,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    for (i, op) in ops.iter().enumerate() {
+    // Paired bfloat16 / float32 time ratios per operation (same repetition), before the
+    // medians below sort the rates.
+    let paired: Vec<(String, Vec<f64>)> = if dtypes.len() > 1 {
+        ops.iter()
+            .enumerate()
+            .map(|(k, op)| {
+                let (f, b) = (&rates[2 * k], &rates[2 * k + 1]);
+                (op.clone(), f.iter().zip(b).map(|(f, b)| f / b).collect())
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (i, case) in cases.iter().enumerate() {
+        let op = &case.0;
+        let name = case_name(case);
         let rate = median(&mut rates[i]);
         let ms = 1e3 * f64::from(a.clients) / rate.max(1e-9);
         let per_op_mb = if op == "push_pull" { 2.0 * mb } else { mb };
         print!(
-            "  {op:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({:.2} CPU cores, machine {:.0}% busy)",
+            "  {name:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({:.2} CPU cores, machine {:.0}% busy)",
             rate * per_op_mb,
             median(&mut cores[i]),
             100.0 * median(&mut machine[i])
@@ -529,12 +584,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         println!();
     }
-    let st = server.stats();
-    println!(
-        "server: {} steps, {} model-size buffers allocated by steps (every recycled one still being sent)",
-        st.updates, st.store_allocations
-    );
-    let _ = stop_tx.send(());
-    rt.block_on(task)??;
+    for (op, mut ratios) in paired {
+        let all: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "  {op}: bfloat16 takes {:.2}x the float32 time (median of the repetitions' pairs: {})",
+            median(&mut ratios),
+            all.join(", ")
+        );
+    }
+    for (d, (server, _, stop_tx, task)) in dtypes.iter().zip(servers) {
+        let st = server.stats();
+        println!(
+            "server ({}): {} steps, {} model-size buffers allocated by steps (every recycled one \
+             still being sent)",
+            d.as_str(),
+            st.updates,
+            st.store_allocations
+        );
+        let _ = stop_tx.send(());
+        rt.block_on(task)??;
+    }
     Ok(())
 }
