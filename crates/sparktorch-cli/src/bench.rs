@@ -595,8 +595,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for (d, (server, _, stop_tx, task)) in dtypes.iter().zip(servers) {
         let st = server.stats();
         println!(
-            "server ({}): {} steps, {} model-size buffers allocated by steps (every recycled one \
-             still being sent)",
+            "server ({}): {} steps, {} model-size buffers allocated by steps (the first \
+             bfloat16 copies, and whenever every recycled buffer was still being sent)",
             d.as_str(),
             st.updates,
             st.store_allocations

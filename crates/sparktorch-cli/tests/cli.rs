@@ -40,8 +40,10 @@ fn bench_runs_every_op_over_loopback() {
         "push ",
         "pull ",
         "push_pull ",
-        "raw stream",
+        "raw stream ",
+        "raw stream, model-sized buffers",
         "raw push+pull exchange",
+        "raw full-duplex exchange",
     ] {
         assert!(
             medians.lines().any(|l| l.trim_start().starts_with(op)),
@@ -50,9 +52,84 @@ fn bench_runs_every_op_over_loopback() {
     }
     assert!(medians.contains("x the raw exchange's time"), "{stdout}");
     assert!(
-        stdout.contains("0.0 MB on the wire as bfloat16"),
+        medians.contains("x the raw full-duplex exchange's"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("on the wire 0.0 MB as bfloat16"),
+        "{stdout}"
+    );
+    // Every measured line says how busy the CPU was (process cores, machine share).
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("1    push_pull"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(row.trim_end().ends_with('%'), "{row}");
+}
+
+#[test]
+fn bench_compares_float32_and_bfloat16_in_pairs() {
+    let out = bin()
+        .args([
+            "bench",
+            "--params",
+            "1000",
+            "--seconds",
+            "0.2",
+            "--reps",
+            "3",
+            "--ops",
+            "pull,push_pull",
+            "--dtype",
+            "both",
+        ])
+        .env("SPARKTORCH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for case in [
+        "pull float32",
+        "pull bfloat16",
+        "push_pull float32",
+        "push_pull bfloat16",
+    ] {
+        assert_eq!(
+            stdout
+                .lines()
+                .filter(|l| l.get(5..).is_some_and(|r| r.starts_with(case)))
+                .count(),
+            3,
+            "{case}: one row per repetition\n{stdout}"
+        );
+    }
+    for op in ["pull", "push_pull"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{op}: bfloat16 takes")))
+            .unwrap_or_else(|| panic!("{op}\n{stdout}"));
+        let pairs = line.split("pairs: ").nth(1).unwrap_or_default();
+        assert_eq!(pairs.split(", ").count(), 3, "{line}");
+    }
+    // One server per dtype, each of which stepped (push_pull).
+    for d in ["float32", "bfloat16"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("server ({d}): ")))
+            .unwrap_or_else(|| panic!("{d}\n{stdout}"));
+        assert!(!line.contains(": 0 steps"), "{line}");
+    }
+    assert!(bin()
+        .args(["bench", "--params", "10", "--dtype", "float16"])
+        .output()
+        .unwrap()
+        .stderr
+        .windows(5)
+        .any(|w| w == b"both,"));
 }
 
 #[test]

@@ -89,6 +89,23 @@ impl Optimizer for WithModelBuffers {
         grads: Grads<'_>,
         narrowed: Option<Narrowed<'_>>,
     ) {
+        let len = self.len();
+        assert!(
+            src.len() == len && dst.len() == len && grads.len() == len,
+            "{}: src ({}), dst ({}) and grads ({}) must all have the optimizer's length ({len})",
+            self.name(),
+            src.len(),
+            dst.len(),
+            grads.len()
+        );
+        if let Some(n) = &narrowed {
+            assert_eq!(
+                n.out.len(),
+                len,
+                "{}: the narrowed copy's length",
+                self.name()
+            );
+        }
         let n = self.inner.len();
         let (head, tail) = dst.split_at_mut(n);
         let (inner_out, tail_out) = match narrowed {

@@ -227,86 +227,122 @@ fn relaxed_equals_exclusive_and_parallel_equals_sequential() {
     }
 }
 
+/// Stand-in narrowing for the tests (the top 16 bits; the real one rounds, in the proto crate).
+fn top_bits(v: &[f32], out: &mut [u16]) {
+    for (o, v) in out.iter_mut().zip(v) {
+        *o = (v.to_bits() >> 16) as u16;
+    }
+}
+
 #[test]
-fn bf16_gradients_step_as_their_widened_f32_and_the_narrowed_copy_is_the_new_values() {
-    // Longer than two widening blocks and not a multiple of one; sequential (blocks on this
-    // thread), parallel in chunks smaller and larger than a block, and the model-buffer tail.
-    let n = 2 * crate::kernel::WIDEN_BLOCK + 1234;
-    let pars = [
-        Parallelism::SEQUENTIAL,
-        Parallelism {
-            min_len: 1,
-            chunk_len: 5000,
-        },
-        Parallelism::default(),
-        Parallelism {
-            min_len: 1,
-            chunk_len: 1 << 20,
-        },
-    ];
-    for (name, hp) in configs() {
-        for par in pars {
-            let mut wide = crate::with_model_buffers(build(name, &hp, n - 3).expect("builds"), 3);
-            let mut narrow = crate::with_model_buffers(build(name, &hp, n - 3).expect("builds"), 3);
-            wide.set_parallelism(par);
-            narrow.set_parallelism(par);
-            let (mut cur_w, mut next_w) = (data(n, 1), vec![f32::NAN; n]);
-            let (mut cur_n, mut next_n) = (cur_w.clone(), vec![f32::NAN; n]);
-            for s in 0..4 {
-                // bfloat16 words in wire order (one in every 97 a NaN's, one a subnormal's).
-                let words: Vec<u16> = data(n, 200 + s)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| match i % 97 {
-                        0 => 0x7fc1,
-                        1 => 0x0001,
-                        _ => (v.to_bits() >> 16) as u16,
-                    })
-                    .map(u16::to_le)
-                    .collect();
-                let g: Vec<f32> = words
-                    .iter()
-                    .map(|w| f32::from_bits(u32::from(u16::from_le(*w)) << 16))
-                    .collect();
-                wide.step_into(&cur_w, &mut next_w, &g);
-                // Also narrowed as it steps (here: the top 16 bits, a stand-in encoding).
-                fn top_bits(v: &[f32], out: &mut [u16]) {
-                    for (o, v) in out.iter_mut().zip(v) {
-                        *o = (v.to_bits() >> 16) as u16;
+fn step_into_with_equals_widening_first_then_narrowing_every_path() {
+    use crate::kernel::WIDEN_BLOCK;
+    use crate::{Grads, Narrowed};
+    // Run on an explicit 2-thread pool, so the parallel paths run in parallel on any machine.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a rayon pool");
+    pool.install(|| {
+        assert_eq!(rayon::current_num_threads(), 2);
+        let pars = [
+            Parallelism::SEQUENTIAL,
+            // Parallel, chunks smaller than a widening block.
+            Parallelism {
+                min_len: 1,
+                chunk_len: 5000,
+            },
+            // Parallel, chunks larger than a block (capped to one when widening or narrowing).
+            Parallelism {
+                min_len: 1,
+                chunk_len: 3 * WIDEN_BLOCK / 2,
+            },
+            Parallelism::default(),
+        ];
+        // A model within one block (the direct path) and one over several, not a multiple of
+        // a block and above the default parallel threshold; both with a model-buffer tail.
+        for n in [1_000, 4 * WIDEN_BLOCK + 1234] {
+            for (name, hp) in configs() {
+                for par in pars {
+                    for bf16 in [false, true] {
+                        for narrow in [false, true] {
+                            check_step_into_with(name, &hp, n, par, bf16, narrow);
+                        }
                     }
                 }
-                let mut copy = vec![0u16; n];
-                narrow.step_into_with(
-                    &cur_n,
-                    &mut next_n,
-                    crate::Grads::Bf16(&words),
-                    Some(crate::Narrowed {
-                        out: &mut copy,
-                        encode: top_bits,
-                    }),
-                );
-                let mut want = vec![1u16; n];
-                top_bits(&next_n, &mut want);
-                assert_eq!(copy, want, "{name} {par:?}: narrowed copy");
-                std::mem::swap(&mut cur_w, &mut next_w);
-                std::mem::swap(&mut cur_n, &mut next_n);
             }
-            assert_eq!(bits(&cur_w), bits(&cur_n), "{name} {par:?}: values");
-            // Bit for bit (the NaN gradients leave NaNs in some states).
-            let state_bits = |st: crate::OptimizerState| {
-                let bufs: Vec<(String, Vec<u32>)> = st
-                    .buffers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), bits(v)))
-                    .collect();
-                (st.step, st.scalars, bufs)
-            };
-            assert_eq!(
-                state_bits(wide.export_state()),
-                state_bits(narrow.export_state()),
-                "{name} {par:?}: state"
-            );
         }
+    });
+
+    fn check_step_into_with(
+        name: &str,
+        hp: &Hyperparameters,
+        n: usize,
+        par: Parallelism,
+        bf16: bool,
+        narrow: bool,
+    ) {
+        let what = format!("{name} n={n} {par:?} bf16={bf16} narrowed={narrow}");
+        let build_one = || {
+            let mut o = crate::with_model_buffers(build(name, hp, n - 3).expect("builds"), 3);
+            o.set_parallelism(par);
+            o
+        };
+        let (mut reference, mut tested) = (build_one(), build_one());
+        let (mut cur_r, mut next_r) = (data(n, 1), vec![f32::NAN; n]);
+        let (mut cur_t, mut next_t) = (cur_r.clone(), vec![f32::NAN; n]);
+        for s in 0..3 {
+            // bfloat16 words in wire order (one in every 97 a NaN's, one a subnormal's).
+            let words: Vec<u16> = data(n, 200 + s)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % 97 {
+                    0 => 0x7fc1,
+                    1 => 0x0001,
+                    _ => (v.to_bits() >> 16) as u16,
+                })
+                .map(u16::to_le)
+                .collect();
+            let widened: Vec<f32> = words
+                .iter()
+                .map(|w| f32::from_bits(u32::from(u16::from_le(*w)) << 16))
+                .collect();
+            let f32_grads = data(n, 300 + s);
+            let (g_ref, grads) = if bf16 {
+                (widened.as_slice(), Grads::Bf16(&words))
+            } else {
+                (f32_grads.as_slice(), Grads::F32(&f32_grads))
+            };
+            reference.step_into(&cur_r, &mut next_r, g_ref);
+            let mut copy = vec![0u16; n];
+            let narrowed = narrow.then(|| Narrowed {
+                out: &mut copy,
+                encode: top_bits,
+            });
+            tested.step_into_with(&cur_t, &mut next_t, grads, narrowed);
+            if narrow {
+                let mut want = vec![1u16; n];
+                top_bits(&next_r, &mut want);
+                assert_eq!(copy, want, "{what}: narrowed copy");
+            }
+            std::mem::swap(&mut cur_r, &mut next_r);
+            std::mem::swap(&mut cur_t, &mut next_t);
+        }
+        assert_eq!(bits(&cur_r), bits(&cur_t), "{what}: values");
+        // Bit for bit (the NaN gradients leave NaNs in some states).
+        let state_bits = |st: crate::OptimizerState| {
+            let bufs: Vec<(String, Vec<u32>)> = st
+                .buffers
+                .iter()
+                .map(|(k, v)| (k.clone(), bits(v)))
+                .collect();
+            (st.step, st.scalars, bufs)
+        };
+        assert_eq!(
+            state_bits(reference.export_state()),
+            state_bits(tested.export_state()),
+            "{what}: state"
+        );
     }
 }
 

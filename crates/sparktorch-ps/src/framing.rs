@@ -4,9 +4,11 @@
 //!
 //! - [`Outgoing`]: a frame as a sequence of byte slices. A small frame is one slice (one TCP
 //!   segment); a large `f32` payload that is already contiguous goes out straight from its
-//!   memory (no copy); anything else (hogwild cells, bfloat16) is converted chunk by chunk,
-//!   so no model-size copy is ever made and each conversion step is short (a tokio worker is
-//!   never blocked for long).
+//!   memory (no copy), and so does a snapshot's bfloat16 copy (written by the step that made
+//!   the snapshot); anything else (hogwild cells, other bfloat16) is converted chunk by chunk,
+//!   so no model-size conversion buffer is made and each conversion step is short (a tokio
+//!   worker is never blocked for long). The client hands a large bfloat16 push to
+//!   [`write_bf16_pipelined`] instead, which converts it a few chunks ahead on a helper thread.
 //! - [`Incoming`]: the buffers a payload is read into: straight into the destination `f32`
 //!   slice, or through a chunk buffer that is widened from bfloat16.
 //! - [`Head`]: the header and meta buffer of a frame being read.
@@ -20,9 +22,9 @@ use sparktorch_proto::{
 use crate::store::ParamsView;
 
 /// Values converted per chunk (1 MiB of `f32`, 512 KiB as bfloat16): small enough to stay in
-/// a core's L2 cache and to keep each conversion short (about 0.1 ms), large enough that a
-/// chunk is one efficient write and few wake-ups. With 64Ki values a 25M bfloat16 pull took
-/// 20.5 ms on the 2-vCPU machine, with 256Ki 16.1 ms, with 1Mi 15.9 ms (docs/benchmarks.md).
+/// a core's L2 cache and to keep each conversion short (0.1–0.3 ms), large enough that a
+/// chunk is one efficient write and few wake-ups (docs/benchmarks.md, "bfloat16 on the hot
+/// path": 64Ki values made a 25M bfloat16 pull 20.5 ms, 256Ki 16.1 ms, 1Mi 15.9 ms).
 pub(crate) const CHUNK_VALUES: usize = 256 * 1024;
 
 /// Frames whose whole encoding is at most this many bytes go out as one slice.
@@ -54,10 +56,15 @@ impl<'a> Values<'a> {
         }
     }
 
-    /// The values as bfloat16 wire words already, when the snapshot carries them.
+    /// The values as bfloat16 wire words already, when the snapshot carries them (one word
+    /// per value: anything else is ignored and the values are converted).
     fn as_bf16_words(self) -> Option<&'a [u16]> {
         match self {
-            Self::View(ParamsView::Shared(s)) => s.bf16.as_deref().map(Vec::as_slice),
+            Self::View(ParamsView::Shared(s)) => s
+                .bf16
+                .as_deref()
+                .map(Vec::as_slice)
+                .filter(|w| w.len() == s.data.len()),
             _ => None,
         }
     }
@@ -224,8 +231,9 @@ impl<'a> Outgoing<'a> {
     }
 
     /// After the head: the rest of a large bfloat16 payload of contiguous values, taken
-    /// whole (the frame is then complete), for [`write_bf16_pipelined`]. `None` for anything
-    /// else (send it with [`Outgoing::next_bytes`]).
+    /// whole, for [`write_bf16_pipelined`]. This `Outgoing` then counts the frame as complete:
+    /// the caller must write all of it, or drop the connection (a frame cut short cannot be
+    /// resumed). `None` for anything else (send it with [`Outgoing::next_bytes`]).
     pub(crate) fn take_bf16_rest(&mut self) -> Option<&'a [f32]> {
         let n = self.values.len();
         if self.head_pending || self.dtype != Dtype::Bf16 || n - self.next < PIPELINE_MIN_VALUES {
@@ -269,17 +277,29 @@ pub(crate) fn write_bf16_pipelined(
     }
     let chunks = values.len().div_ceil(CHUNK_VALUES);
     std::thread::scope(move |sc| {
-        sc.spawn(move || {
-            for chunk in values.chunks(CHUNK_VALUES) {
-                // Either channel closes when the writer stopped (an error): stop too.
-                let Ok(mut buf) = free_rx.recv() else { return };
-                buf.resize(chunk.len(), 0);
-                payload::encode_bf16_words(chunk, &mut buf);
-                if full_tx.send(buf).is_err() {
-                    return;
+        let helper = std::thread::Builder::new()
+            .name("sparktorch-bf16-encode".into())
+            .spawn_scoped(sc, move || {
+                for chunk in values.chunks(CHUNK_VALUES) {
+                    // Either channel closes when the writer stopped (an error): stop too.
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    buf.resize(chunk.len(), 0);
+                    payload::encode_bf16_words(chunk, &mut buf);
+                    if full_tx.send(buf).is_err() {
+                        return;
+                    }
                 }
+            });
+        if helper.is_err() {
+            // No thread to be had (a process at its limit): encode on this one.
+            let mut buf = vec![0u16; CHUNK_VALUES.min(values.len())];
+            for chunk in values.chunks(CHUNK_VALUES) {
+                let words = &mut buf[..chunk.len()];
+                payload::encode_bf16_words(chunk, words);
+                write(payload::words_as_bytes(words))?;
             }
-        });
+            return Ok(());
+        }
         for _ in 0..chunks {
             let Ok(buf) = full_rx.recv() else {
                 // Cannot happen: the helper sends every chunk unless a channel closed.
@@ -532,6 +552,45 @@ mod tests {
             .expect("encodes");
         assert!(out.next_bytes().is_some());
         assert!(out.take_bf16_rest().is_none());
+    }
+
+    #[test]
+    fn a_snapshots_bf16_copy_is_sent_as_it_is() {
+        use crate::store::Snapshot;
+        use std::sync::Arc;
+        let n = 2 * CHUNK_VALUES + 11;
+        let values: Vec<f32> = (0..n).map(|i| (i % 256) as f32 - 128.0).collect();
+        // A copy that is *not* what converting the values would give: what goes out must be
+        // these words (one write), not a conversion.
+        let words: Vec<u16> = (0..n).map(|i| (i % 65_521) as u16).collect();
+        let snap = Arc::new(Snapshot {
+            version: 3,
+            data: Arc::new(values.clone()),
+            bf16: Some(Arc::new(words.clone())),
+        });
+        let view = ParamsView::Shared(snap.clone());
+        let msg = Message::Params {
+            version: 3,
+            should_stop: false,
+        };
+        let (bytes, pieces) = frame_bytes(&msg, Values::View(&view), Dtype::Bf16);
+        assert_eq!(pieces, 2, "the head, then the copy in one piece");
+        assert_eq!(
+            &bytes[bytes.len() - 2 * n..],
+            payload::words_as_bytes(&words)
+        );
+        // Without a copy the values are converted, chunk by chunk.
+        let plain = ParamsView::Shared(Arc::new(Snapshot {
+            bf16: None,
+            ..(*snap).clone()
+        }));
+        let (converted, pieces) = frame_bytes(&msg, Values::View(&plain), Dtype::Bf16);
+        assert_eq!(pieces, 1 + 3);
+        let (_, widened) = read_back(&converted, n);
+        assert_eq!(widened, values, "these values are exact in bfloat16");
+        // And float32 pulls ignore the copy.
+        let (f32_bytes, _) = frame_bytes(&msg, Values::View(&view), Dtype::F32);
+        assert_eq!(read_back(&f32_bytes, n).1, values);
     }
 
     #[test]

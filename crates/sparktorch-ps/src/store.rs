@@ -16,12 +16,14 @@
 //!   a new one (counted in [`Store::allocations`]; at most the number of versions ever being
 //!   sent at once, never one per step). Memory: two copies of the model, plus one per version
 //!   that slow pulls hold at the same time.
-//! - **bfloat16 copies** (async / synchronous): once a client pulls bfloat16, each step also
-//!   writes the bfloat16 words of the version it produces (each chunk narrowed right after it
-//!   is stepped, while in cache), recycled like the values; bfloat16 pulls send them as they are, and no pull
-//!   converts anything. Memory: half the model more per version.
+//! - **bfloat16 copies** (async / synchronous): while clients pull bfloat16 (within the last
+//!   [`BF16_COPY_WINDOW`] versions), each step also writes the bfloat16 words of the version it
+//!   produces (each chunk narrowed right after it is stepped, while in cache), recycled like
+//!   the values; bfloat16 pulls send them as they are. Only a pull of a version stepped without
+//!   a copy (before the first bfloat16 pull, or after a lapse) converts. Memory: half the model
+//!   more per version.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use arc_swap::ArcSwap;
@@ -33,6 +35,10 @@ use crate::{lock, read, write};
 /// Names and shapes of the tensors packed back to back in the flat buffer
 /// (`named_parameters()` order), kept for checkpoints.
 pub type Layout = Vec<(String, Vec<usize>)>;
+
+/// Steps after the last bfloat16 pull that still write the bfloat16 copy of their version
+/// ([`Store::note_bf16_pull`]).
+pub const BF16_COPY_WINDOW: u64 = 64;
 
 /// Free retired buffers kept for reuse (buffers that pulls still hold are always kept: they
 /// become free when those pulls end). Enough for a handful of pulls overlapping the steps
@@ -46,9 +52,9 @@ pub struct Snapshot {
     pub version: u64,
     /// The values.
     pub data: Arc<Vec<f32>>,
-    /// The same values as bfloat16 wire words, written by the step that produced them once
-    /// bfloat16 pulls were seen ([`Store::want_bf16`]): such pulls then send these bytes as they
-    /// are, converting nothing.
+    /// The same values as bfloat16 wire words, written by the step that produced them while
+    /// clients pull bfloat16 ([`Store::note_bf16_pull`]): such pulls then send these bytes as
+    /// they are, converting nothing.
     pub bf16: Option<Arc<Vec<u16>>>,
 }
 
@@ -104,7 +110,9 @@ fn take_free<T: Clone + Default>(
 ) -> Arc<Vec<T>> {
     let mut spares = lock(spares);
     if let Some(i) = spares.iter().position(|b| Arc::strong_count(b) == 1) {
-        return spares.swap_remove(i);
+        let buf = spares.swap_remove(i);
+        debug_assert_eq!(buf.len(), len, "a recycled buffer of another length");
+        return buf;
     }
     drop(spares);
     allocations.fetch_add(1, Ordering::Relaxed);
@@ -153,9 +161,10 @@ pub struct Store {
     /// Hogwild: steps begun (admitted), `>= version`; a step's staleness is counted against it
     /// so that concurrent steps in flight count too.
     started: AtomicU64,
-    /// Async / synchronous: a bfloat16 pull was seen, so every step also writes the bfloat16
-    /// copy of the version it produces ([`Snapshot::bf16`]).
-    bf16_wanted: AtomicBool,
+    /// Async / synchronous: 1 + the version current at the last bfloat16 pull (0: none yet).
+    /// Steps within [`BF16_COPY_WINDOW`] versions of it also write the bfloat16 copy of the
+    /// version they produce ([`Snapshot::bf16`]).
+    bf16_pulled_at: AtomicU64,
     /// Number of elements.
     len: usize,
 }
@@ -232,7 +241,7 @@ impl Store {
             optimizer: RwLock::new(optimizer),
             version: AtomicU64::new(version),
             started: AtomicU64::new(version),
-            bf16_wanted: AtomicBool::new(false),
+            bf16_pulled_at: AtomicU64::new(0),
             len,
         }
     }
@@ -311,6 +320,8 @@ impl Store {
                 }
                 match grads {
                     Grads::F32(g) => opt.step_relaxed(cells, g),
+                    // The server widens hogwild pushes as it reads them; this path (a widened
+                    // model-size copy per step) serves other callers of the API only.
                     Grads::Bf16(w) => {
                         let mut g = vec![0.0; w.len()];
                         sparktorch_optim::kernel::widen_bf16(w, &mut g);
@@ -332,11 +343,10 @@ impl Store {
                     // `take_spare` returns only buffers nothing else holds.
                     unreachable!("a spare buffer is shared");
                 };
-                // Once bfloat16 pulls were seen, the step also writes the new version's
-                // bfloat16 copy, chunk by chunk while the values are in cache.
+                // While clients pull bfloat16, the step also writes the new version's bfloat16
+                // copy, chunk by chunk while the values are in cache.
                 let mut bf16 = self
-                    .bf16_wanted
-                    .load(Ordering::Relaxed)
+                    .bf16_copy_wanted(cur.version)
                     .then(|| take_free(&db.bf16_spares, self.len, &db.allocations));
                 let narrowed = bf16.as_mut().map(|words| {
                     let Some(out) = Arc::get_mut(words) else {
@@ -407,13 +417,26 @@ impl Store {
         }
     }
 
-    /// Say that a client pulls bfloat16: from the next step on (async / synchronous), each
-    /// version is also kept as bfloat16 words, written once by the step that produces it,
-    /// instead of being converted by every pull that sends it. Costs one more buffer of half
-    /// the model's size per version held. No effect in hogwild mode (pulls read the live cells).
-    pub fn want_bf16(&self) {
+    /// Note a bfloat16 pull: the next [`BF16_COPY_WINDOW`] steps (async / synchronous) also
+    /// keep the version they produce as bfloat16 words, written once by the step, instead of
+    /// having every pull that sends it convert it. While clients pull bfloat16 (every worker of
+    /// a `psDtype='bfloat16'` fit does, every step) that never lapses; once they stop (say a
+    /// monitoring client that pulled once), the copies stop after the window. Costs one more
+    /// buffer of half the model's size per version held. No effect in hogwild mode (pulls read
+    /// the live cells).
+    pub fn note_bf16_pull(&self) {
         if matches!(self.values, Values::Locked(_)) {
-            self.bf16_wanted.store(true, Ordering::Relaxed);
+            self.bf16_pulled_at
+                .fetch_max(self.version() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the step from `version` writes a bfloat16 copy: a bfloat16 pull was noted within
+    /// [`BF16_COPY_WINDOW`] versions.
+    fn bf16_copy_wanted(&self, version: u64) -> bool {
+        match self.bf16_pulled_at.load(Ordering::Relaxed) {
+            0 => false,
+            at => version + 1 - at < BF16_COPY_WINDOW,
         }
     }
 
@@ -535,7 +558,7 @@ mod tests {
     }
 
     #[test]
-    fn once_bf16_is_wanted_each_step_writes_its_versions_bf16_copy(
+    fn while_bf16_is_pulled_each_step_writes_its_versions_bf16_copy(
     ) -> Result<(), sparktorch_optim::OptimError> {
         use sparktorch_proto::payload::encode_bf16_words;
         let n = 3 * (1 << 16) + 5;
@@ -546,7 +569,7 @@ mod tests {
             unreachable!("async mode shares snapshots");
         };
         assert!(before.bf16.is_none(), "no copy before a bf16 pull");
-        store.want_bf16();
+        store.note_bf16_pull();
         let grads: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
         let mut held = Vec::new();
         for _ in 0..6 {
@@ -572,9 +595,22 @@ mod tests {
             store.apply(&grads);
         }
         assert_eq!(store.allocations(), allocated, "no allocation per step");
+        // 26 steps since the last bf16 pull: still copied; past the window, no longer.
+        let copied = |s: &Store| match s.view() {
+            ParamsView::Shared(snap) => snap.bf16.is_some(),
+            ParamsView::Cells { .. } => false,
+        };
+        assert!(copied(&store));
+        for _ in 0..BF16_COPY_WINDOW {
+            store.apply(&grads);
+        }
+        assert!(!copied(&store), "copies lapse once bf16 pulls stop");
+        store.note_bf16_pull();
+        store.apply(&grads);
+        assert!(copied(&store), "and resume with the next bf16 pull");
         // Hogwild stores ignore it (pulls read the live cells).
         let cells = Store::new(vec![0.0; 4], sgd(4)?, Mode::Hogwild);
-        cells.want_bf16();
+        cells.note_bf16_pull();
         cells.apply(&[1.0; 4]);
         assert_eq!(cells.snapshot(), (1, vec![-1.0; 4]));
         Ok(())

@@ -57,12 +57,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             return self.refuse(ErrorCode::WorkerLost, f).await;
         }
         // A snapshot (async / synchronous) is sent straight from the store; hogwild cells are
-        // read chunk by chunk as they are sent: no model-size copy on this tokio worker. Once a
-        // client pulls bfloat16, steps also write each version's bfloat16 copy, which such
-        // pulls then send as it is (this first one, and any of an older version, converts
-        // chunk by chunk).
+        // read chunk by chunk as they are sent: no model-size copy on this tokio worker. While
+        // clients pull bfloat16, steps also write each version's bfloat16 copy, which such
+        // pulls then send as it is (a pull of a version stepped without one converts chunk by
+        // chunk).
         if dtype == Dtype::Bf16 {
-            inner.store.want_bf16();
+            inner.store.note_bf16_pull();
         }
         let view = inner.store.view();
         let version = view.version();
