@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
+use sparktorch_proto::payload::decode_bf16_words;
 
 use crate::{AtomicF32, Hyperparameters, OptimError, Optimizer, OptimizerState};
 
@@ -229,36 +230,6 @@ pub struct Narrowed<'a> {
 /// Elements widened at a time from bfloat16 (256 KiB of `f32`: in a core's L2 cache).
 pub(crate) const WIDEN_BLOCK: usize = 1 << 16;
 
-/// Widen bfloat16 words in wire order into `out` (same length); exact. With AVX2 where the
-/// CPU has it (chosen at run time; the same shifts, so the same values).
-pub fn widen_bf16(words: &[u16], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { widen_bf16_avx2(words, out) };
-        return;
-    }
-    widen_bf16_portable(words, out);
-}
-
-/// [`widen_bf16`] for any CPU.
-#[inline(always)]
-fn widen_bf16_portable(words: &[u16], out: &mut [f32]) {
-    for (o, w) in out.iter_mut().zip(words) {
-        *o = f32::from_bits(u32::from(u16::from_le(*w)) << 16);
-    }
-}
-
-/// [`widen_bf16`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn widen_bf16_avx2(words: &[u16], out: &mut [f32]) {
-    widen_bf16_portable(words, out);
-}
-
 thread_local! {
     /// Each thread's scratch for widened bfloat16 gradients (at most [`WIDEN_BLOCK`] values).
     static WIDENED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -289,7 +260,7 @@ impl GradElem for u16 {
             // never taken twice.
             let mut scratch = scratch.borrow_mut();
             scratch.resize(chunk.len(), 0.0);
-            widen_bf16(chunk, &mut scratch);
+            decode_bf16_words(chunk, &mut scratch);
             f(&scratch)
         })
     }

@@ -107,7 +107,7 @@ pub trait Optimizer: Send + Sync {
             Grads::F32(g) => self.step_into(src, dst, g),
             Grads::Bf16(w) => {
                 let mut wide = vec![0.0; w.len()];
-                kernel::widen_bf16(w, &mut wide);
+                sparktorch_proto::payload::decode_bf16_words(w, &mut wide);
                 self.step_into(src, dst, &wide);
             }
         }

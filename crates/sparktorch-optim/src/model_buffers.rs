@@ -130,7 +130,7 @@ impl Optimizer for WithModelBuffers {
             }
             Grads::Bf16(w) => {
                 let mut d = vec![0.0; w.len()];
-                crate::kernel::widen_bf16(w, &mut d);
+                sparktorch_proto::payload::decode_bf16_words(w, &mut d);
                 for ((b, s), d) in tail.iter_mut().zip(&src[n..]).zip(&d) {
                     *b = *s + *d;
                 }

@@ -227,13 +227,6 @@ fn relaxed_equals_exclusive_and_parallel_equals_sequential() {
     }
 }
 
-/// Stand-in narrowing for the tests (the top 16 bits; the real one rounds, in the proto crate).
-fn top_bits(v: &[f32], out: &mut [u16]) {
-    for (o, v) in out.iter_mut().zip(v) {
-        *o = (v.to_bits() >> 16) as u16;
-    }
-}
-
 #[test]
 fn step_into_with_equals_widening_first_then_narrowing_every_path() {
     use crate::kernel::WIDEN_BLOCK;
@@ -317,12 +310,12 @@ fn step_into_with_equals_widening_first_then_narrowing_every_path() {
             let mut copy = vec![0u16; n];
             let narrowed = narrow.then(|| Narrowed {
                 out: &mut copy,
-                encode: top_bits,
+                encode: sparktorch_proto::payload::encode_bf16_words,
             });
             tested.step_into_with(&cur_t, &mut next_t, grads, narrowed);
             if narrow {
                 let mut want = vec![1u16; n];
-                top_bits(&next_r, &mut want);
+                sparktorch_proto::payload::encode_bf16_words(&next_r, &mut want);
                 assert_eq!(copy, want, "{what}: narrowed copy");
             }
             std::mem::swap(&mut cur_r, &mut next_r);

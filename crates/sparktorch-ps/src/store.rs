@@ -324,7 +324,7 @@ impl Store {
                     // model-size copy per step) serves other callers of the API only.
                     Grads::Bf16(w) => {
                         let mut g = vec![0.0; w.len()];
-                        sparktorch_optim::kernel::widen_bf16(w, &mut g);
+                        sparktorch_proto::payload::decode_bf16_words(w, &mut g);
                         opt.step_relaxed(cells, &g);
                     }
                 }
