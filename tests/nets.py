@@ -6,6 +6,12 @@ import torch
 import torch.nn as nn
 
 
+def seed_mlp() -> nn.Sequential:
+    """The seed program's model (examples/simple_dnn.py): MNIST 784-256-256-10 with Softmax."""
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, 10), nn.Softmax(dim=1))
+
+
 class TwoLayer(nn.Module):
     """A non-Sequential classifier: two linear layers with a ReLU between."""
 

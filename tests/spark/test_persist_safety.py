@@ -23,7 +23,7 @@ from sparktorch import SparkTorch, serialize_torch_obj
 from sparktorch.errors import PersistenceError, UnsafeModelError
 from sparktorch.inference import create_spark_torch_model
 from sparktorch.model import SparkTorchModel
-from nets import TwoLayer
+from nets import TwoLayer, seed_mlp
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("spark")]
 
@@ -193,8 +193,7 @@ def test_stored_pickle_torch_obj_needs_opt_in(tmp_path, monkeypatch) -> None:
 
 def test_seed_torch_obj_is_json_and_loads_without_opt_in(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("SPARKTORCH_ALLOW_PICKLE", raising=False)
-    network = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                            nn.Linear(256, 10), nn.Softmax(dim=1))
+    network = seed_mlp()
     torch_obj = serialize_torch_obj(model=network, criterion=nn.CrossEntropyLoss(),
                                     optimizer=torch.optim.Adam, lr=0.0001)
     assert torch_obj.startswith("sparktorch-torchobj/2;json;")
@@ -241,8 +240,7 @@ def test_seed_pipeline_holds_no_pickle_and_loads_in_a_fresh_process(spark, tmp_p
     rows = [(int(i % 10), *[float(v) for v in r]) for i, r in enumerate(rng.random(size=(48, 784)))]
     df = spark.createDataFrame(rows, ["_c0"] + [f"_c{i}" for i in range(1, 785)]).coalesce(2)
     torch.manual_seed(0)
-    network = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                            nn.Linear(256, 10), nn.Softmax(dim=1))
+    network = seed_mlp()
     torch_obj = serialize_torch_obj(model=network, criterion=nn.CrossEntropyLoss(),
                                     optimizer=torch.optim.Adam, lr=0.0001)
     vector_assembler = VectorAssembler(inputCols=df.columns[1:785], outputCol="features")

@@ -23,6 +23,7 @@ from sparktorch.util import (
     serialize_torch_obj,
     serialize_torch_obj_lazy,
 )
+from nets import seed_mlp
 
 
 def _no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,8 +48,7 @@ class _Heads(nn.Module):
 
 
 def _seed() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Linear(256, 10), nn.Softmax(dim=1))
+    return seed_mlp()
 
 
 def _conv() -> nn.Module:

@@ -6,32 +6,38 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sparktorch-ps"))
 }
 
-#[test]
-fn bench_runs_every_op_over_loopback() {
+/// Run `sparktorch-ps bench <args>` (logging at warn), require success, return its stdout.
+fn bench(args: &[&str]) -> String {
     let out = bin()
-        .args([
-            "bench",
-            "--params",
-            "1000",
-            "--clients",
-            "2",
-            "--seconds",
-            "0.2",
-            "--reps",
-            "2",
-            "--loopback",
-            "--dtype",
-            "bfloat16",
-        ])
+        .arg("bench")
+        .args(args)
         .env("SPARKTORCH_LOG", "warn")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn bench_runs_every_op_over_loopback() {
+    let stdout = bench(&[
+        "--params",
+        "1000",
+        "--clients",
+        "2",
+        "--seconds",
+        "0.2",
+        "--reps",
+        "2",
+        "--loopback",
+        "--dtype",
+        "bfloat16",
+    ]);
     let medians = stdout
         .split("medians over 2 repetition(s):")
         .nth(1)
@@ -69,29 +75,18 @@ fn bench_runs_every_op_over_loopback() {
 
 #[test]
 fn bench_compares_float32_and_bfloat16_in_pairs() {
-    let out = bin()
-        .args([
-            "bench",
-            "--params",
-            "1000",
-            "--seconds",
-            "0.2",
-            "--reps",
-            "3",
-            "--ops",
-            "pull,push_pull",
-            "--dtype",
-            "both",
-        ])
-        .env("SPARKTORCH_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = bench(&[
+        "--params",
+        "1000",
+        "--seconds",
+        "0.2",
+        "--reps",
+        "3",
+        "--ops",
+        "pull,push_pull",
+        "--dtype",
+        "both",
+    ]);
     for case in [
         "pull float32",
         "pull bfloat16",
@@ -134,27 +129,18 @@ fn bench_compares_float32_and_bfloat16_in_pairs() {
 
 #[test]
 fn bench_synchronous_push_pull() {
-    let out = bin()
-        .args([
-            "bench",
-            "--params",
-            "100",
-            "--clients",
-            "2",
-            "--seconds",
-            "0.2",
-            "--mode",
-            "synchronous",
-            "--ops",
-            "push_pull",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    bench(&[
+        "--params",
+        "100",
+        "--clients",
+        "2",
+        "--seconds",
+        "0.2",
+        "--mode",
+        "synchronous",
+        "--ops",
+        "push_pull",
+    ]);
 }
 
 /// A real checkpoint: an async Adam server after two steps of worker 0.

@@ -966,21 +966,9 @@ async fn connections_that_have_not_authenticated_are_capped() {
         panic!("not served after a slot freed up: {hello:?}")
     };
     // An authenticated connection gives its slot back: one silent peer + one more fit.
-    let client_nonce = [9u8; NONCE_LEN];
-    let proof = auth::client_proof(SECRET, &server_nonce, &client_nonce);
     third
-        .send(
-            &Message::Auth {
-                client_nonce,
-                proof,
-            },
-            &[],
-        )
+        .authenticate(SECRET, &server_nonce, [9u8; NONCE_LEN])
         .await;
-    assert!(matches!(
-        third.recv().await,
-        Some((Message::AuthOk { .. }, _))
-    ));
     let mut fourth = Raw::connect(addr).await;
     let hello = tokio::time::timeout(Duration::from_secs(5), fourth.recv()).await;
     assert!(matches!(hello, Ok(Some((Message::Hello { .. }, _)))));

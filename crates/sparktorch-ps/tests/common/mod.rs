@@ -173,9 +173,20 @@ impl Raw {
         let Some((Message::Hello { server_nonce, .. }, _)) = raw.recv().await else {
             panic!("no hello")
         };
-        let client_nonce = [7u8; NONCE_LEN];
-        let proof = auth::client_proof(secret, &server_nonce, &client_nonce);
-        raw.send(
+        raw.authenticate(secret, &server_nonce, [7u8; NONCE_LEN])
+            .await;
+        raw
+    }
+
+    /// Answer the server's `Hello` (its `server_nonce`) with a proof of `secret`; assert `AuthOk`.
+    pub async fn authenticate(
+        &mut self,
+        secret: &[u8],
+        server_nonce: &[u8; NONCE_LEN],
+        client_nonce: [u8; NONCE_LEN],
+    ) {
+        let proof = auth::client_proof(secret, server_nonce, &client_nonce);
+        self.send(
             &Message::Auth {
                 client_nonce,
                 proof,
@@ -184,10 +195,9 @@ impl Raw {
         )
         .await;
         assert!(matches!(
-            raw.recv().await,
+            self.recv().await,
             Some((Message::AuthOk { .. }, _))
         ));
-        raw
     }
 
     pub async fn register(addr: SocketAddr, worker: u32) -> Self {

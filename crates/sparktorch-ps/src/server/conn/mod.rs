@@ -126,7 +126,6 @@ pub(super) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         who: None,
         grads: Vec::new(),
         chunk: Vec::new(),
-        grads_bf16: false,
         last_pulled: None,
         out: WriteBuffers::default(),
     };
@@ -167,8 +166,6 @@ struct Conn<S> {
     grads: Vec<f32>,
     /// Chunk buffer for reading bfloat16 payloads.
     chunk: Vec<u16>,
-    /// `grads` holds the last push's bfloat16 wire words (its first half), not `f32` values.
-    grads_bf16: bool,
     /// The version of the last `Params` this connection delivered whole (the staleness base).
     last_pulled: Option<u64>,
     /// Frame encoding buffers.

@@ -65,7 +65,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         // An async step widens a bfloat16 gradient as it steps (no f32 copy of it); hogwild
         // steps and synchronous averages read f32, widened as the payload is read.
         let keep = inner.config.mode == Mode::Async && header.dtype == Dtype::Bf16;
-        self.grads_bf16 = keep;
         let bf16 = if keep {
             Bf16Payload::Keep
         } else {
@@ -84,7 +83,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Ok(Ok(())) => {}
         }
         // The whole frame is in and valid: now (and only now) act on it.
-        let ack = match self.push(&meta).await {
+        let ack = match self.push(&meta, keep).await {
             Ok(ack) => ack,
             Err((code, m)) => return self.refuse(code, m).await,
         };
@@ -97,8 +96,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    /// Apply (or queue, in synchronous mode) the gradients in `self.grads`.
-    async fn push(&mut self, p: &PushMeta) -> Result<Message, Refusal> {
+    /// Apply (or queue, in synchronous mode) the gradients in `self.grads`: `f32` values, or
+    /// with `bf16_words` (async mode only) the push's bfloat16 wire words in its first half.
+    async fn push(&mut self, p: &PushMeta, bf16_words: bool) -> Result<Message, Refusal> {
         let inner = self.inner.clone();
         if inner.config.mode == Mode::Synchronous {
             return self.push_sync(p).await;
@@ -119,11 +119,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             self.wait_for_starving(p.worker).await;
         }
         let grads = std::mem::take(&mut self.grads);
-        let bf16 = self.grads_bf16;
         let store_owner = inner.clone();
         let (worker, step, attempt) = (p.worker, p.step, p.attempt);
         let (grads, outcome) = tokio::task::spawn_blocking(move || {
-            let gradient = if bf16 {
+            let gradient = if bf16_words {
                 Grads::Bf16(&f32s_as_words(&grads)[..grads.len()])
             } else {
                 Grads::F32(&grads)
