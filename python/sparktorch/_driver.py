@@ -24,15 +24,16 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ._progress import Progress
+from ._session import FIT_TAG_PREFIX, ClassicSession, FitSession, session_of  # noqa: F401 - FIT_TAG_PREFIX: re-exported
 from ._shards import ShardedServer
 from ._state import StateLayout, buffer_change_scale, buffer_momentum
 from .errors import (
+    ClusterError,
     DataError,
     EngineError,
     ParamError,
@@ -268,26 +269,6 @@ def _checkpoint_plan(est: Any) -> tuple[str | None, int, str | None]:
     return path or None, interval, resume or None
 
 
-def cluster_slots(sc: Any) -> int:
-    """How many tasks the cluster can run at once (what a barrier or synchronous stage needs)."""
-    master = sc.master
-    task_cpus = int(sc.getConf().get("spark.task.cpus", "1"))
-    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master)
-    if m:
-        n = m.group(1)
-        if n is None:
-            cores = 1
-        elif n == "*":
-            cores = os.cpu_count() or 1
-        else:
-            cores = int(n)
-        return max(1, cores // task_cpus)
-    m = re.fullmatch(r"local-cluster\[(\d+),\s*(\d+),\s*\d+\]", master)
-    if m:
-        return max(1, int(m.group(1)) * int(m.group(2)) // task_cpus)
-    return max(1, sc.defaultParallelism // task_cpus)
-
-
 DAEMON_MODULE = "sparktorch._daemon"
 _DAEMON_CONF = "spark.python.daemon.module"
 
@@ -487,6 +468,7 @@ def _run_jobs(
     num_parts: int,
     progress: Progress | None = None,
     buffer_scale: float = 1.0,
+    fs: FitSession | None = None,
 ) -> list[Any]:
     """Run one Spark job per partition shuffle; return the tasks' result rows.
 
@@ -496,7 +478,7 @@ def _run_jobs(
     from ._spill import BUFFER_BYTES
     from ._task import RESULT_SCHEMA, TaskConfig, make_task
 
-    sc = frame.sparkSession.sparkContext
+    fs = fs or session_of(frame.sparkSession)
     port = server.address[1]
     results: list[Any] = []
     buffer_bytes = int(frame.sparkSession.conf.get(BUFFER_CONF, str(BUFFER_BYTES)))
@@ -539,7 +521,7 @@ def _run_jobs(
             trained = trained.repartition(1)
         description = f"sparktorch fit ({plan.engine_mode}), shuffle {shuffle + 1}/{plan.shuffles}"
         try:
-            with _job_tagged(sc, description) as tag:
+            with fs.tagged(description) as tag:
                 if progress is not None:
                     progress.job_started(tag)
                 # A lost shard cancels the training job (its tasks would wait on the others).
@@ -548,7 +530,7 @@ def _run_jobs(
                     with guard:
                         rows = trained.collect()
                 except KeyboardInterrupt:
-                    sc.cancelJobsWithTag(tag)
+                    fs.cancel(tag)
                     raise
             for r in rows:
                 log.debug("shuffle %d, partition %d: %d rows (digest %.6g), %d steps", shuffle, r["partition"], r["rows"], r["digest"], r["steps"])
@@ -570,24 +552,6 @@ def _run_jobs(
 
 BUFFER_CONF = "spark.sparktorch.bufferBytes"
 """Spark conf: byte budget of a task's full-batch chunk and resident holdout (default 32 MiB)."""
-
-FIT_TAG_PREFIX = "sparktorch-fit-"
-
-
-@contextlib.contextmanager
-def _job_tagged(sc: Any, description: str) -> Iterator[str]:
-    """Tag the Spark jobs started in this thread with a fresh ``sparktorch-fit-*`` tag (and a
-    job description); afterwards the caller's tags, job group and description are as they were."""
-    tag = f"{FIT_TAG_PREFIX}{uuid.uuid4().hex[:12]}"
-    previous = sc.getLocalProperty("spark.job.description")
-    sc.addJobTag(tag)
-    sc.setLocalProperty("spark.job.description", description)
-    try:
-        yield tag
-    finally:
-        sc.removeJobTag(tag)
-        sc.setLocalProperty("spark.job.description", previous)  # None removes it
-
 
 def reshuffled(frame: Any, num_parts: int, seed: int) -> Any:
     """``frame`` with its rows dealt anew over ``num_parts`` partitions, by a seeded hash.
@@ -666,42 +630,52 @@ def fit(est: Any, dataset: Any) -> Any:
     import numpy as np
     import torch
 
-    from . import _mlflow, _native
+    from . import _mlflow
     from ._data import training_frame
     from ._optim import resolve_optimizer
     from .model import SparkTorchModel
     from .util import load_torch_obj
 
     plan = validate(est)
+    fs = session_of(dataset.sparkSession)
+    placement = resolve_placement(est.getPsPlacement(), fs)
     obj = load_torch_obj(est.getTorchObj())
     opt_name, hyper = resolve_optimizer(obj.optimizer, obj.optimizer_params)
-    if plan.device.startswith("cuda") and not torch.cuda.is_available() and dataset.sparkSession.sparkContext.master.startswith("local"):
+    if plan.device.startswith("cuda") and not torch.cuda.is_available() and fs.is_local:
         raise ParamError(f"device={plan.device!r}: CUDA is not available on this machine (torch.cuda.is_available() is False)")
 
     frame, info = training_frame(dataset, est.getInputCol(), est.getLabelCol())
     model = obj.model
     _dry_run(model, obj.criterion, info.feature_dim, info.label_kind, est.getInputCol())
     state = StateLayout.of(model)
+    if placement == "tasks":
+        check_colocated_plan(plan, est)
+        if fs.is_connect:
+            from ._session import check_executors
 
-    spark = dataset.sparkSession
-    sc = spark.sparkContext
-    preloading = use_preloading_daemon(sc)
+            check_executors(fs)
+
+    preloading = fs.use_preloading_daemon()
     if plan.partitions > 0:
         frame = frame.repartition(plan.partitions)
-    num_parts = frame.rdd.getNumPartitions() if plan.partitions <= 0 else plan.partitions
+    num_parts = plan.partitions if plan.partitions > 0 else fs.num_partitions(frame)
     if num_parts == 0:
         raise DataError("the DataFrame has zero rows (and no partitions): nothing to train on")
-    slots = cluster_slots(sc)
-    if plan.ps_shards > 1:
-        check_shard_slots(plan.ps_shards, num_parts, slots, state.num_trainable + state.num_buffers)
-    needs_all = est.getUseBarrier() or plan.engine_mode == "synchronous"
-    if needs_all and num_parts > slots:
-        why = "useBarrier=True" if est.getUseBarrier() else "mode='synchronous'"
-        raise ParamError(
-            f"partitions: {num_parts} partitions but the cluster runs only {slots} tasks at once; "
-            f"{why} needs every partition's task running together. Set partitions<={slots} "
-            "(or coalesce the DataFrame)"
-        )
+    slots = fs.slots()
+    if placement == "tasks":
+        check_colocated_slots(plan.ps_shards, num_parts, slots, state.num_trainable + state.num_buffers)
+    else:
+        assert slots is not None  # a classic session always knows
+        if plan.ps_shards > 1:
+            check_shard_slots(plan.ps_shards, num_parts, slots, state.num_trainable + state.num_buffers)
+        needs_all = est.getUseBarrier() or plan.engine_mode == "synchronous"
+        if needs_all and num_parts > slots:
+            why = "useBarrier=True" if est.getUseBarrier() else "mode='synchronous'"
+            raise ParamError(
+                f"partitions: {num_parts} partitions but the cluster runs only {slots} tasks at once; "
+                f"{why} needs every partition's task running together. Set partitions<={slots} "
+                "(or coalesce the DataFrame)"
+            )
 
     tracker = _mlflow.start(
         est.getMlflowLogging(),
@@ -716,11 +690,115 @@ def fit(est: Any, dataset: Any) -> Any:
         },
     )
 
+    scale = buffer_change_scale(plan.engine_mode, num_parts, buffer_momentum(model)) if state.num_buffers else 1.0
+    if placement == "tasks":
+        from ._colocated import fit_colocated
+
+        outcome = fit_colocated(fs, est, plan, frame, info.label_kind, state, opt_name, hyper, num_parts, scale)
+        results, final, raw_history, opt_state, final_stats = (
+            outcome.results, outcome.params, outcome.history, outcome.optimizer_state, outcome.stats,
+        )
+    else:
+        if preloading:
+            prestart_python_workers(fs.spark)
+        results, final, raw_history, opt_state, final_stats = _fit_driver_hosted(
+            fs, est, plan, frame, info.label_kind, state, opt_name, hyper, num_parts, scale
+        )
+
+    history = [
+        {"worker": int(w), "step": int(s), "loss": float(loss), "val_loss": None if vl != vl else float(vl)}
+        for (w, s, loss, vl) in raw_history
+    ]
+    state.load(np.asarray(final))
+    log.info("fit done: %d steps over %d workers", len(history), num_parts)
+    out = SparkTorchModel._from_module(
+        model,
+        model_spec=obj.model_spec,
+        inputCol=est.getInputCol(),
+        predictionCol=est.getPredictionCol(),
+        useVectorOut=est.getUseVectorOut(),
+        device=plan.device,
+        history=history,
+    )
+    out._optimizer_state = opt_state  # type: ignore[attr-defined]
+    out._fit_stats = final_stats  # type: ignore[attr-defined]
+    if tracker is not None:
+        tracker.log_end(raw_history, final_stats, model, info.feature_dim)
+    return out
+
+
+PLACEMENTS = ("auto", "driver", "tasks")
+
+
+def resolve_placement(setting: str, fs: FitSession) -> str:
+    """Where the parameter server(s) run: ``'driver'`` (the calling process, or shards as their
+    own job: ``psShards``) or ``'tasks'`` (inside the training stage; see :mod:`._colocated`).
+    ``'auto'``: the driver on a classic session, the tasks on Spark Connect (where executors
+    may not reach the client)."""
+    if setting not in PLACEMENTS:
+        raise ParamError(f"psPlacement={setting!r}: expected one of {', '.join(PLACEMENTS)}")
+    if setting == "auto":
+        return "tasks" if fs.is_connect else "driver"
+    if setting == "driver" and fs.is_connect:
+        raise ParamError(
+            "psPlacement='driver': on a Spark Connect session the client is not the driver and executors may not "
+            "reach it; use psPlacement='auto' or 'tasks' (the servers then run inside the training stage)"
+        )
+    return setting
+
+
+def check_colocated_plan(plan: FitPlan, est: Any) -> None:
+    """What servers inside the training stage cannot do, refused before any job."""
+    if plan.ps_shards > 1 and plan.checkpoint_path:
+        raise ParamError(
+            f"psShards={plan.ps_shards} with checkpointPath: sharded checkpoints need the driver's manifest keeper, "
+            "which servers inside the training stage (Spark Connect, psPlacement='tasks') do not have yet; "
+            "use psShards=1 to checkpoint, or drop checkpointPath"
+        )
+    if est.isSet("port") and est.getPort() != 0:
+        log.warning("port=%d is ignored: the parameter servers run inside the training stage and pick free ports", est.getPort())
+    if est.isSet("useBarrier") and not est.getUseBarrier():
+        log.info("useBarrier=False is ignored: servers inside the training stage need a barrier stage")
+
+
+def check_colocated_slots(k: int, num_parts: int, slots: int | None, num_values: int) -> None:
+    """A barrier stage of ``num_parts`` tasks, the first ``k`` of them hosting a shard."""
+    if k > num_values:
+        raise ParamError(f"psShards={k}: the model has only {num_values} values to split over the shards")
+    if k > num_parts:
+        raise ParamError(
+            f"psShards={k}: the shards run inside the training stage, one in each of its first {k} tasks, but it has "
+            f"only {num_parts} partitions; set partitions>={k} or lower psShards"
+        )
+    if slots is None:
+        log.warning(
+            "the session does not say how many task slots the cluster has: the barrier training stage needs %d at once "
+            "(Spark fails it when they are not there)", num_parts,
+        )
+        return
+    if num_parts > slots:
+        raise ClusterError(
+            f"partitions: {num_parts} partitions but the cluster runs only {slots} tasks at once, and the training "
+            f"stage (a barrier stage: its tasks host the parameter servers) needs every one running together. Set "
+            f"partitions<={slots} (or coalesce the DataFrame), or add executor cores"
+        )
+
+
+def _fit_driver_hosted(
+    fs: FitSession, est: Any, plan: FitPlan, frame: Any, label_kind: str, state: StateLayout, opt_name: str, hyper: Any,
+    num_parts: int, scale: float,
+) -> tuple[list[Any], Any, list[Any], dict[str, Any], dict[str, Any]]:
+    """Train with the server(s) started here (one in this process, or ``psShards`` as a job of
+    their own); returns (task results, final flat values, history, optimizer state, stats)."""
+    from . import _native
+
+    assert isinstance(fs, ClassicSession)
+    sc = fs.sc
     secret = os.urandom(32)
     bind, connect = server_host(sc)
     tls = use_tls(est.getPsEncryption(), sc.getConf(), bind)
     if plan.ps_shards > 1:
-        server: Any = _start_shards(spark, state, opt_name, hyper, secret, bind, connect, plan, num_parts, est)
+        server: Any = _start_shards(fs.spark, state, opt_name, hyper, secret, bind, connect, plan, num_parts, est)
     else:
         try:
             server = _start_server(_native, state, opt_name, hyper, secret, bind, plan, num_parts, est, tls=tls)
@@ -734,13 +812,10 @@ def fit(est: Any, dataset: Any) -> Any:
         host, port = server.address
         log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
     total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
-    if preloading:
-        prestart_python_workers(spark)
     try:
-        with Progress(server, total, plan.verbose, num_parts, sc=sc, barrier=est.getUseBarrier()) as progress:
-            scale = buffer_change_scale(plan.engine_mode, num_parts, buffer_momentum(model)) if state.num_buffers else 1.0
+        with Progress(server, total, plan.verbose, num_parts, session=fs, barrier=est.getUseBarrier()) as progress:
             results = _run_jobs(
-                est, plan, frame, info.label_kind, server, connect, secret, num_parts, progress=progress, buffer_scale=scale
+                est, plan, frame, label_kind, server, connect, secret, num_parts, progress=progress, buffer_scale=scale, fs=fs
             )
         if sum(r["rows"] for r in results) == 0:
             raise DataError("the DataFrame has zero rows: nothing to train on")
@@ -750,30 +825,11 @@ def fit(est: Any, dataset: Any) -> Any:
             raise EngineError(f"training failed: {err}")
         final = server.parameters()
         raw_history = server.history()
-        history = [
-            {"worker": int(w), "step": int(s), "loss": float(loss), "val_loss": None if vl != vl else float(vl)}
-            for (w, s, loss, vl) in raw_history
-        ]
         opt_state = server.optimizer_state()
         final_stats = server.stats()
     finally:
         _stop_server(server)
-
-    state.load(np.asarray(final))
-    log.info("fit done: %d steps over %d workers", len(history), num_parts)
-    out = SparkTorchModel._from_module(
-        model,
-        model_spec=obj.model_spec,
-        inputCol=est.getInputCol(),
-        predictionCol=est.getPredictionCol(),
-        useVectorOut=est.getUseVectorOut(),
-        device=plan.device,
-        history=history,
-    )
-    out._optimizer_state = opt_state  # type: ignore[attr-defined]
-    if tracker is not None:
-        tracker.log_end(raw_history, final_stats, model, info.feature_dim)
-    return out
+    return results, final, raw_history, opt_state, final_stats
 
 
 def _warn_clamped_batches(plan: FitPlan, results: list[Any]) -> None:

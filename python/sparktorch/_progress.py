@@ -14,6 +14,10 @@ that phase instead of sitting at 0%:
     steps are being applied (``updates`` out of the fit's total);
 ``finishing``
     every step is applied; the job is collecting the tasks' results.
+``training N workers in the cluster``
+    the parameter servers run inside the training stage (Spark Connect, or
+    ``psPlacement='tasks'``): the client cannot see steps while they happen, only Spark's own
+    progress (tasks in flight); the closing line gives the steps applied.
 
 Where it goes:
 
@@ -45,6 +49,7 @@ PREPARING = "preparing data"
 STARTING = "starting {n} workers"
 TRAINING = "training"
 FINISHING = "finishing"
+IN_CLUSTER = "training {n} workers in the cluster"
 
 #: plain (non-interactive) output: a line every this share of the steps
 LINE_EVERY = 0.10
@@ -121,8 +126,11 @@ def _has_real_handler(logger: logging.Logger) -> bool:
 class Progress:
     """Driver-side progress of one fit; a context manager around the fit's Spark jobs.
 
-    ``sc``: the SparkContext (phases from its status tracker; None: from the server alone).
-    ``barrier``: the training stage ends in a shuffle (the job's last stage is after it).
+    ``session``: the fit's :class:`~sparktorch._session.FitSession` (phases from Spark's own
+    progress; None: from the server alone). ``barrier``: the training stage ends in a shuffle
+    (the job's last stage is after it). ``live_steps=False``: the servers run inside the
+    training stage, out of the client's reach (Spark Connect): steps are known only when the
+    stage ends, so the display shows the phase, then the final count.
     """
 
     POLL_S = 0.5
@@ -133,15 +141,19 @@ class Progress:
         total: int | None,
         verbose: int,
         num_workers: int,
-        sc: Any = None,
+        session: Any = None,
         barrier: bool = False,
         stream: Any = None,
+        live_steps: bool = True,
     ) -> None:
         self._server = server
         self._total = max(1, total) if total is not None else None  # None: epochs (the tasks know)
         self._verbose = verbose
         self._workers = num_workers
-        self._sc = sc
+        self._session = session
+        # Spark's console bar is the JVM's: only a classic session can hold it.
+        self._sc = getattr(session, "sc", None)
+        self._live = live_steps
         self._barrier = barrier
         self._stream = stream
         self._tag: str | None = None
@@ -202,29 +214,9 @@ class Progress:
 
     def _training_stage_started(self) -> bool | None:
         """Whether a task of the training stage of the current job has started (None: unknown)."""
-        if self._sc is None or self._tag is None:
+        if self._session is None or self._tag is None:
             return None
-        try:
-            tracker = self._sc._jsc.sc().statusTracker()
-            job_ids = list(tracker.getJobIdsForTag(self._tag))
-            if not job_ids:
-                return False
-            status = self._sc.statusTracker()
-            for job_id in job_ids:
-                info = status.getJobInfo(job_id)
-                if info is None or not info.stageIds:
-                    continue
-                stages = sorted(info.stageIds)
-                # The training stage is the job's last stage, or the one before it when a
-                # barrier fit ends the training stage with a shuffle (see _driver._run_jobs).
-                stage_id = stages[-2] if self._barrier and len(stages) >= 2 else stages[-1]
-                st = status.getStageInfo(stage_id)
-                if st is not None and (st.numActiveTasks + st.numCompletedTasks + st.numFailedTasks) > 0:
-                    return True
-            return False
-        except Exception as e:  # noqa: BLE001 - the status tracker is an aid, not a need
-            log.debug("status tracker unavailable: %s", e)
-            return None
+        return self._session.training_stage_started(self._tag, self._barrier)
 
     def phase(self, stats: dict[str, Any]) -> str:
         """The phase the fit is in, from the server's stats and Spark's status tracker."""
@@ -234,6 +226,8 @@ class Progress:
         if done > 0:
             return TRAINING
         started = self._training_stage_started()
+        if not self._live:
+            return IN_CLUSTER.format(n=self._workers) if started else PREPARING
         if int(stats.get("workers_live", 0)) > 0 or started:
             return STARTING.format(n=self._workers)
         return PREPARING

@@ -22,6 +22,7 @@ __all__ = [
     "EngineTimeoutError",
     "WorkerLostError",
     "CheckpointError",
+    "ClusterError",
 ]
 
 
@@ -87,3 +88,9 @@ class WorkerLostError(EngineError):
 
 class CheckpointError(EngineError, OSError):
     """A checkpoint could not be written or read."""
+
+
+class ClusterError(SparkTorchError, RuntimeError):
+    """The cluster cannot run the fit as asked: too few task slots, or executors that cannot
+    import sparktorch (or run another Python or engine version than the client). Raised before
+    training starts, naming what to change."""

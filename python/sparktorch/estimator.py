@@ -125,6 +125,15 @@ class _SparkTorchParams(_SharedTorchParams):
         typeConverter=TypeConverters.toInt,
     )
 
+    psPlacement = Param(
+        Params._dummy(),
+        "psPlacement",
+        "where the parameter server(s) run: 'auto' (default: the driver on a classic session, the training "
+        "stage's own tasks on Spark Connect), 'driver', or 'tasks' (the first psShards tasks of a barrier "
+        "training stage each host a shard; nothing needs the client to be reachable from executors)",
+        typeConverter=TypeConverters.toString,
+    )
+
     mlflowLogging = Param(
         Params._dummy(),
         "mlflowLogging",
@@ -134,7 +143,7 @@ class _SparkTorchParams(_SharedTorchParams):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._setDefault(psEncryption="auto", mlflowLogging=True, maxStaleness=-1, psDtype="float32", psShards=1)
+        self._setDefault(psEncryption="auto", mlflowLogging=True, maxStaleness=-1, psDtype="float32", psShards=1, psPlacement="auto")
         self._setDefault(
             labelCol=None,
             torchObj="",
@@ -271,6 +280,10 @@ class _SparkTorchParams(_SharedTorchParams):
         """Number of parameter server shards (1: one server on the driver)."""
         return self.getOrDefault(self.psShards)
 
+    def getPsPlacement(self) -> str:
+        """Where the parameter server(s) run: 'auto', 'driver' or 'tasks'."""
+        return self.getOrDefault(self.psPlacement)
+
     def getMlflowLogging(self) -> bool:
         """Whether a fit logs to the active MLflow run (when there is one)."""
         return self.getOrDefault(self.mlflowLogging)
@@ -326,6 +339,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
         psShards: int | None = None,
+        psPlacement: str | None = None,
     ) -> None:
         super().__init__()
         kwargs = self._input_kwargs
@@ -365,6 +379,7 @@ class SparkTorch(Estimator, _SparkTorchParams, SparkTorchParamsReadable, SparkTo
         mlflowLogging: bool | None = None,
         epochs: int | None = None,
         psShards: int | None = None,
+        psPlacement: str | None = None,
     ) -> "SparkTorch":
         """Set any of the params by keyword; returns ``self``."""
         kwargs = self._input_kwargs

@@ -290,9 +290,9 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
             raise ParamError("param 'modStr' is empty: this SparkTorchModel holds no network")
         split_model_string(mod_str)  # foreign / corrupt / newer strings fail here, not in a task
         is_vector = self._check_input(dataset)
-        from sparktorch._driver import use_preloading_daemon
+        from sparktorch._session import session_of
 
-        use_preloading_daemon(dataset.sparkSession.sparkContext)
+        session_of(dataset.sparkSession).use_preloading_daemon()
         in_col = self.getInputCol()
         out_col = self.getPredictionCol()
         vector_out = self.getUseVectorOut()
