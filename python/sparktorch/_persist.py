@@ -100,23 +100,58 @@ R = TypeVar("R")
 # qualified file: paths with Python I/O (atomic writes), others through Hadoop's FileSystem
 
 
+def _connect(spark: Any) -> bool:
+    from ._session import is_connect
+
+    return is_connect(spark)
+
+
+def _meta_context(spark: Any) -> Any:
+    """What ``DefaultParamsWriter``/``Reader`` take: the SparkContext on a classic session
+    (PySpark 3.5 needs it), the session itself on Spark Connect (PySpark 4 takes either)."""
+    return spark if _connect(spark) else spark.sparkContext
+
+
 def _qualify(spark: SparkSession, path: str) -> str:
     """``path`` fully qualified on the filesystem Hadoop resolves it to.
 
     A path without a scheme is resolved against ``fs.defaultFS`` and that filesystem's working
     directory, exactly where ``DefaultParamsWriter`` puts ``metadata/`` (HDFS, DBFS, ... on a
-    cluster; the JVM's working directory for the local filesystem).
+    cluster; the JVM's working directory for the local filesystem). On Spark Connect (no JVM
+    here) the server says where: the qualified name of the ``metadata/`` files it lists.
     """
+    if _connect(spark):
+        return _qualify_connect(spark, path)
     jvm = spark.sparkContext._jvm
     hpath = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
     fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
     return str(fs.makeQualified(hpath).toString())
 
 
+def _qualify_connect(spark: Any, path: str) -> str:
+    meta = _join(path, "metadata")
+    try:
+        rows = spark.read.format("binaryFile").load(meta).select("path").limit(1).collect()
+    except Exception as exc:  # noqa: BLE001 - the server's error, made readable below
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PersistenceError(f"cannot list {meta}: {cause}") from exc
+    if not rows:
+        raise PersistenceError(f"cannot list {meta}: no metadata file there")
+    found = str(rows[0]["path"])
+    cut = found.rfind("/metadata/")
+    if cut < 0:
+        raise PersistenceError(f"cannot qualify {path}: the server lists its metadata as {found}")
+    return found[:cut]
+
+
 def _local_path(spark: SparkSession, path: str) -> str | None:
     """The local file behind a qualified ``file:`` path, else None (use Hadoop)."""
     if urlparse(path).scheme != "file":
         return None
+    if _connect(spark):
+        from urllib.parse import unquote
+
+        return unquote(urlparse(path).path)
     jvm = spark.sparkContext._jvm
     return str(jvm.org.apache.hadoop.fs.Path(path).toUri().getPath())  # type: ignore[union-attr]
 
@@ -162,6 +197,9 @@ def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
         return
+    if _connect(spark):
+        _write_bytes_arrow(path, data)
+        return
     fs, hpath = _hadoop_fs(spark, path)
     out = fs.create(hpath, True)
     try:
@@ -173,12 +211,16 @@ def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
 def _read_bytes(spark: SparkSession, path: str) -> bytes:
     """Read the qualified ``path`` (refusing files over the size bound)."""
     local = _local_path(spark, path)
+    if local is not None and _connect(spark) and not os.path.exists(local):
+        local = None  # the server's file, not on this client's machine: the server reads it
     if local is not None:
         size = os.path.getsize(local)
         if size > _MAX_SIDE_FILE_BYTES:
             raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
         with open(local, "rb") as fh:
             return fh.read()
+    if _connect(spark):
+        return _read_bytes_spark(spark, path)
     fs, hpath = _hadoop_fs(spark, path)
     size = int(fs.getFileStatus(hpath).getLen())
     if size > _MAX_SIDE_FILE_BYTES:
@@ -189,6 +231,56 @@ def _read_bytes(spark: SparkSession, path: str) -> bytes:
         return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))  # type: ignore[union-attr]
     finally:
         stream.close()
+
+
+_CONNECT_CHUNK = 4 << 20
+"""Bytes of one row when a Spark Connect client reads a side file through the server."""
+
+
+def _write_bytes_arrow(path: str, data: bytes) -> None:
+    """Spark Connect, a non-local path: write with ``pyarrow.fs`` (S3, GCS, HDFS, ABFS, ...
+    as pyarrow reaches them from this client)."""
+    from pyarrow import fs as pafs
+
+    uri = path.replace("s3a://", "s3://", 1)
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001 - pyarrow knows no such filesystem
+        raise OSError(
+            f"this Spark Connect client cannot write to {path} ({exc}); the stage's metadata is there, but its data "
+            "files are written by the client: save to a filesystem the client reaches (a mounted volume, s3://, "
+            "gs://, hdfs://, abfs://)"
+        ) from exc
+    with filesystem.open_output_stream(inner) as out:
+        out.write(data)
+
+
+def _read_bytes_spark(spark: Any, path: str) -> bytes:
+    """Spark Connect, a path this client cannot open: the server reads it (``binaryFile``) and
+    sends it back in rows of at most :data:`_CONNECT_CHUNK` bytes."""
+    from pyspark.sql import functions as F
+
+    df = spark.read.format("binaryFile").load(path)
+    first = df.select("length").collect()
+    if len(first) != 1:
+        raise OSError("no such file")
+    size = int(first[0]["length"])
+    if size > _MAX_SIDE_FILE_BYTES:
+        raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
+    n = max(1, -(-size // _CONNECT_CHUNK))
+    chunks = df.select(F.explode(F.sequence(F.lit(0), F.lit(n - 1))).alias("i"), "content").select(
+        "i", F.expr(f"substring(content, i * {_CONNECT_CHUNK} + 1, {_CONNECT_CHUNK})").alias("data")
+    )
+    out = bytearray(size)
+    got = 0
+    for row in chunks.toLocalIterator():
+        piece = bytes(row["data"])
+        start = int(row["i"]) * _CONNECT_CHUNK
+        out[start : start + len(piece)] = piece
+        got += len(piece)
+    if got != size:
+        raise OSError(f"read {got} of {size} bytes")
+    return bytes(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +337,7 @@ def _load_metadata(path: str, spark: SparkSession) -> tuple[dict[str, Any], dict
     meta_path = _join(path, "metadata")
     try:
         # The SparkContext: PySpark 3.5 needs it, 4.x takes it as well as a session.
-        metadata = DefaultParamsReader.loadMetadata(path, spark.sparkContext)
+        metadata = DefaultParamsReader.loadMetadata(path, _meta_context(spark))
     except Exception as exc:  # noqa: BLE001 - JVM, JSON and missing-file errors alike
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PersistenceError(
@@ -328,8 +420,14 @@ class SparkTorchModelWriter(MLWriter):
         }
         # metadata first: without overwrite() it fails on an existing path before any side file
         # The SparkContext: PySpark 3.5 needs it, 4.x takes it as well as a session.
-        DefaultParamsWriter.saveMetadata(inst, path, spark.sparkContext, extraMetadata=extra, paramMap=params)
+        DefaultParamsWriter.saveMetadata(inst, path, _meta_context(spark), extraMetadata=extra, paramMap=params)
         root = _qualify(spark, path)  # where Hadoop just put metadata/
+        local_root = _local_path(spark, root)
+        if _connect(spark) and local_root is not None and not os.path.isdir(os.path.join(local_root, "metadata")):
+            raise PersistenceError(
+                f"cannot write the data files of {root}: the Spark Connect server wrote metadata/ on its own machine, "
+                "which this client does not see; save to a filesystem both reach (a shared mount, s3://, hdfs://, ...)"
+            )
         for name, data in files.items():
             try:
                 _write_bytes(spark, _join(root, name), data)
@@ -456,7 +554,7 @@ class SparkTorchParamsWriter(DefaultParamsWriter):
         DefaultParamsWriter.saveMetadata(
             self.instance,
             path,
-            self.sparkSession.sparkContext,
+            _meta_context(self.sparkSession),
             extraMetadata={"sparktorch": _sparktorch_meta({"modelKind": "none"})},
         )
 
