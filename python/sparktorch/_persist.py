@@ -377,7 +377,43 @@ def _set_params(instance: Any, metadata: dict[str, Any], path: str) -> None:
 # SparkTorchModel
 
 
-class SparkTorchModelWriter(MLWriter):
+def _delete_for_overwrite(spark: Any, path: str) -> None:
+    """``write().overwrite()`` on Spark Connect, where pyspark's own handling needs the JVM:
+    delete what is at ``path`` (a saved stage, located through the server; else a local path)."""
+    import shutil
+
+    try:
+        root = _qualify_connect(spark, path)
+    except PersistenceError:
+        root = None
+    if root is None:
+        if os.path.lexists(path):
+            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+        return
+    local = _local_path(spark, root)
+    if local is not None:
+        if not os.path.isdir(os.path.join(local, "metadata")):
+            raise PersistenceError(f"cannot overwrite {root}: the Spark Connect server's filesystem is not this client's")
+        shutil.rmtree(local)
+        return
+    from pyarrow import fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(root.replace("s3a://", "s3://", 1))
+    filesystem.delete_dir(inner)
+
+
+class _ConnectOverwrite:
+    """Writer mixin: ``overwrite()`` works on Spark Connect too."""
+
+    def _handleOverwrite(self, path: str) -> None:
+        spark = self.sparkSession  # type: ignore[attr-defined]
+        if _connect(spark):
+            _delete_for_overwrite(spark, path)
+        else:
+            super()._handleOverwrite(path)  # type: ignore[misc]
+
+
+class SparkTorchModelWriter(_ConnectOverwrite, MLWriter):
     """Saves a :class:`~sparktorch.SparkTorchModel`: JSON params, safetensors weights, model
     definition (a JSON model spec, or a cloudpickle for models without one), history."""
 
@@ -547,7 +583,7 @@ class SparkTorchModelReader(MLReader[R], Generic[R]):
 # params-only stages (the unfitted SparkTorch estimator)
 
 
-class SparkTorchParamsWriter(DefaultParamsWriter):
+class SparkTorchParamsWriter(_ConnectOverwrite, DefaultParamsWriter):
     """``DefaultParamsWriter`` that also records the sparktorch format version."""
 
     def saveImpl(self, path: str) -> None:
