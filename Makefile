@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup example test test-rust test-python test-compat lint bench bench-data bench-engine clean
+.PHONY: setup example test test-rust test-python test-connect test-compat lint bench bench-data bench-engine clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,8 +15,9 @@ example: setup
 	$(PY) examples/simple_dnn.py --mode synchronous --out examples/out/simple_dnn_synchronous
 
 ## Run every test: Rust (fmt, clippy -D warnings, nextest), Python (pytest on local Spark, with
-## the venv's PySpark), then the compatibility suite on each older supported PySpark line.
-test: setup test-rust test-python test-compat
+## the venv's PySpark), the Spark Connect suite, then the compatibility suite on each older
+## supported PySpark line.
+test: setup test-rust test-python test-connect test-compat
 
 lint:
 	cargo fmt --all -- --check
@@ -27,6 +28,11 @@ test-rust: lint
 
 test-python: setup
 	$(PY) -m pytest -q -ra
+
+## The Spark Connect suite: a local Connect server started by the tests themselves, in a pytest
+## process of its own (a process holding a classic session cannot start one).
+test-connect: setup
+	SPARKTORCH_CONNECT_TESTS=1 $(PY) -m pytest -q -ra -p no:cacheprovider tests/connect
 
 COMPAT_PYSPARK := $(shell awk '!/^\#/ && NF {print $$1}' requirements-compat.txt)
 

@@ -418,6 +418,7 @@ def fit_colocated(
     buffer_bytes = int(fs.conf(BUFFER_CONF, str(BUFFER_BYTES)) or BUFFER_BYTES)
     workdir = tempfile.mkdtemp(prefix="sparktorch-fit-")
     results: list[dict[str, Any]] = []
+    history: list[tuple[int, int, float, float]] = []
     assembler: StateAssembler | None = None
     watcher = _StatsAtEnd()
     total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None
@@ -480,6 +481,9 @@ def fit_colocated(
                         raise translated from e
                     raise
                 assembler.finish()
+                # Each stage's servers record the pushes they applied: the fit's history is
+                # every stage's, in order.
+                history.extend(assembler.history())
                 rows = assembler.results
                 results.extend(rows)
                 offset = max([offset + plan.iters] if plan.epochs <= 0 else [offset] + [int(r["end_step"]) for r in rows])
@@ -524,7 +528,7 @@ def fit_colocated(
         return Outcome(
             results=results,
             params=flat,
-            history=assembler.history(),
+            history=history,
             optimizer_state={**meta, "buffers": {n: np.concatenate(v) for n, v in buffers.items()}},
             stats=stats,
         )

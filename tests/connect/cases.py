@@ -12,9 +12,23 @@ from toy_data import blobs
 SYNC_CASES = {
     "k1": {"psShards": 1},
     "k2": {"psShards": 2, "lostWorkerPolicy": "fail"},
-    "k1_shuffles2": {"psShards": 1, "partitionShuffles": 2},
 }
 """Synchronous fits compared across sessions (name -> extra params)."""
+
+TORCH_CASES = {**SYNC_CASES, "k1_shuffles2": {"psShards": 1, "partitionShuffles": 2}}
+"""Synchronous fits compared with single-process torch (full batch: the same steps on all rows)."""
+
+
+def torch_reference(steps: int) -> np.ndarray:
+    """``steps`` full-batch Adam steps of :func:`initial_model` on all rows, in one process."""
+    x, y = blobs(n=96, seed=3, classes=3, dim=5)
+    model = initial_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        opt.step()
+    return np.concatenate([p.detach().reshape(-1).numpy() for p in model.parameters()])
 
 
 def rows() -> list[tuple]:

@@ -53,7 +53,7 @@ def test_every_style_fits(connect, mode, lock):
     torch.manual_seed(0)
     obj = serialize_torch_obj(TwoLayer(5, 16, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.05)
     model = SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=30, partitions=2, mode=mode, acquireLock=lock).fit(df)
-    history = model.getTrainingHistory() if hasattr(model, "getTrainingHistory") else model._training_history
+    history = model.getTrainingHistory()
     assert len(history) == 60  # 30 steps by each of 2 workers
     assert _accuracy(model, x, y) >= 0.9
     out = model.transform(df).select("predicted").collect()
@@ -105,10 +105,11 @@ def cross(connect, tmp_path_factory):
     (a subprocess) fits the same cases, saves its model and loads this one."""
     work = str(tmp_path_factory.mktemp("cross"))
     df = cases.frame(connect)
-    flats = {}
-    for name, params in cases.SYNC_CASES.items():
+    flats, steps = {}, {}
+    for name, params in cases.TORCH_CASES.items():
         model = cases.estimator(**params).fit(df)
         flats[name] = cases.flat(model)
+        steps[name] = len(model.getTrainingHistory())
         if name == "k1":
             model.write().overwrite().save(os.path.join(work, "connect_model"))
             connect_pred = cases.predictions(model, df)
@@ -117,7 +118,7 @@ def cross(connect, tmp_path_factory):
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)
     done = subprocess.run([sys.executable, os.path.join(HERE, "classic_side.py"), work], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"work": work, "flats": flats, "connect_pred": connect_pred, "df": df}
+    return {"work": work, "flats": flats, "steps": steps, "connect_pred": connect_pred, "df": df}
 
 
 @pytest.mark.parametrize("case", list(cases.SYNC_CASES))
@@ -127,6 +128,13 @@ def test_synchronous_fit_equals_classic(cross, case):
     initial = np.concatenate([p.detach().reshape(-1).numpy() for p in cases.initial_model().parameters()])
     assert np.abs(ours - initial).max() > 1e-2  # it trained
     assert np.abs(ours - classic).max() <= 1e-5
+
+
+@pytest.mark.parametrize("case", list(cases.TORCH_CASES))
+def test_synchronous_fit_equals_single_process_torch(cross, case):
+    shuffles = cases.TORCH_CASES[case].get("partitionShuffles", 1)
+    assert np.abs(cross["flats"][case] - cases.torch_reference(15 * shuffles)).max() <= 1e-5
+    assert cross["steps"][case] == 2 * 15 * shuffles  # the history holds every stage's pushes
 
 
 def test_saved_on_connect_loads_on_classic(cross):
