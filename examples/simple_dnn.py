@@ -30,6 +30,8 @@ parser.add_argument("--iters", type=int, default=50)
 parser.add_argument("--out", default=str(HERE / "out" / "simple_dnn"), help="where the fitted pipeline is saved")
 parser.add_argument("--verbose", type=int, default=1)
 parser.add_argument("--seed", type=int, default=0, help="torch seed of the network's initial weights")
+parser.add_argument("--remote", default=None, metavar="URL",
+                    help="run on a Spark Connect session: 'local[4]' starts a local Connect server, or a server's sc://host:port")
 parser.add_argument("--ps-dtype", default="float32", choices=["float32", "bfloat16"], help="parameter traffic on the wire")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -48,8 +50,11 @@ from pyspark.ml.feature import VectorAssembler  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.ml.pipeline import Pipeline  # noqa: E402
 
-spark = SparkSession.builder.appName("examples").master('local[4]').getOrCreate()
-spark.sparkContext.setLogLevel("WARN")
+if args.remote:  # Spark Connect: the parameter servers run inside the training stage
+    spark = SparkSession.builder.appName("examples").remote(args.remote).getOrCreate()
+else:
+    spark = SparkSession.builder.appName("examples").master('local[4]').getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
 df = spark.read.option("inferSchema", "true").csv(str(train_csv)).coalesce(4)
 network = nn.Sequential(
     nn.Linear(784, 256),
