@@ -151,29 +151,23 @@ def _start_shard(plan: ColocatedPlan, index: int, secret: bytes, num_workers: in
     return server
 
 
+def _with_state(result: pa.RecordBatch, shard: int, part: str | None, offset: int, total: int, data: bytes | None) -> pa.RecordBatch:
+    """A one-row batch of :data:`SCHEMA`: a training result row (``_task._result``) and the
+    state columns (``shard = -1`` and nulls for a training result)."""
+    extra = {
+        "shard": pa.array([shard], pa.int32()),
+        "part": pa.array([part], pa.string()),
+        "offset": pa.array([offset], pa.int64()),
+        "total": pa.array([total], pa.int64()),
+        "data": pa.array([data], pa.binary()),
+    }
+    return pa.RecordBatch.from_arrays(result.columns + list(extra.values()), names=result.schema.names + list(extra))
+
+
 def _state_row(shard: int, part: str, offset: int, total: int, data: bytes) -> pa.RecordBatch:
-    return _row(-1, -1, 0, 0, float("nan"), 0, 0.0, 0, shard, part, offset, total, data)
+    from ._task import _result
 
-
-def _row(partition: int, attempt: int, rows: int, steps: int, last_loss: float, batch: int, digest: float, end_step: int,
-         shard: int, part: str | None, offset: int, total: int, data: bytes | None) -> pa.RecordBatch:
-    return pa.RecordBatch.from_pydict(
-        {
-            "partition": pa.array([partition], pa.int32()),
-            "attempt": pa.array([attempt], pa.int32()),
-            "rows": pa.array([rows], pa.int64()),
-            "steps": pa.array([steps], pa.int32()),
-            "last_loss": pa.array([last_loss], pa.float64()),
-            "batch": pa.array([batch], pa.int64()),
-            "digest": pa.array([digest], pa.float64()),
-            "end_step": pa.array([end_step], pa.int64()),
-            "shard": pa.array([shard], pa.int32()),
-            "part": pa.array([part], pa.string()),
-            "offset": pa.array([offset], pa.int64()),
-            "total": pa.array([total], pa.int64()),
-            "data": pa.array([data], pa.binary()),
-        }
-    )
+    return _with_state(_result(-1, -1, 0, 0, float("nan"), 0, 0.0, 0), shard, part, offset, total, data)
 
 
 def _chunks(shard: int, part: str, data: bytes | memoryview) -> Iterator[pa.RecordBatch]:
@@ -263,8 +257,7 @@ def colocated_partition(plan: ColocatedPlan, batches: Iterator[pa.RecordBatch]) 
         # Every task has trained (and closed its connections) before any server stops.
         ctx.barrier()
         for r in results:
-            d = r.to_pydict()
-            yield _row(*(d[c][0] for c in ("partition", "attempt", "rows", "steps", "last_loss", "batch", "digest", "end_step")), -1, None, 0, 0, None)
+            yield _with_state(r, -1, None, 0, 0, None)
         if server is not None:
             rows = _final_state(server, partition, directory)
             server = None
