@@ -31,12 +31,15 @@ checked persistence to stages whose state is only params (the unfitted ``SparkTo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 from urllib.parse import urlparse
 
 from pyspark.ml.util import (
@@ -50,10 +53,15 @@ from pyspark.ml.util import (
 from pyspark.sql import SparkSession
 
 from sparktorch._serialize import (
+    ClassPolicy,
     build_from_spec,
     check_import_origin,
+    check_stored_torch_obj,
+    check_weights_fit,
     load_safetensors_into,
     model_from_parts,
+    probe_spec,
+    safetensors_manifest,
     model_string_from_spec,
     serialize_model,
     spec_format_version,
@@ -69,6 +77,7 @@ __all__ = [
     "ALLOW_PICKLE_CONF",
     "ALLOW_PICKLE_ENV",
     "pickle_allowed",
+    "LoadOptions",
     "SparkTorchModelWriter",
     "SparkTorchModelReader",
     "SparkTorchParamsWriter",
@@ -90,7 +99,9 @@ _MODEL_JSON = "data/model.json"
 _WEIGHTS = "data/weights.safetensors"
 _PICKLE = "data/model.pkl"
 _HISTORY = "data/history.json"
-_MAX_SIDE_FILE_BYTES = 1 << 34  # 16 GiB: refuse to read anything larger
+_MAX_SIDE_FILE_BYTES = 1 << 34  # 16 GiB: refuse to read any weights file larger
+_MAX_SMALL_FILE_BYTES = 64 << 20  # model.json, history.json, model.pkl: 64 MiB
+_MAX_WEIGHTS_OVERHEAD = 16 << 20  # a safetensors header on top of the tensors' bytes
 
 R = TypeVar("R")
 
@@ -208,23 +219,23 @@ def _write_bytes(spark: SparkSession, path: str, data: bytes) -> None:
         out.close()
 
 
-def _read_bytes(spark: SparkSession, path: str) -> bytes:
-    """Read the qualified ``path`` (refusing files over the size bound)."""
+def _read_bytes(spark: SparkSession, path: str, limit: int = _MAX_SIDE_FILE_BYTES) -> bytes:
+    """Read the qualified ``path``, refusing (before reading) a file over ``limit`` bytes."""
     local = _local_path(spark, path)
     if local is not None and _connect(spark) and not os.path.exists(local):
         local = None  # the server's file, not on this client's machine: the server reads it
     if local is not None:
         size = os.path.getsize(local)
-        if size > _MAX_SIDE_FILE_BYTES:
-            raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
+        if size > limit:
+            raise OSError(f"{size} bytes is more than the {limit} allowed")
         with open(local, "rb") as fh:
             return fh.read()
     if _connect(spark):
-        return _read_bytes_spark(spark, path)
+        return _read_bytes_spark(spark, path, limit)
     fs, hpath = _hadoop_fs(spark, path)
     size = int(fs.getFileStatus(hpath).getLen())
-    if size > _MAX_SIDE_FILE_BYTES:
-        raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
+    if size > limit:
+        raise OSError(f"{size} bytes is more than the {limit} allowed")
     stream = fs.open(hpath)
     try:
         jvm = spark.sparkContext._jvm
@@ -255,7 +266,7 @@ def _write_bytes_arrow(path: str, data: bytes) -> None:
         out.write(data)
 
 
-def _read_bytes_spark(spark: Any, path: str) -> bytes:
+def _read_bytes_spark(spark: Any, path: str, limit: int = _MAX_SIDE_FILE_BYTES) -> bytes:
     """Spark Connect, a path this client cannot open: the server reads it (``binaryFile``) and
     sends it back in rows of at most :data:`_CONNECT_CHUNK` bytes."""
     from pyspark.sql import functions as F
@@ -265,8 +276,8 @@ def _read_bytes_spark(spark: Any, path: str) -> bytes:
     if len(first) != 1:
         raise OSError("no such file")
     size = int(first[0]["length"])
-    if size > _MAX_SIDE_FILE_BYTES:
-        raise OSError(f"{size} bytes is more than the {_MAX_SIDE_FILE_BYTES} allowed")
+    if size > limit:
+        raise OSError(f"{size} bytes is more than the {limit} allowed")
     n = max(1, -(-size // _CONNECT_CHUNK))
     chunks = df.select(F.explode(F.sequence(F.lit(0), F.lit(n - 1))).alias("i"), "content").select(
         "i", F.expr(f"substring(content, i * {_CONNECT_CHUNK} + 1, {_CONNECT_CHUNK})").alias("data")
@@ -284,31 +295,102 @@ def _read_bytes_spark(spark: Any, path: str) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# the pickle opt-in
+# the pickle opt-in and the classes a load accepts: per call
 
 
-def pickle_allowed(spark: SparkSession | None) -> bool:
-    """True when the user opted into unpickling stored pickles: the environment variable
-    ``SPARKTORCH_ALLOW_PICKLE`` is ``1``/``true``/``yes``, or the Spark conf
-    ``spark.sparktorch.allowPickle`` is ``true``."""
-    if os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes"):
-        return True
-    if spark is None:
-        return False
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """What one load accepts beyond data: the caller's classes and the pickle opt-in.
+
+    Attributes:
+        policy: the classes a saved model or ``torchObj`` may name (``torch.nn``,
+            ``torch.optim`` and the caller's ``allowed_classes``).
+        allow_pickle: unpickle a stored pickle (a model of a class without a spec, a pickle
+            ``torchObj``) in this load only.
+    """
+
+    policy: ClassPolicy
+    allow_pickle: bool = False
+
+    @classmethod
+    def of(cls, allowed_classes: Any = None, allow_pickle: bool = False) -> LoadOptions:
+        """Options from the keyword arguments of a ``load`` (checked: ParamError if wrong)."""
+        from sparktorch.errors import ParamError
+
+        if not isinstance(allow_pickle, bool):
+            raise ParamError(f"allow_pickle must be True or False, got {allow_pickle!r}")
+        return cls(policy=ClassPolicy.from_storage(allowed_classes), allow_pickle=allow_pickle)
+
+
+_LOAD_OPTIONS: contextvars.ContextVar[LoadOptions | None] = contextvars.ContextVar(
+    "sparktorch_load_options", default=None
+)
+"""The options of the load in progress in this context (set by ``load(...)`` and
+:func:`sparktorch.load_pipeline` for the readers of the stages they load), else None."""
+
+
+@contextlib.contextmanager
+def load_options(options: LoadOptions) -> Iterator[LoadOptions]:
+    """Make ``options`` those of every sparktorch reader run inside the ``with`` block (in
+    this context only), and restore the previous ones after: nothing leaks to the next load."""
+    token = _LOAD_OPTIONS.set(options)
     try:
-        value = spark.conf.get(ALLOW_PICKLE_CONF, "false")
-    except Exception:  # noqa: BLE001 - no conf: no opt-in
+        yield options
+    finally:
+        _LOAD_OPTIONS.reset(token)
+
+
+def current_load_options() -> LoadOptions:
+    """The options of the load in progress; outside one (``PipelineModel.load``, ``read()``)
+    the defaults: ``torch.nn`` classes only, no pickle."""
+    return _LOAD_OPTIONS.get() or LoadOptions(policy=ClassPolicy.from_storage(()))
+
+
+def pickle_allowed(spark: SparkSession | None, *, allow_pickle: bool = False, file: str = "") -> bool:
+    """True when this load may unpickle ``file``: ``allow_pickle`` (the per-call opt-in) or
+    the process-wide switch.
+
+    The process-wide switch is the environment variable ``SPARKTORCH_ALLOW_PICKLE``
+    (``1``/``true``/``yes``) or the Spark conf ``spark.sparktorch.allowPickle=true``. It
+    exists for loads that cannot take an argument: a plain ``PipelineModel.load`` (pyspark
+    calls each stage's ``load(path)`` itself) and programs written before the per-call
+    opt-in. It opens every later load of the process to pickles, so each use logs a WARNING
+    naming the file.
+    """
+    if allow_pickle:
+        return True
+    switch = None
+    if os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        switch = f"the environment variable {ALLOW_PICKLE_ENV}"
+    elif spark is not None:
+        try:
+            value = spark.conf.get(ALLOW_PICKLE_CONF, "false")
+        except Exception:  # noqa: BLE001 - no conf: no opt-in
+            value = "false"
+        if str(value).strip().lower() == "true":
+            switch = f"the Spark conf {ALLOW_PICKLE_CONF}"
+    if switch is None:
         return False
-    return str(value).strip().lower() == "true"
+    _log.warning(
+        "sparktorch: unpickling %s because %s allows pickles process-wide: every load in this "
+        "process may now run code from the files it reads. Prefer the per-call opt-in "
+        "(SparkTorchModel.load(path, allow_pickle=True), sparktorch.load_pipeline(path, "
+        "allow_pickle=True)) and unset the switch",
+        file or "a stored pickle",
+        switch,
+    )
+    return True
 
 
 def _unsafe(file: str, what: str) -> UnsafeModelError:
     return UnsafeModelError(
         f"{file} holds {what} as a pickle, and unpickling it can run arbitrary code, so it is "
-        f"not loaded without an opt-in: set the Spark conf {ALLOW_PICKLE_CONF}=true "
-        f"(spark.conf.set({ALLOW_PICKLE_CONF!r}, 'true')) or the environment variable "
-        f"{ALLOW_PICKLE_ENV}=1, and only for files you trust. (Models of importable classes "
-        "or of torch.nn layers are saved without pickle by this sparktorch.)"
+        "not loaded without an opt-in: pass allow_pickle=True to this load "
+        "(SparkTorchModel.load(path, allow_pickle=True), SparkTorch.load(...), "
+        "sparktorch.load_pipeline(path, allow_pickle=True)), and only for files you trust. "
+        f"(The process-wide switches {ALLOW_PICKLE_CONF}=true and {ALLOW_PICKLE_ENV}=1 still "
+        "work, with a warning on every use. Models of torch.nn layers or of importable classes "
+        "with a model_spec are saved without pickle by this sparktorch.)"
     )
 
 
@@ -371,6 +453,64 @@ def _set_params(instance: Any, metadata: dict[str, Any], path: str) -> None:
         raise PersistenceError(
             f"cannot restore params from {_join(path, 'metadata')}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _weights_bytes(module: Any) -> int:
+    """Bytes of ``module``'s state dict (a module on the ``meta`` device: nothing allocated)."""
+    total = 0
+    for value in module.state_dict().values():
+        total += int(value.numel()) * int(value.element_size())
+    return total
+
+
+def _inside_dir(spark: Any, target: str, root_qualified: str) -> bool:
+    """Whether ``target`` (a param's path) lies inside the saved directory ``root_qualified``."""
+    from urllib.parse import urlparse
+
+    if urlparse(target).scheme:
+        root = root_qualified.rstrip("/")
+        return target.rstrip("/") == root or target.startswith(root + "/")
+    local = _local_path(spark, root_qualified)
+    if local is None:
+        return False
+    root = os.path.realpath(local)
+    real = os.path.realpath(target)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _warn_weakening_params(spark: Any, instance: Any, path: str) -> None:
+    """Log a WARNING naming each saved param that weakens the next ``fit``: ``psEncryption``
+    ``'off'`` (the parameter server without TLS), a ``resumeFrom`` (the fit starts from a file
+    that the directory chose), a ``checkpointPath`` outside the saved directory (the fit
+    writes there). They take effect silently otherwise: the directory's writer chose them."""
+    found: list[str] = []
+
+    def value(name: str) -> Any:
+        if not instance.hasParam(name) or not instance.isDefined(name):
+            return None
+        return instance.getOrDefault(name)
+
+    if value("psEncryption") == "off":
+        found.append("psEncryption='off' (the parameter server will not use TLS)")
+    resume = value("resumeFrom")
+    if resume:
+        found.append(f"resumeFrom={resume!r} (the fit will start from that checkpoint)")
+    ckpt = value("checkpointPath")
+    if ckpt:
+        try:
+            root = _qualify(spark, path)
+            inside = _inside_dir(spark, str(ckpt), root)
+        except Exception:  # noqa: BLE001 - cannot tell: say so
+            inside = False
+        if not inside:
+            found.append(f"checkpointPath={ckpt!r} (outside the saved directory: the fit will write there)")
+    if found:
+        _log.warning(
+            "sparktorch: the stage loaded from %s has saved params that weaken or redirect its next fit: %s; "
+            "check them (or set them yourself) before calling fit",
+            path,
+            "; ".join(found),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,16 +616,23 @@ class SparkTorchModelWriter(_ConnectOverwrite, MLWriter):
 
 class SparkTorchModelReader(MLReader[R], Generic[R]):
     """Loads what :class:`SparkTorchModelWriter` saved; PersistenceError naming the file on
-    corrupt, truncated, newer-format or unimportable content."""
+    corrupt, truncated, newer-format, refused or unimportable content.
 
-    def __init__(self, cls: type) -> None:
+    Args:
+        cls: the stage class to make.
+        options: the classes the saved model may name and the pickle opt-in; default: those
+            of the load in progress (:func:`load_options`), else ``torch.nn`` only, no pickle.
+    """
+
+    def __init__(self, cls: type, options: LoadOptions | None = None) -> None:
         super().__init__()
         self.cls = cls
+        self.options = options if options is not None else current_load_options()
 
-    def _side_file(self, path: str, name: str, section: dict[str, Any]) -> bytes:
+    def _side_file(self, path: str, name: str, section: dict[str, Any], limit: int = _MAX_SMALL_FILE_BYTES) -> bytes:
         full = _join(path, name)
         try:
-            data = _read_bytes(self.sparkSession, full)
+            data = _read_bytes(self.sparkSession, full, limit)
         except OSError as exc:
             raise PersistenceError(f"cannot read {full}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - Hadoop errors through py4j
@@ -537,38 +684,47 @@ class SparkTorchModelReader(MLReader[R], Generic[R]):
         except (ValueError, KeyError, TypeError) as exc:
             raise PersistenceError(f"corrupt {model_json}: {exc}") from exc
         weights_file = _join(path, _WEIGHTS)
+        policy = self.options.policy
         if kind == "spec":
             spec = doc.get("spec")
+            what = f"model class in {model_json}"
+            root = _untrusted_root(self.sparkSession, path)
             try:
-                # every class is checked to be an nn.Module subclass before it is called
-                module = build_from_spec(
-                    spec,
-                    what=f"model class in {model_json}",
-                    untrusted_root=_untrusted_root(self.sparkSession, path),
-                )
+                # names checked as text (torch.nn + the caller's classes) before any import,
+                # then the model built on the meta device: its size, shapes and dtypes are
+                # compared with the weights' header before anything is allocated
+                probe = probe_spec(spec, what=what, policy=policy, untrusted_root=root)
             except SerializationError as exc:
                 raise PersistenceError(f"cannot rebuild the model of {model_json}: {exc}") from exc
-            weights = self._side_file(path, _WEIGHTS, section)
+            limit = _MAX_SIDE_FILE_BYTES
+            if probe is not None:
+                limit = min(limit, _weights_bytes(probe) + _MAX_WEIGHTS_OVERHEAD)
+            weights = self._side_file(path, _WEIGHTS, section, limit=limit)
             try:
+                manifest = safetensors_manifest(weights, what=weights_file)
+                if probe is not None:
+                    check_weights_fit(probe, manifest, what=f"{weights_file} for the model of {model_json}")
+                    del probe
+                module = build_from_spec(spec, what=what, policy=policy, untrusted_root=root)
                 load_safetensors_into(module, weights, what=weights_file)
             except SerializationError as exc:
                 raise PersistenceError(str(exc)) from exc
             return model_string_from_spec(spec, weights)
         pickle_file = _join(path, _PICKLE)
-        if not pickle_allowed(self.sparkSession):
+        if not pickle_allowed(self.sparkSession, allow_pickle=self.options.allow_pickle, file=pickle_file):
             raise _unsafe(pickle_file, "the model")
-        payload = self._side_file(path, _PICKLE, section)
+        payload = self._side_file(path, _PICKLE, section, limit=_MAX_SIDE_FILE_BYTES)
         _log.info("sparktorch: unpickling the model definition %s", pickle_file)
         try:
             import cloudpickle
 
             module = cloudpickle.loads(payload)
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - opted in, yet it must not end the process
             raise PersistenceError(
                 f"cannot unpickle {pickle_file}: {type(exc).__name__}: {exc}"
             ) from exc
         if _WEIGHTS in (section.get("files") or {}):
-            weights = self._side_file(path, _WEIGHTS, section)
+            weights = self._side_file(path, _WEIGHTS, section, limit=_MAX_SIDE_FILE_BYTES)
             try:
                 load_safetensors_into(module, weights, what=weights_file)
             except SerializationError as exc:
@@ -596,23 +752,33 @@ class SparkTorchParamsWriter(_ConnectOverwrite, DefaultParamsWriter):
 
 
 class SparkTorchParamsReader(MLReader[R], Generic[R]):
-    """Reads what :class:`SparkTorchParamsWriter` saved; PersistenceError on bad content."""
+    """Reads what :class:`SparkTorchParamsWriter` saved; PersistenceError on bad content.
 
-    def __init__(self, cls: type) -> None:
+    Args:
+        cls: the stage class to make.
+        options: as for :class:`SparkTorchModelReader`.
+    """
+
+    def __init__(self, cls: type, options: LoadOptions | None = None) -> None:
         super().__init__()
         self.cls = cls
+        self.options = options if options is not None else current_load_options()
 
     def load(self, path: str) -> R:
         metadata, _ = _load_metadata(path, self.sparkSession)
         instance = self.cls()
         _set_params(instance, metadata, path)
         self._check_torch_obj(instance, path)
+        _warn_weakening_params(self.sparkSession, instance, path)
         return instance
 
     def _check_torch_obj(self, instance: Any, path: str) -> None:
-        """Refuse a pickle ``torchObj`` read from storage unless the user opted in: ``fit``
-        would unpickle it. A JSON one is checked class by class when ``fit`` builds it; a
-        foreign or sparktorch 0.2.0 string is refused by ``fit`` and never unpickled."""
+        """Refuse a pickle ``torchObj`` read from storage unless this load opted in: ``fit``
+        would unpickle it. A JSON one is vetted now, on its names (``torch.nn``, ``torch.optim``
+        and the caller's classes, nothing imported) and, when it carries weights, on the size
+        of the model it describes (built on the ``meta`` device); ``fit`` then builds it like
+        the caller's own. A foreign or sparktorch 0.2.0 string is refused by ``fit`` and never
+        unpickled."""
         if not instance.hasParam("torchObj") or not instance.isDefined("torchObj"):
             return
         value = instance.getOrDefault("torchObj")
@@ -624,8 +790,14 @@ class SparkTorchParamsReader(MLReader[R], Generic[R]):
             return
         qualified = _qualify(self.sparkSession, path)
         meta = _join(qualified, "metadata")
-        if encoding == "pickle" and not pickle_allowed(self.sparkSession):
-            raise _unsafe(meta, "the param torchObj")
+        if encoding == "pickle":
+            if not pickle_allowed(self.sparkSession, allow_pickle=self.options.allow_pickle, file=meta):
+                raise _unsafe(meta, "the param torchObj")
+            return
+        try:
+            check_stored_torch_obj(value, policy=self.options.policy, what=f"torchObj in {meta}")
+        except SerializationError as exc:
+            raise PersistenceError(f"cannot load {meta}: {exc}") from exc
         root = _untrusted_root(self.sparkSession, qualified)
         if root is not None:
             for class_path in torch_obj_class_paths(value):
@@ -644,9 +816,29 @@ class SparkTorchParamsWritable(MLWritable):
 
 
 class SparkTorchParamsReadable(MLReadable[R], Generic[R]):
-    """Mixin: ``read()`` returns a :class:`SparkTorchParamsReader` (params-only stages)."""
+    """Mixin: ``read()`` returns a :class:`SparkTorchParamsReader` (params-only stages), and
+    ``load`` takes the per-call options."""
 
     @classmethod
     def read(cls) -> SparkTorchParamsReader[R]:
-        """A reader for directories written by :class:`SparkTorchParamsWriter`."""
+        """A reader for directories written by :class:`SparkTorchParamsWriter` (with the
+        options of the load in progress, else ``torch.nn`` classes only and no pickle)."""
         return SparkTorchParamsReader(cls)
+
+    @classmethod
+    def load(cls, path: str, *, allowed_classes: Any = None, allow_pickle: bool = False) -> R:
+        """Load a stage saved with ``save(path)``.
+
+        Args:
+            path: the directory.
+            allowed_classes: classes (objects, such as ``[MyNet]``) that the saved
+                ``torchObj`` may name besides ``torch.nn`` layers and losses and
+                ``torch.optim`` optimizers; nothing outside these is imported.
+            allow_pickle: unpickle a pickle ``torchObj`` (this load only; it can run code).
+
+        Raises:
+            PersistenceError: unreadable, corrupt or refused content (UnsafeModelError for a
+                pickle without the opt-in).
+        """
+        with load_options(LoadOptions.of(allowed_classes, allow_pickle)):
+            return cls.read().load(path)

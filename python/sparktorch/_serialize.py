@@ -74,6 +74,8 @@ __all__ = [
     "model_string_key",
     "structural_spec",
     "build_from_spec",
+    "ClassPolicy",
+    "TRUSTED",
     "torch_obj_encoding",
 ]
 
@@ -245,23 +247,149 @@ def check_import_origin(path: str, untrusted_root: str, *, what: str) -> None:
             )
 
 
-def import_class(
-    path: str, *, what: str, base: type | None = None, untrusted_root: str | None = None
-) -> type:
-    """Import the class named ``module:QualName`` (or ``module.Class``); SerializationError if not.
+_ALLOWED_FAMILIES: dict[type, tuple[str, ...]] = {
+    nn.Module: ("torch.nn",),
+    torch.optim.Optimizer: ("torch.optim",),
+}
+"""The packages whose classes a spec read from storage may name without the caller allowing
+them, per base class: a model, a layer or a criterion from ``torch.nn``, an optimizer from
+``torch.optim``. Their modules are imported (torch's own code); nothing else is."""
 
-    Nothing is called: the module is imported (which runs its top-level code, as any import)
-    and the attribute looked up. With ``base``, the result must be a subclass of ``base``, so a
-    caller that then builds it only ever calls constructors of that family (never, say,
-    ``subprocess.Popen``). With ``untrusted_root``, a module that would be imported from inside
-    that directory is refused before it is imported (:func:`check_import_origin`).
+_IDENTIFIER_PART = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassPolicy:
+    """Which classes a spec may name, decided on the spec's *string* before anything is
+    imported.
+
+    Two kinds of strings reach a spec reader:
+
+    * **trusted** (:data:`TRUSTED`): made in this process from objects the caller handed over
+      (the ``torchObj`` of a fit, the ``modStr`` of a model in memory, shipped to the
+      executors). A named class is imported, as the caller's own code would; only a
+      ``__main__`` module is refused.
+    * **from storage** (:meth:`from_storage`): read from a saved directory that someone else
+      may have written. Only ``torch.nn`` classes (``torch.optim`` for an optimizer) and the
+      classes in ``allowed`` are accepted; an allowed class is taken from the object the
+      caller passed, so its module is never imported by the load.
+
+    Attributes:
+        trusted: import any importable class (in-process strings only).
+        allowed: the caller's classes, by ``(module, qualname)``.
     """
+
+    trusted: bool
+    allowed: Mapping[tuple[str, str], type] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_storage(cls, allowed_classes: Any = None) -> ClassPolicy:
+        """The policy of a load from storage: ``torch.nn`` / ``torch.optim`` plus
+        ``allowed_classes`` (classes, not names). Raises ParamError for anything else."""
+        from sparktorch.errors import ParamError
+
+        allowed: dict[tuple[str, str], type] = {}
+        if allowed_classes is None:
+            allowed_classes = ()
+        if isinstance(allowed_classes, type) or isinstance(allowed_classes, (str, bytes)):
+            allowed_classes = (allowed_classes,)
+        try:
+            items = list(allowed_classes)
+        except TypeError as exc:
+            raise ParamError(f"allowed_classes must be a list of classes, got {allowed_classes!r}") from exc
+        for item in items:
+            if not isinstance(item, type):
+                raise ParamError(
+                    f"allowed_classes must hold classes (such as MyNet), not {item!r}: a name would "
+                    "have to be imported to be checked"
+                )
+            allowed[(item.__module__, item.__qualname__)] = item
+        return cls(trusted=False, allowed=allowed)
+
+    def describe(self) -> str:
+        """The allow-list in words (for error messages)."""
+        names = sorted(f"{m}:{q}" for m, q in self.allowed)
+        extra = f" and the classes passed in allowed_classes ({', '.join(names)})" if names else ""
+        return f"torch.nn classes (torch.optim for an optimizer){extra}"
+
+
+TRUSTED = ClassPolicy(trusted=True)
+"""The policy of in-process strings: see :class:`ClassPolicy`."""
+
+
+def _check_class_path_text(path: Any, what: str) -> tuple[str, str]:
+    """Split and check a class path as *text*: dotted identifiers, no ``__main__`` module."""
+    module, qualname = _split_class_path(path, what)
+    for part in module.split(".") + qualname.split("."):
+        if not part or part[0].isdigit() or any(c not in _IDENTIFIER_PART for c in part):
+            raise SerializationError(f"{what}: invalid class path {path!r}")
+    if "__main__" in module.split("."):
+        raise SerializationError(
+            f"{what}: {path!r} names a __main__ module; refusing to import it (importing a "
+            "__main__ module runs a program)"
+        )
+    return module, qualname
+
+
+def check_class_name(path: Any, *, what: str, base: type, policy: ClassPolicy) -> type | None:
+    """Check the class path ``path`` against ``policy`` *as a string*, importing nothing.
+
+    Returns the class itself when the caller allowed it (it is never imported), None when the
+    name may be imported (a ``torch.nn`` / ``torch.optim`` name, or any name under
+    :data:`TRUSTED`). Raises SerializationError naming ``path`` and what is allowed otherwise.
+    """
+    module, qualname = _check_class_path_text(path, what)
+    found = policy.allowed.get((module, qualname))
+    if found is not None:
+        if not issubclass(found, base):
+            name = _BASE_NAMES.get(base, f"{base.__module__}.{base.__qualname__}")
+            raise SerializationError(f"{what}: {path!r} is not a {name} subclass; refusing to call it")
+        return found
+    if policy.trusted:
+        return None
+    families = _ALLOWED_FAMILIES.get(base, ())
+    in_family = any(module == f or module.startswith(f + ".") for f in families)
+    if in_family and not any(part.startswith("_") for part in qualname.split(".")):
+        return None
+    raise SerializationError(
+        f"{what}: {path!r} is not allowed: a model loaded from storage may name only "
+        f"{policy.describe()}; nothing was imported. If you trust this directory and the class, "
+        "pass it to the load: allowed_classes=[TheClass]"
+    )
+
+
+def import_class(
+    path: str,
+    *,
+    what: str,
+    base: type | None = None,
+    untrusted_root: str | None = None,
+    policy: ClassPolicy = TRUSTED,
+) -> type:
+    """The class named ``module:QualName`` (or ``module.Class``); SerializationError if not.
+
+    The name is first checked as a string (:func:`check_class_name`): under a storage
+    ``policy`` a class outside ``torch.nn`` / ``torch.optim`` is refused unless the caller
+    allowed it (then the caller's object is returned and nothing is imported), and a
+    ``__main__`` module is never imported. Then the module is imported (which runs its
+    top-level code, as any import) and the attribute looked up; anything the import raises,
+    ``SystemExit`` and ``KeyboardInterrupt`` included, becomes a SerializationError. With
+    ``base``, the result must be a subclass of ``base``, so a caller that then builds it only
+    ever calls constructors of that family (never, say, ``subprocess.Popen``); under a storage
+    policy it must also be the class that its name names (``torch.nn`` defines it under that
+    qualname). With ``untrusted_root``, a module that would be imported from inside that
+    directory is refused before it is imported (:func:`check_import_origin`).
+    """
+    check_base = base if base is not None else object
+    given = check_class_name(path, what=what, base=check_base, policy=policy)
+    if given is not None:
+        return given
     module, qualname = _split_class_path(path, what)
     if untrusted_root is not None:
         check_import_origin(path, untrusted_root, what=what)
     try:
         obj = _resolve(module, qualname)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from a module's top level too
         raise SerializationError(
             f"{what}: cannot import {path!r} ({type(exc).__name__}: {exc}); install the package "
             "that defines it on the driver and on every executor"
@@ -273,6 +401,14 @@ def import_class(
         raise SerializationError(
             f"{what}: {path!r} is not a {name} subclass; refusing to call it"
         )
+    if not policy.trusted:
+        families = _ALLOWED_FAMILIES.get(check_base, ())
+        home = getattr(obj, "__module__", "") or ""
+        if obj.__qualname__ != qualname or not any(home == f or home.startswith(f + ".") for f in families):
+            raise SerializationError(
+                f"{what}: {path!r} resolves to {home}.{obj.__qualname__}, which is not allowed "
+                f"(only {policy.describe()})"
+            )
     return obj
 
 
@@ -355,23 +491,69 @@ def _lazy_doc(path: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {"class": path, "kwargs": _to_json_value(dict(kwargs))}
 
 
+def check_spec_names(doc: Any, *, what: str, policy: ClassPolicy = TRUSTED) -> None:
+    """Check every class name of model spec ``doc`` *as text*, importing nothing.
+
+    Walks the whole tree first, so that a refused name anywhere (the top level or a nested
+    child) stops the load before any module of the spec is imported: under ``policy`` (see
+    :func:`check_class_name`), and inside a container only ``torch.nn`` names (for any policy).
+    Raises SerializationError naming ``what`` and the class path.
+    """
+
+    def walk(node: Any, nested: bool, depth: int) -> None:
+        if depth > _MAX_SPEC_DEPTH:
+            raise SerializationError(f"{what}: model spec nested deeper than {_MAX_SPEC_DEPTH}")
+        if isinstance(node, tuple) and len(node) == 2:
+            node = {"class": node[0]}
+        if not isinstance(node, dict) or not isinstance(node.get("class"), str):
+            raise SerializationError(f"{what}: corrupt model spec (no class)")
+        path = node["class"]
+        if nested or "children" in node:
+            module, qualname = _check_class_path_text(path, what)
+            if not (module == "torch.nn" or module.startswith("torch.nn.")):
+                raise SerializationError(
+                    f"{what}: {path!r} is not a torch.nn layer; a container spec holds only "
+                    "torch.nn classes (nothing was imported)"
+                )
+            if not policy.trusted:
+                check_class_name(path, what=what, base=nn.Module, policy=policy)
+        else:
+            check_class_name(path, what=what, base=nn.Module, policy=policy)
+        children = node.get("children")
+        if children is None:
+            return
+        if not isinstance(children, list):
+            raise SerializationError(f"{what}: corrupt container spec (children)")
+        for child in children:
+            if not (isinstance(child, list) and len(child) == 2):
+                raise SerializationError(f"{what}: corrupt container spec (children)")
+            walk(child[1], True, depth + 1)
+
+    walk(doc, False, 0)
+
+
 def build_from_spec(
     doc: Any,
     *,
     what: str,
     untrusted_root: str | None = None,
+    policy: ClassPolicy = TRUSTED,
     _nested: bool = False,
     _depth: int = 0,
 ) -> nn.Module:
     """Build the module that a JSON model spec describes (see the module docstring).
 
-    Every class is resolved with :func:`import_class` and checked to be a ``torch.nn.Module``
-    subclass before it is called, with JSON kwargs only; inside a container spec only the
-    three containers and classes from ``torch.nn`` are accepted. ``untrusted_root``: the
-    directory the spec was read from; no module is imported from inside it. Raises
-    SerializationError naming ``what`` for anything else (nothing has been constructed from the
-    offending node).
+    First every class name of the tree is checked as text (:func:`check_spec_names`, under
+    ``policy``: :data:`TRUSTED` for strings made in this process, a storage policy for a spec
+    read from a saved directory); then each class is resolved with :func:`import_class`,
+    checked to be a ``torch.nn.Module`` subclass and called with JSON kwargs only; inside a
+    container spec only the three containers and classes from ``torch.nn`` are accepted.
+    ``untrusted_root``: the directory the spec was read from; no module is imported from
+    inside it. Anything an import or a constructor raises (``SystemExit`` included) becomes a
+    SerializationError naming ``what``; nothing has been constructed from the offending node.
     """
+    if not _nested and _depth == 0:
+        check_spec_names(doc, what=what, policy=policy)
     if _depth > _MAX_SPEC_DEPTH:
         raise SerializationError(f"{what}: model spec nested deeper than {_MAX_SPEC_DEPTH}")
     if isinstance(doc, tuple) and len(doc) == 2:  # (path, kwargs) as TorchObj.model_spec
@@ -381,7 +563,9 @@ def build_from_spec(
     if "children" in doc:
         if set(doc) != {"class", "children"}:
             raise SerializationError(f"{what}: corrupt container spec (keys {sorted(doc)})")
-        cls = import_class(doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root)
+        cls = import_class(
+            doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root, policy=policy
+        )
         if cls not in _CONTAINERS:
             raise SerializationError(
                 f"{what}: {doc['class']!r} is not nn.Sequential, nn.ModuleList or nn.ModuleDict; "
@@ -401,7 +585,12 @@ def build_from_spec(
             (
                 name,
                 build_from_spec(
-                    child, what=what, untrusted_root=untrusted_root, _nested=True, _depth=_depth + 1
+                    child,
+                    what=what,
+                    untrusted_root=untrusted_root,
+                    policy=policy,
+                    _nested=True,
+                    _depth=_depth + 1,
                 ),
             )
             for name, child in children
@@ -414,7 +603,9 @@ def build_from_spec(
             raise SerializationError(f"{what}: cannot build {doc['class']!r}: {exc}") from exc
     if set(doc) - {"class", "kwargs"}:
         raise SerializationError(f"{what}: corrupt model spec (keys {sorted(doc)})")
-    cls = import_class(doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root)
+    cls = import_class(
+        doc["class"], what=what, base=nn.Module, untrusted_root=untrusted_root, policy=policy
+    )
     if _nested and not _is_torch_nn(cls):
         raise SerializationError(
             f"{what}: {doc['class']!r} is not a torch.nn layer; a container spec holds only "
@@ -815,12 +1006,51 @@ def _split_prefixed(text: Any, prefix: str, supported: int, what: str, hint: str
 
 
 def _build(cls: type, kwargs: dict[str, Any], what: str) -> Any:
+    """``cls(**kwargs)``; anything it raises (``SystemExit`` included) as SerializationError."""
     try:
         return cls(**kwargs)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - a constructor must not end the process
         raise SerializationError(
             f"{what}: {cls.__module__}.{cls.__qualname__}(**{kwargs!r}) failed: {exc}"
         ) from exc
+
+
+def check_torch_obj_names(doc: Any, *, policy: ClassPolicy) -> None:
+    """Check every class name of a JSON ``torchObj`` document as text under ``policy``
+    (model spec tree, criterion, optimizer), importing nothing; SerializationError if one is
+    refused or the document is malformed."""
+    if not isinstance(doc, dict):
+        raise SerializationError("corrupt torchObj JSON (not an object)")
+    check_spec_names(doc.get("model"), what="torchObj model", policy=policy)
+    for key, base in (("criterion", nn.Module), ("optimizer", torch.optim.Optimizer)):
+        node = doc.get(key)
+        if not isinstance(node, dict):
+            raise SerializationError(f"corrupt torchObj JSON (no {key})")
+        check_class_name(node.get("class"), what=f"torchObj {key}", base=base, policy=policy)
+
+
+def check_stored_torch_obj(torch_obj: str, *, policy: ClassPolicy, what: str) -> None:
+    """Vet a JSON ``torchObj`` read from storage without building anything for real: every
+    class name under ``policy``, and for one that carries weights, the model built on the
+    ``meta`` device against their header (size, shapes, dtypes). The strings that pass are
+    then built at ``fit`` like the caller's own. Raises SerializationError."""
+    if torch_obj_encoding(torch_obj) != "json":
+        return
+    try:
+        doc = json.loads(torch_obj.split(";", 2)[2])
+    except (ValueError, IndexError) as exc:
+        raise SerializationError(f"{what}: corrupt torchObj JSON ({exc})") from exc
+    check_torch_obj_names(doc, policy=policy)
+    weights = doc.get("weights")
+    if isinstance(weights, str):
+        try:
+            raw = base64.b64decode(weights, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SerializationError(f"{what}: corrupt torchObj weights ({exc})") from exc
+        manifest = safetensors_manifest(raw, what=what)
+        probe = probe_spec(doc["model"], what=what, policy=policy)
+        if probe is not None:
+            check_weights_fit(probe, manifest, what=what)
 
 
 def torch_obj_class_paths(torch_obj: str) -> list[str]:
@@ -873,7 +1103,9 @@ def _pickle_refused(what: str) -> SerializationError:
     )
 
 
-def load_torch_obj(torch_obj: str, *, allow_pickle: bool = True) -> TorchObj:
+def load_torch_obj(
+    torch_obj: str, *, allow_pickle: bool = True, allowed_classes: Any = None
+) -> TorchObj:
     """Read a ``torchObj`` string made by :func:`serialize_torch_obj` or its lazy variant.
 
     The model is built here. The JSON form imports the named classes, checks each before
@@ -886,6 +1118,12 @@ def load_torch_obj(torch_obj: str, *, allow_pickle: bool = True) -> TorchObj:
         allow_pickle: False refuses a pickle-kind string with
             :class:`~sparktorch.errors.UnsafeModelError` before unpickling it (use it for a
             string read from storage you do not control).
+        allowed_classes: None (the default) trusts the string like the objects it was made
+            from: the classes it names are imported. A list (``[]`` included) treats it as
+            data from storage: only ``torch.nn`` classes, ``torch.optim`` optimizers and the
+            listed classes are accepted, each checked on its name before anything is imported
+            (see :class:`ClassPolicy`), and the model's size and dtypes are checked against
+            its weights before it is built.
 
     Raises:
         SerializationError: a string not made by sparktorch (including sparktorch 0.2.0's dill
@@ -896,17 +1134,22 @@ def load_torch_obj(torch_obj: str, *, allow_pickle: bool = True) -> TorchObj:
         torch_obj, TORCHOBJ_PREFIX, TORCHOBJ_VERSION, "torchObj string", _RESERIALIZE_HINT
     )
     kind, sep, body = rest.partition(";")
+    policy = TRUSTED if allowed_classes is None else ClassPolicy.from_storage(allowed_classes)
     if kind == "json" and sep:
         try:
             doc = json.loads(body)
             model_doc = doc["model"]
             weights = doc.get("weights")
+            check_torch_obj_names(doc, policy=policy)
             crit_cls = import_class(
-                doc["criterion"]["class"], what="torchObj criterion", base=nn.Module
+                doc["criterion"]["class"], what="torchObj criterion", base=nn.Module, policy=policy
             )
             crit_kwargs = _from_json_value(doc["criterion"]["kwargs"] or {})
             opt_cls = import_class(
-                doc["optimizer"]["class"], what="torchObj optimizer", base=torch.optim.Optimizer
+                doc["optimizer"]["class"],
+                what="torchObj optimizer",
+                base=torch.optim.Optimizer,
+                policy=policy,
             )
             opt_kwargs = _from_json_value(doc["optimizer"]["kwargs"] or {})
             if not isinstance(crit_kwargs, dict) or not isinstance(opt_kwargs, dict):
@@ -917,13 +1160,18 @@ def load_torch_obj(torch_obj: str, *, allow_pickle: bool = True) -> TorchObj:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SerializationError(f"corrupt torchObj JSON ({exc}); {_RESERIALIZE_HINT}") from exc
-        model = build_from_spec(model_doc, what="torchObj model")
         if weights is not None:
             try:
                 raw = base64.b64decode(weights, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise SerializationError(f"corrupt torchObj weights ({exc})") from exc
-            load_safetensors_into(model, raw, what="torchObj model")
+            if policy.trusted:
+                model = build_from_spec(model_doc, what="torchObj model")
+                load_safetensors_into(model, raw, what="torchObj model")
+            else:
+                model = build_checked(model_doc, raw, what="torchObj model", policy=policy)
+        else:
+            model = build_from_spec(model_doc, what="torchObj model", policy=policy)
         model_spec = None
         if not _spec_has_children(model_doc):
             cls = type(model)
@@ -987,10 +1235,101 @@ def state_dict_to_safetensors(module: nn.Module) -> bytes | None:
     return save(tensors)
 
 
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # as the safetensors library itself
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its dtype name (``"F32"``, ...) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def safetensors_manifest(data: bytes, *, what: str) -> dict[str, TensorEntry]:
+    """The tensors that safetensors ``data`` declares (names, dtypes, shapes), read from its
+    header alone: nothing is allocated for the tensors.
+
+    Each entry must be a known dtype with a shape of non-negative ints whose byte range fits
+    the data exactly. Raises SerializationError naming ``what`` otherwise.
+    """
+    if len(data) < 8:
+        raise SerializationError(f"{what}: corrupt safetensors weights (shorter than a header)")
+    (head_len,) = struct.unpack("<Q", data[:8])
+    body = len(data) - 8 - head_len
+    if head_len > _MAX_SAFETENSORS_HEADER or body < 0:
+        raise SerializationError(f"{what}: corrupt safetensors weights (header length {head_len})")
+    try:
+        header = json.loads(data[8 : 8 + head_len])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        out: dict[str, TensorEntry] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if dtype not in _SAFETENSORS_ITEMSIZE:
+                raise ValueError(f"{name}: unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError(f"{name}: bad shape {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+                raise ValueError(f"{name}: bad data_offsets")
+            begin, end = offsets
+            if not 0 <= begin <= end <= body or end - begin != math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]:
+                raise ValueError(f"{name}: data_offsets {offsets} do not fit {dtype}{shape}")
+            out[name] = TensorEntry(dtype=dtype, shape=tuple(shape))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SerializationError(f"{what}: corrupt safetensors weights ({exc})") from exc
+    return out
+
+
+def check_weights_fit(module: nn.Module, manifest: Mapping[str, TensorEntry], *, what: str) -> None:
+    """Compare ``module``'s state dict (on any device, ``meta`` included: only names, shapes
+    and dtypes are read) with a safetensors ``manifest``: the same names, each the same shape
+    and the same dtype (an F64 or I64 tensor is not converted into a float32 parameter).
+    Raises SerializationError saying what differs."""
+    want = {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    missing = sorted(set(want) - set(manifest))
+    extra = sorted(set(manifest) - set(want))
+    if missing or extra:
+        raise SerializationError(
+            f"{what}: the weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for key, tensor in want.items():
+        entry = manifest[key]
+        if entry.shape != tuple(tensor.shape):
+            raise SerializationError(
+                f"{what}: the weights do not fit the model: {key} is saved with shape "
+                f"{list(entry.shape)}, the model's is {list(tensor.shape)} (the model described "
+                f"would hold {sum(t.numel() for t in want.values())} values)"
+            )
+        expected = _SAFETENSORS_DTYPES.get(tensor.dtype)
+        if entry.dtype != expected:
+            raise SerializationError(
+                f"{what}: {key} is saved as {entry.dtype}, the model's is {tensor.dtype}; "
+                "refusing to convert it"
+            )
+
+
 def load_safetensors_into(module: nn.Module, data: bytes, *, what: str) -> None:
-    """Load safetensors ``data`` into ``module`` (strict); SerializationError when it does not fit."""
+    """Load safetensors ``data`` into ``module`` (strict: the same names, shapes and dtypes,
+    checked on the header before any tensor is read); SerializationError when it does not fit."""
     from safetensors.torch import load
 
+    check_weights_fit(module, safetensors_manifest(data, what=what), what=what)
     try:
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001
@@ -999,6 +1338,57 @@ def load_safetensors_into(module: nn.Module, data: bytes, *, what: str) -> None:
         module.load_state_dict(tensors, strict=True)
     except Exception as exc:  # noqa: BLE001
         raise SerializationError(f"{what}: weights do not fit the model ({exc})") from exc
+
+
+def _names_only_from_torch_nn(doc: Any, depth: int = 0) -> bool:
+    if not isinstance(doc, dict) or depth > _MAX_SPEC_DEPTH or not isinstance(doc.get("class"), str):
+        return False
+    module = doc["class"].partition(":")[0] if ":" in doc["class"] else doc["class"].rpartition(".")[0]
+    if not (module == "torch.nn" or module.startswith("torch.nn.")):
+        return False
+    return all(
+        isinstance(c, list) and len(c) == 2 and _names_only_from_torch_nn(c[1], depth + 1)
+        for c in doc.get("children") or []
+    )
+
+
+def probe_spec(doc: Any, *, what: str, policy: ClassPolicy, untrusted_root: str | None = None) -> nn.Module | None:
+    """Build spec ``doc`` on the ``meta`` device (no memory for parameters), after checking its
+    names (:func:`check_spec_names`): the shapes and dtypes it implies, for
+    :func:`check_weights_fit`. None when a class of the caller cannot be built on ``meta``
+    (then only the real build can tell); a ``torch.nn``-only spec that cannot is refused."""
+    check_spec_names(doc, what=what, policy=policy)
+    try:
+        with torch.device("meta"):
+            return build_from_spec(doc, what=what, policy=policy, untrusted_root=untrusted_root)
+    except SerializationError as exc:
+        if isinstance(exc.__cause__, SerializationError) or exc.__cause__ is None:
+            raise
+        if _names_only_from_torch_nn(doc):
+            raise SerializationError(f"{what}: cannot check the size of the model before building it ({exc})") from exc
+        _log.info("%s: cannot build on the meta device (%s); the size is checked after building", what, exc)
+        return None
+
+
+def build_checked(
+    doc: Any,
+    weights: bytes,
+    *,
+    what: str,
+    policy: ClassPolicy,
+    untrusted_root: str | None = None,
+) -> nn.Module:
+    """Build spec ``doc`` and load safetensors ``weights`` into it, refusing before the real
+    build anything whose names (``policy``), parameter count, shapes or dtypes do not match
+    the weights' header. Raises SerializationError."""
+    manifest = safetensors_manifest(weights, what=what)
+    probe = probe_spec(doc, what=what, policy=policy, untrusted_root=untrusted_root)
+    if probe is not None:
+        check_weights_fit(probe, manifest, what=what)
+        del probe
+    module = build_from_spec(doc, what=what, policy=policy, untrusted_root=untrusted_root)
+    load_safetensors_into(module, weights, what=what)
+    return module
 
 
 def normalize_spec(module: nn.Module, model_spec: Any) -> dict[str, Any] | None:
@@ -1123,7 +1513,9 @@ def split_model_string(mod_str: str) -> ModelParts:
     return ModelParts(kind=kind, spec=spec, payload=blob[8 + head_len :])
 
 
-def deserialize_model(mod_str: str, *, allow_pickle: bool = True) -> nn.Module:
+def deserialize_model(
+    mod_str: str, *, allow_pickle: bool = True, allowed_classes: Any = None
+) -> nn.Module:
     """Rebuild the module of a ``modStr`` made by :func:`serialize_model`.
 
     Args:
@@ -1131,6 +1523,11 @@ def deserialize_model(mod_str: str, *, allow_pickle: bool = True) -> nn.Module:
         allow_pickle: False refuses a pickle-kind string with
             :class:`~sparktorch.errors.UnsafeModelError` before unpickling it (use it for a
             string read from storage you do not control). A spec-kind string never unpickles.
+        allowed_classes: None (the default) trusts the string like the module it was made
+            from (its classes are imported). A list (``[]`` included) treats it as data from
+            storage: only ``torch.nn`` classes and the listed ones, checked on their names
+            before any import, and the size and dtypes checked against the weights before the
+            model is built (see :class:`ClassPolicy`).
 
     Raises:
         SerializationError: a foreign or upstream (dill) string, a newer format version, a
@@ -1140,13 +1537,18 @@ def deserialize_model(mod_str: str, *, allow_pickle: bool = True) -> nn.Module:
     parts = split_model_string(mod_str)
     if parts.kind == "pickle" and not allow_pickle:
         raise _pickle_refused("this modStr string")
-    return model_from_parts(parts)
+    policy = TRUSTED if allowed_classes is None else ClassPolicy.from_storage(allowed_classes)
+    return model_from_parts(parts, policy=policy)
 
 
-def model_from_parts(parts: ModelParts) -> nn.Module:
+def model_from_parts(parts: ModelParts, *, policy: ClassPolicy = TRUSTED) -> nn.Module:
     """Build the module described by ``parts`` (a pickle-kind one is unpickled: in-process
-    strings only; readers of storage check the opt-in first)."""
+    strings only; readers of storage check the opt-in first). Under a storage ``policy`` the
+    spec is checked name by name and against its weights before it is built
+    (:func:`build_checked`)."""
     if parts.kind == "spec":
+        if not policy.trusted:
+            return build_checked(parts.spec, parts.payload, what="modStr model", policy=policy)
         module = build_from_spec(parts.spec, what="modStr model")
         load_safetensors_into(module, parts.payload, what="modStr model")
         return module

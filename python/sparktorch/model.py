@@ -341,7 +341,38 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
 
     @classmethod
     def read(cls) -> SparkTorchModelReader:
-        """A reader for directories written by :meth:`write`."""
+        """A reader for directories written by :meth:`write` (with the options of the load in
+        progress, else: ``torch.nn`` classes only, no pickle)."""
         from sparktorch._persist import SparkTorchModelReader
 
         return SparkTorchModelReader(cls)
+
+    @classmethod
+    def load(
+        cls, path: str, *, allowed_classes: Any = None, allow_pickle: bool = False
+    ) -> SparkTorchModel:
+        """Load a model saved with :meth:`save` (``write().save(path)``).
+
+        The directory is read as data: the model's classes are checked by name before anything
+        is imported, the model's size, shapes and dtypes against its weights before it is
+        built, and nothing is unpickled without ``allow_pickle``.
+
+        Args:
+            path: the directory.
+            allowed_classes: classes (the objects, such as ``[MyNet]``) that the saved model
+                may name besides ``torch.nn`` layers and containers. A model of your own
+                ``nn.Module`` class, saved with a ``model_spec``, loads only when its class is
+                listed here; the class is taken from this list, its module is not imported.
+            allow_pickle: unpickle a model stored as a pickle (a class without a spec), in this
+                load only. Unpickling runs code chosen by whoever wrote the file.
+
+        Raises:
+            PersistenceError: the directory is unreadable, corrupt, of a newer format, or
+                names a class that is not allowed, or the model does not fit its weights
+                (:class:`~sparktorch.errors.UnsafeModelError` for a pickle without the
+                opt-in).
+        """
+        from sparktorch._persist import LoadOptions, load_options
+
+        with load_options(LoadOptions.of(allowed_classes, allow_pickle)):
+            return cls.read().load(path)
