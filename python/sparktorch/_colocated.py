@@ -7,17 +7,19 @@ shard of the parameter server (a :class:`sparktorch._native.ParameterServer` on 
 Rust threads, beside its training loop). The pieces find each other through Spark itself:
 
 1. every task spills its partition (``_spill``), as on the classic path;
-2. ``allGather`` #1: task 0 draws the per-fit secret (32 random bytes) and hands it to every
-   task. It travels through Spark's barrier coordinator (Spark RPC: encrypted when
-   ``spark.network.crypto.enabled`` is), never through the client or its Connect channel;
-3. each host task starts its shard, initialised from a file the client shipped with the job
-   (``SparkFiles``: ``addArtifacts`` on Connect, ``addFile`` on classic), reading only its own
-   range of it; or resumed from a checkpoint file (``resumeFrom``, or the state a previous
-   partition shuffle handed back);
-4. ``allGather`` #2: every host's address, port and TLS certificate fingerprint;
-5. every task trains exactly as on the classic path (``_task._train``), against the hosts;
-6. ``barrier()``: every task has finished (and said goodbye to the servers);
-7. each host writes its server's whole state (parameters, model buffers, optimizer state,
+2. each host task draws its shard's secret (32 random bytes) and starts its shard,
+   initialised from a file the client shipped with the job (``SparkFiles``: ``addArtifacts`` on
+   Connect, ``addFile`` on classic), reading only its own range of it; or resumed from a
+   checkpoint file (``resumeFrom``, or the state a previous partition shuffle handed back);
+3. one ``allGather``: every host's address, port, TLS certificate fingerprint and secret. It
+   travels through Spark's barrier coordinator (Spark RPC: encrypted when
+   ``spark.network.crypto.enabled`` is), never through the client or its Connect channel. This
+   is the stage's only synchronisation: each costs about a second of Spark's barrier protocol;
+4. every task trains exactly as on the classic path (``_task._train``), against the hosts;
+5. each host waits until every task of the stage has said goodbye to its shard (the server
+   counts them; the wait ends early only when the server has failed, and times out when no
+   traffic arrives for ``ioTimeout + roundTimeout``), so no server stops under a worker;
+6. each host writes its server's whole state (parameters, model buffers, optimizer state,
    steps, early stopping) as a checkpoint file and returns it, with shard 0's history and
    stats, as rows of at most :data:`CHUNK_BYTES` bytes: the client reassembles them.
 
@@ -228,34 +230,39 @@ def colocated_partition(plan: ColocatedPlan, batches: Iterator[pa.RecordBatch]) 
     log.info("partition %d: %d rows (%d for validation) spilled in %.2fs", partition, data.rows, data.n_val, data.seconds)
     server = None
     try:
-        drawn = os.urandom(32).hex() if partition == 0 else ""
-        secrets = [json.loads(m) for m in ctx.allGather(json.dumps({"p": partition, "secret": drawn}))]
-        secret = bytes.fromhex(next(m["secret"] for m in secrets if m["p"] == 0))
         if len(infos) < k:
             raise EngineError(f"psShards={k}: the training stage has only {len(infos)} tasks to host the shards")
+        mine: dict[str, Any] = {"p": partition}
         if partition < k:
+            # Each host draws its own shard's secret: it leaves this task only through the
+            # barrier coordinator (Spark RPC), to the stage's other tasks.
+            secret = os.urandom(32)
             server = _start_shard(plan, partition, secret, len(infos), infos[partition].address)
-        mine = {"p": partition}
-        if server is not None:
             host, port = server.address
             fp = server.tls_fingerprint
-            mine.update(host=host, port=port, fp=fp.hex() if fp else None)
+            mine.update(host=host, port=port, fp=fp.hex() if fp else None, secret=secret.hex())
+        # The stage's one synchronisation before training (each costs Spark's barrier
+        # round trip, about a second): every host's address, fingerprint and secret.
         hosts = sorted((json.loads(m) for m in ctx.allGather(json.dumps(mine))), key=lambda m: m["p"])
         shards = tuple(
-            ShardAddress(r.index, str(m["host"]), int(m["port"]), r.lo, r.hi, bytes.fromhex(m["fp"]) if m["fp"] else None)
+            ShardAddress(
+                r.index, str(m["host"]), int(m["port"]), r.lo, r.hi,
+                bytes.fromhex(m["fp"]) if m["fp"] else None, bytes.fromhex(m["secret"]),
+            )
             for r, m in zip(plan.ranges, hosts[:k])
         )
         cfg = replace(
             cfg,
             host=shards[0].host,
             port=shards[0].port,
-            secret=secret,
+            secret=shards[0].secret or b"",
             tls_fingerprint=shards[0].tls_fingerprint,
             shards=shards if k > 1 else None,
         )
         results = list(_train(cfg, data, partition, attempt))
-        # Every task has trained (and closed its connections) before any server stops.
-        ctx.barrier()
+        if server is not None:
+            # Every task has trained and said goodbye to the servers before any stops.
+            _await_workers(server, partition, len(infos), plan.io_timeout_s + plan.round_timeout_s)
         for r in results:
             yield _with_state(r, -1, None, 0, 0, None)
         if server is not None:
@@ -267,6 +274,35 @@ def colocated_partition(plan: ColocatedPlan, batches: Iterator[pa.RecordBatch]) 
         if server is not None:
             with contextlib.suppress(Exception):
                 server.stop()
+
+
+def _await_workers(server: Any, index: int, num_workers: int, idle_timeout_s: float) -> None:
+    """Wait until every one of the stage's ``num_workers`` training tasks has said goodbye to
+    this shard (or has been declared lost by it). The deadline moves with the server's
+    traffic: a fit still training is never cut short; one silent for ``idle_timeout_s`` is an
+    :class:`EngineError` (which fails the stage)."""
+    import time
+
+    last_bytes = -1
+    deadline = time.monotonic() + idle_timeout_s
+    pause = 0.005
+    while True:
+        stats = server.stats()
+        if int(stats.get("workers_done", 0)) + int(stats.get("workers_lost", 0)) >= num_workers:
+            return
+        if stats.get("error"):
+            return  # reported with the state; the workers have failed or will
+        moved = int(stats.get("bytes_in", 0))
+        now = time.monotonic()
+        if moved != last_bytes:
+            last_bytes, deadline = moved, now + idle_timeout_s
+        elif now > deadline:
+            raise EngineError(
+                f"parameter server shard {index}: {num_workers - int(stats.get('workers_done', 0))} of "
+                f"{num_workers} training tasks neither finished nor sent anything for {idle_timeout_s:.0f}s"
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def make_colocated_task(plan: ColocatedPlan):  # noqa: ANN201 - a closure for mapInArrow

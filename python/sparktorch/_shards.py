@@ -152,6 +152,9 @@ class ShardAddress:
     lo: int
     hi: int
     tls_fingerprint: bytes | None
+    secret: bytes | None = None
+    """This shard's own secret, where each shard has one (servers inside the training stage);
+    None: the fit's one secret."""
 
 
 # ------------------------------------------------------------------------------------ framing
@@ -1113,7 +1116,7 @@ class ShardedClient:
 
         def connect(a: ShardAddress) -> Any:
             return _native.Client(
-                a.host, a.port, secret, worker=worker, attempt=attempt, timeout_s=timeout_s,
+                a.host, a.port, a.secret or secret, worker=worker, attempt=attempt, timeout_s=timeout_s,
                 connect_timeout_s=connect_timeout_s, tls_fingerprint=a.tls_fingerprint, dtype=dtype,
             )
 
