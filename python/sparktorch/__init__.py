@@ -9,6 +9,8 @@ The public names are those of the ``sparktorch`` 0.2.0 package::
     from sparktorch import serialize_torch_obj, serialize_torch_obj_lazy, SparkTorch
     from sparktorch import SparkTorchModel, create_spark_torch_model, PysparkPipelineWrapper
 
+plus :func:`load_pipeline`, the loader for a saved pipeline you did not write.
+
 They are imported on first use (PEP 562): importing a private module of the package (a Spark
 Python worker unpickling a task, the worker daemon :mod:`sparktorch._daemon`) does not pull in
 pyspark.ml, pandas and pyarrow through this file.
@@ -35,6 +37,7 @@ _LAZY = {
     "create_spark_torch_model": ".inference",
     "deserialize_model": ".util",
     "load_torch_obj": ".util",
+    "load_pipeline": ".pipeline_util",
     "serialize_model": ".util",
     "serialize_torch_obj": ".util",
     "serialize_torch_obj_lazy": ".util",
@@ -49,6 +52,7 @@ __all__ = [
     "create_spark_torch_model",
     "deserialize_model",
     "load_torch_obj",
+    "load_pipeline",
     "serialize_model",
     "serialize_torch_obj",
     "serialize_torch_obj_lazy",

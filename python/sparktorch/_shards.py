@@ -83,7 +83,22 @@ __all__ = [
 
 SHARD_TAG_PREFIX = "sparktorch-shards-"
 MAX_HEADER = 4 << 20
-"""Bound of a control frame's JSON header (bytes)."""
+"""Bound of a control frame's JSON header (bytes), once the peer is authenticated."""
+MAX_PREAUTH_HEADER = 16 << 10
+"""Bound of the registration frame's header (bytes), read before its MAC is checked: a
+registration is a few hundred bytes, so an unauthenticated peer makes the registry hold at
+most this much."""
+REGISTRY_MAX_PENDING = 64
+"""Registry connections being handshaken at once; one more is closed as soon as it is
+accepted (the parameter server caps its connections the same way). Only K shards ever need
+one, once."""
+REGISTRY_BACKLOG = 1024
+"""Listen backlog of the registry: a burst of connections waits for the acceptor (which closes
+those over :data:`REGISTRY_MAX_PENDING` at once) rather than being refused by the kernel
+before a shard's own connection gets in."""
+REGISTRY_HANDSHAKE_TIMEOUT_S = 10.0
+"""Deadline of a whole registry handshake (all its reads together), so that a peer that
+connects and sends nothing, or trickles bytes, holds a slot at most this long."""
 POLL_S = 0.5
 """How often the driver's watchdog polls every shard (also the shards' heartbeat)."""
 
@@ -167,11 +182,16 @@ def _send(sock: socket.socket, header: dict[str, Any], payload: bytes | memoryvi
         sock.sendall(payload)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the handshake deadline passed")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError("connection closed by the peer")
@@ -179,18 +199,26 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _recv(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytearray]:
-    """One frame; the socket's timeout bounds each read."""
-    (hlen,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if hlen > MAX_HEADER:
-        raise ConnectionError(f"control frame header of {hlen} bytes exceeds {MAX_HEADER}")
-    header = json.loads(bytes(_recv_exact(sock, hlen)))
+def _recv(
+    sock: socket.socket, max_payload: int, max_header: int = MAX_HEADER, deadline: float | None = None
+) -> tuple[dict[str, Any], bytearray]:
+    """One frame; the socket's timeout bounds each read (and ``deadline``, a
+    ``time.monotonic()`` instant, all of them together). ConnectionError (or TimeoutError) for
+    a frame that breaks the bounds or is not a JSON object header; the header length is
+    checked before a byte of it is read."""
+    (hlen,) = struct.unpack(">I", _recv_exact(sock, 4, deadline))
+    if hlen > max_header:
+        raise ConnectionError(f"control frame header of {hlen} bytes exceeds {max_header}")
+    try:
+        header = json.loads(bytes(_recv_exact(sock, hlen, deadline)))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ConnectionError(f"control frame header is not JSON ({type(exc).__name__})") from exc
     if not isinstance(header, dict):
         raise ConnectionError("control frame header is not an object")
-    (plen,) = struct.unpack(">Q", _recv_exact(sock, 8))
+    (plen,) = struct.unpack(">Q", _recv_exact(sock, 8, deadline))
     if plen > max_payload:
         raise ConnectionError(f"control frame payload of {plen} bytes exceeds {max_payload}")
-    return header, _recv_exact(sock, plen) if plen else bytearray()
+    return header, _recv_exact(sock, plen, deadline) if plen else bytearray()
 
 
 def _mac(secret: bytes, label: bytes, *parts: bytes) -> str:
@@ -652,7 +680,7 @@ class ShardedServer:
         if plan.checkpoint_path:
             os.makedirs(plan.checkpoint_path, exist_ok=True)
 
-        self._listener = socket.create_server((bind, port), backlog=max(16, 2 * k))
+        self._listener = socket.create_server((bind, port), backlog=REGISTRY_BACKLOG)
         self._listener.settimeout(POLL_S)
         reg_port = self._listener.getsockname()[1]
         conf = self._sc.getConf()
@@ -791,6 +819,11 @@ class ShardedServer:
             sc.removeJobTag(self.tag)
 
     def _accept_loop(self) -> None:
+        """Accept registry connections; at most :data:`REGISTRY_MAX_PENDING` are handshaken at
+        once (each in a thread, for at most :data:`REGISTRY_HANDSHAKE_TIMEOUT_S`), any more is
+        closed at once."""
+        slots = threading.BoundedSemaphore(REGISTRY_MAX_PENDING)
+        refused = 0
         while not self._stopped:
             try:
                 sock, peer = self._listener.accept()
@@ -798,14 +831,41 @@ class ShardedServer:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._handshake, args=(sock, peer), name="sparktorch-shard-handshake", daemon=True).start()
+            if not slots.acquire(blocking=False):
+                refused += 1
+                if refused == 1 or refused % 1000 == 0:
+                    log.warning(
+                        "shard registry: %d connection(s) refused, %d handshakes already pending (latest from %s)",
+                        refused, REGISTRY_MAX_PENDING, peer,
+                    )
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                continue
+
+            def run(sock: socket.socket = sock, peer: Any = peer) -> None:
+                try:
+                    self._handshake(sock, peer)
+                finally:
+                    slots.release()
+
+            try:
+                threading.Thread(target=run, name="sparktorch-shard-handshake", daemon=True).start()
+            except RuntimeError:  # no thread to be had: refuse this one
+                slots.release()
+                sock.close()
 
     def _handshake(self, sock: socket.socket, peer: Any) -> None:
         try:
-            sock.settimeout(min(30.0, self._io_timeout))
+            timeout = min(REGISTRY_HANDSHAKE_TIMEOUT_S, self._io_timeout)
+            deadline = time.monotonic() + timeout
+            sock.settimeout(timeout)
             nonce = os.urandom(32)
             _send(sock, {"nonce": nonce.hex()})
-            msg, _ = _recv(sock, 0)
+            # unauthenticated until the MAC is checked: a small header, one deadline
+            msg, _ = _recv(sock, 0, max_header=MAX_PREAUTH_HEADER, deadline=deadline)
+            sock.settimeout(min(30.0, self._io_timeout))
             mac = str(msg.pop("mac", ""))
             if not hmac.compare_digest(mac, _mac(self._secret, b"shard-register", nonce, _canonical(msg))):
                 log.warning("shard registry: refused %s (bad MAC)", peer)
@@ -833,7 +893,7 @@ class ShardedServer:
                 self._cond.notify_all()
             log.info("parameter server shard %d [%d, %d) registered from %s:%d", index, r.lo, r.hi, handle.address.host, handle.address.port)
         except Exception as e:  # noqa: BLE001 - one bad connection never stops the registry
-            log.warning("shard registry: connection from %s failed: %s", peer, e)
+            log.info("shard registry: connection from %s failed: %s", peer, e)
             try:
                 sock.close()
             except OSError:
