@@ -12,12 +12,15 @@ Layout of a saved :class:`~sparktorch.SparkTorchModel` directory::
 
 The ``class`` in the metadata (``sparktorch.model.SparkTorchModel``) is what
 ``PipelineModel.load`` uses to find this reader. A "spec" model (an import path + JSON kwargs,
-or a container tree of ``torch.nn`` layers, see :mod:`sparktorch._serialize`) is rebuilt by
-importing its classes, checking that each is an ``nn.Module`` subclass *before* calling it, and
-loading safetensors weights: nothing is unpickled. A "pickle" model, and an estimator whose
-``torchObj`` is a pickle, load only with the opt-in (:data:`ALLOW_PICKLE_CONF` or
-:data:`ALLOW_PICKLE_ENV`); without it :class:`~sparktorch.errors.UnsafeModelError` names the
-file and the opt-in before anything is unpickled. Any failure to read raises
+or a container tree of ``torch.nn`` layers, see :mod:`sparktorch._serialize`) is rebuilt after
+its class names pass the load's :class:`~sparktorch._serialize.ClassPolicy` *as text*
+(``torch.nn`` plus the call's ``allowed_classes``), after it was built on the ``meta`` device
+and compared with the safetensors header (names, shapes, dtypes), and then loads its weights:
+nothing is unpickled. A "pickle" model, and an estimator whose ``torchObj`` is a pickle, load
+only with ``allow_pickle=True`` on that load (:class:`LoadOptions`), or the process-wide switch
+(:data:`ALLOW_PICKLE_CONF`, :data:`ALLOW_PICKLE_ENV`), which warns on every use; without either
+:class:`~sparktorch.errors.UnsafeModelError` names the file and the opt-in before anything is
+unpickled. Any failure to read raises
 :class:`~sparktorch.errors.PersistenceError` naming the file and the cause.
 
 Paths are resolved as Spark resolves the metadata's: a path without a scheme is qualified

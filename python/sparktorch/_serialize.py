@@ -10,9 +10,12 @@ Two string formats, both versioned and recognisable by their prefix:
     sparktorch-torchobj/1;pickle;<base64>   anything else (cloudpickle, by value)
 
 The JSON form names classes by import path (``package.module:Class``) and carries their
-constructor kwargs; reading it imports those modules, checks that each named class is a
-subclass of what it must be (``torch.nn.Module``, ``torch.optim.Optimizer``) *before* calling
-it, and never unpickles anything.
+constructor kwargs; reading it checks each name under a :class:`ClassPolicy` (a string made in
+this process: any importable class but ``__main__``; a string from storage: ``torch.nn`` /
+``torch.optim`` and the caller's ``allowed_classes``, checked as text before any import), checks
+that each class is a subclass of what it must be (``torch.nn.Module``, ``torch.optim.Optimizer``)
+*before* calling it, and never unpickles anything. From storage, the model is also built on the
+``meta`` device first and compared with its safetensors header (:func:`build_checked`).
 
 A *model spec* (JSON) rebuilds an architecture without pickle::
 

@@ -57,8 +57,10 @@ class UnsafeModelError(PersistenceError, SerializationError):
     and loading pickles was not opted into.
 
     Raised before anything is unpickled. The message names the file (or the string) and the
-    opt-in: the Spark conf ``spark.sparktorch.allowPickle=true`` or the environment variable
-    ``SPARKTORCH_ALLOW_PICKLE=1`` (see ``docs/persistence.md``).
+    opt-in: ``allow_pickle=True`` on that load call (``SparkTorchModel.load``,
+    ``SparkTorch.load``, ``sparktorch.load_pipeline``), or the process-wide switches
+    ``spark.sparktorch.allowPickle=true`` / ``SPARKTORCH_ALLOW_PICKLE=1``, which warn on every
+    use (see ``docs/persistence.md``).
     """
 
 
