@@ -96,3 +96,25 @@ def test_batchnorm_buffers_and_vector_output(spark):
     assert float(state["features.1.running_var"].sub(1).abs().max()) > 1e-4
     vectors = fitted.transform(df).select("predicted").collect()
     assert len(vectors) == 64 and all(len(r["predicted"]) == 2 for r in vectors)
+
+
+@pytest.mark.timeout(420)
+def test_spark_connect_on_this_line(tmp_path):
+    """Every line whose pip package bundles the Connect server (4.0 on): a local Connect server
+    of that line fits in-stage shards equal to torch, transforms, saves and loads
+    (``connect_case.py``, in a process of its own)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pyspark.find_spark_home import _find_spark_home
+
+    if not os.environ.get("SPARKTORCH_EXPECT_PYSPARK"):
+        pytest.skip("the venv's own PySpark: tests/connect (make test-connect) covers Connect on it")
+
+    jars = Path(_find_spark_home()) / "jars"
+    if not any(p.name.startswith("spark-connect_") for p in jars.glob("*.jar")):
+        pytest.skip(f"PySpark {pyspark.__version__}'s pip package has no Connect server (it comes from --packages)")
+    case = Path(__file__).with_name("connect_case.py")
+    proc = subprocess.run([sys.executable, str(case), str(tmp_path / "model")], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0 and f"CONNECT OK {pyspark.__version__}" in proc.stdout, proc.stderr[-4000:]
