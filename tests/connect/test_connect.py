@@ -272,3 +272,44 @@ def test_a_cancelled_fit_leaves_no_running_task(connect, server_context):
             break
         time.sleep(0.5)
     assert running == 0
+
+
+def test_ctrl_c_cancels_the_fit_and_leaves_no_running_task(connect, server_context):
+    """Ctrl-C (SIGINT to the client process) while the training stage runs: the fit raises
+    KeyboardInterrupt, and its job tag is interrupted, so no task of it is left running."""
+    import os
+    import signal
+
+    from nets import SlowTwoLayer
+
+    df, _, _ = _frame(connect)
+    obj = serialize_torch_obj(SlowTwoLayer(5, 8, 3, delay_s=0.2), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+    est = SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=10_000, partitions=2, mode="synchronous")
+    tracker = server_context.statusTracker()
+    seen = threading.Event()
+
+    def press_ctrl_c() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            stages = [tracker.getStageInfo(s) for s in tracker.getActiveStageIds()]
+            if any(st is not None and st.numActiveTasks == 2 for st in stages):
+                seen.set()
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c, daemon=True)
+    presser.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(df)
+    assert seen.is_set(), "the training stage never ran its 2 tasks"
+    assert time.monotonic() - started < 150
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = sum((tracker.getStageInfo(s).numActiveTasks if tracker.getStageInfo(s) else 0) for s in tracker.getActiveStageIds())
+        if running == 0:
+            break
+        time.sleep(0.5)
+    assert running == 0
