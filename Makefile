@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup example test test-rust test-python test-connect test-compat lint bench bench-data bench-engine clean
+.PHONY: setup example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -46,6 +46,11 @@ test-compat: setup
 ## Benchmarks (see docs/benchmarks.md).
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+## The seed fit on Spark Connect beside classic (docs/benchmarks.md, "Spark Connect"; ~10 minutes):
+## cold fit, time to the first step, warm fit, each side in its own process, alternating.
+bench-connect: setup
+	$(PY) benchmarks/connect_fit.py --reps 2
 
 ## A training task's memory for a partition 1x and 8x the size, and ingestion throughput against
 ## Spark's no-op mapInArrow (docs/benchmarks.md, "Data path"; a few minutes).

@@ -7,6 +7,8 @@ the same machine state within a repetition:
 
 - ``classic``: ``SparkSession.builder.master("local[4]")``, the default placement (the parameter
   server on the driver);
+- ``classic+tasks``: the same classic session with ``psPlacement='tasks'`` (the servers inside
+  the training stage, as on Connect): the cost of the placement alone;
 - ``connect``: ``SparkSession.builder.remote("local[4]")``, a local Spark Connect server with
   Spark's defaults (the parameter server inside the training stage);
 - ``connect+daemon``: the same server started with ``spark.python.daemon.module=
@@ -45,7 +47,7 @@ from common import BENCH, OUR_PY, TEST_CSV, TRAIN_CSV, accuracy, load_csv, seed_
 
 log = logging.getLogger("bench.connect")
 
-SIDES = ("classic", "connect", "connect+daemon")
+SIDES = ("classic", "classic+tasks", "connect", "connect+daemon")
 FITS = (("cold", 50), ("first_step", 1), ("warm", 50))
 
 
@@ -73,7 +75,7 @@ def one_side(side: str) -> list[dict[str, Any]]:
 
     x_test, y_test = load_csv(TEST_CSV)
     t0 = time.perf_counter()
-    if side == "classic":
+    if side.startswith("classic"):
         spark = SparkSession.builder.master("local[4]").config("spark.ui.enabled", "false").getOrCreate()
         spark.sparkContext.setLogLevel("ERROR")
     else:
@@ -93,6 +95,7 @@ def one_side(side: str) -> list[dict[str, Any]]:
                 SparkTorch(
                     inputCol="features", labelCol="_c0", predictionCol="predictions", torchObj=obj, iters=iters,
                     partitions=4, verbose=0, useBarrier=True, mode="synchronous",
+                    psPlacement="tasks" if side == "classic+tasks" else "auto",
                 ),
             ]
             t = time.perf_counter()
@@ -119,16 +122,17 @@ def _median(records: list[dict[str, Any]], side: str, fit: str, key: str = "fit_
 
 def table(records: list[dict[str, Any]]) -> str:
     """Markdown: medians per side and fit, and each Connect side's ratio to classic."""
+    others = [s for s in SIDES[1:] if any(r["side"] == s for r in records)]
     lines = [
-        "| fit | classic (s) | Connect (s) | Connect / classic | Connect + daemon (s) | Connect + daemon / classic | held-out accuracy (classic, Connect) |",
-        "|---|---|---|---|---|---|---|",
+        "| fit | classic (s) | " + " | ".join(f"{s} (s) | {s} / classic" for s in others) + " | held-out accuracy (classic, connect) |",
+        "|---|---|" + "---|---|" * len(others) + "---|",
     ]
     for fit, iters in FITS:
         base = _median(records, "classic", fit)
         cells = [f"{fit} ({iters} step{'s' if iters > 1 else ''})", f"{base:.2f}" if base else "n/a"]
-        for side in ("connect", "connect+daemon"):
+        for side in others:
             v = _median(records, side, fit)
-            cells += [f"{v:.2f}" if v else "n/a", f"{v / base:.2f}x" if v and base else "n/a"]
+            cells += [f"{v:.2f}" if v else "n/a", f"**{v / base:.2f}x**" if v and base else "n/a"]
         acc_c, acc_r = _median(records, "classic", fit, "accuracy"), _median(records, "connect", fit, "accuracy")
         cells.append(f"{acc_c:.4f}, {acc_r:.4f}" if acc_c is not None and acc_r is not None else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
