@@ -387,23 +387,71 @@ def ps_section(d: dict[str, Any]) -> list[str]:
         out.append(f"- Cells where ours is slower: {', '.join(worse)}. Both sides' clients are Python processes; with "
                    "several clients on 2 cores, whichever side's server needs less CPU leaves more to its clients, and "
                    "short cells (a few round trips at 25M) are noisy — see min–max.")
-    cli = d.get("cli") or []
-    if cli:
-        out += ["", "The Rust-only number: `sparktorch-ps bench` (client *threads* in Rust on loopback, no Python in the loop; "
-                "its push steps plain SGD, so it shows the protocol and server without Adam's extra state traffic):", "",
-                "| model | clients | pull round trips/s (MB/s) | push round trips/s (MB/s) |", "|---|---|---|---|"]
-        for r in cli:
-            if r.get("ok") and ("pull" in r or "push" in r):
-                cellv = {op: (f"{r[op]['ops_per_s']:,.0f} ({r[op]['mb_per_s']:,.0f})" if op in r else "—") for op in ("pull", "push")}
-                out.append(f"| {r.get('size')} | {r.get('clients')} | {cellv['pull']} | {cellv['push']} |")
-            else:
-                out.append(f"| {r.get('size', '?')} | {r.get('clients', '?')} | not available: "
-                           f"`{short_error(r.get('error') or r.get('output', ''), 150)}` | |")
-        if cli and cli[0].get("cmd"):
-            out += ["", f"Command, e.g.: `{cli[0]['cmd']}`."]
+    out += cli_table(d.get("cli") or [])
     out.append("")
     if (PLOTS / "side_by_side_ps_throughput.png").exists():
         out += ["![parameter server throughput](plots/side_by_side_ps_throughput.png)", ""]
+    return out
+
+
+# The `sparktorch-ps bench --json` document's shape that this report reads
+# (crates/sparktorch-cli/src/bench.rs, `JSON_SCHEMA`).
+CLI_SCHEMA = 1
+
+
+def parse_cli_bench(stdout: str) -> dict[str, Any]:
+    """The document ``sparktorch-ps bench --json`` printed on ``stdout``, checked for what this
+    report reads: the schema version, and per operation a median with ``ops_per_s``,
+    ``ms_per_op_per_client`` and ``mb_per_s``. Raises ``ValueError`` naming what is missing
+    (``benchmarks/run_all.py`` stores the message in place of the numbers)."""
+    try:
+        doc = json.loads(stdout)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"sparktorch-ps bench --json did not print one JSON document ({e}): {stdout[:200]!r}") from e
+    if not isinstance(doc, dict) or doc.get("schema") != CLI_SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"sparktorch-ps bench --json: schema {got!r}, this report reads schema {CLI_SCHEMA}")
+    medians = doc.get("medians")
+    if not isinstance(medians, list) or not medians:
+        raise ValueError("sparktorch-ps bench --json: no 'medians' list")
+    for m in medians:
+        missing = [k for k in ("op", "ops_per_s", "ms_per_op_per_client", "mb_per_s") if k not in m]
+        if missing:
+            raise ValueError(f"sparktorch-ps bench --json: a median lacks {', '.join(missing)}: {m}")
+    return doc
+
+
+def cli_cells(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per operation (``pull``, ``push``, ``push_pull``; float32 when several dtypes were
+    measured), the medians of a parsed ``sparktorch-ps bench --json`` document."""
+    cells: dict[str, dict[str, float]] = {}
+    for m in doc.get("medians", []):
+        if m.get("dtype", "float32") == "float32" and m.get("ops_per_s") is not None:
+            cells[m["op"]] = {k: m[k] for k in ("ops_per_s", "ms_per_op_per_client", "mb_per_s")}
+    return cells
+
+
+def cli_table(cli: list[dict[str, Any]]) -> list[str]:
+    """The Rust-only parameter-server table from ``cli.jsonl``'s records (``run_all.py``'s
+    ``cli_job``: model size, clients, ``bench`` = the parsed ``--json`` document, or ``ok`` false
+    with an ``error``)."""
+    if not cli:
+        return []
+    out = ["", "The Rust-only number: `sparktorch-ps bench` (client *threads* in Rust on loopback, no Python in the loop; "
+           "its push steps plain SGD, so it shows the protocol and server without Adam's extra state traffic; read from "
+           "its `--json` document, the medians of each operation):", "",
+           "| model | clients | pull round trips/s (MB/s) | push round trips/s (MB/s) |", "|---|---|---|---|"]
+    for r in cli:
+        cells = cli_cells(r["bench"]) if r.get("ok") and isinstance(r.get("bench"), dict) else {}
+        if cells:
+            cellv = {op: (f"{cells[op]['ops_per_s']:,.0f} ({cells[op]['mb_per_s']:,.0f})" if op in cells else "—")
+                     for op in ("pull", "push")}
+            out.append(f"| {r.get('size')} | {r.get('clients')} | {cellv['pull']} | {cellv['push']} |")
+        else:
+            out.append(f"| {r.get('size', '?')} | {r.get('clients', '?')} | not available: "
+                       f"`{short_error(r.get('output') or r.get('error') or 'no results', 150)}` | |")
+    if cli[0].get("cmd"):
+        out += ["", f"Command, e.g.: `{cli[0]['cmd']}`."]
     return out
 
 

@@ -285,9 +285,12 @@ def main() -> None:
 
 
 def cli_job(run: Runner) -> None:
-    """``sparktorch-ps bench``: the Rust load generator (client threads in Rust, no Python in the
-    loop), cited beside the Python-client numbers. It steps plain SGD on push (ps_bench: Adam)."""
+    """``sparktorch-ps bench --json``: the Rust load generator (client threads in Rust, no Python
+    in the loop), cited beside the Python-client numbers. It steps plain SGD on push (ps_bench:
+    Adam). The JSON document is checked by ``report.parse_cli_bench`` (the report's own reader,
+    tests/unit/test_cli_bench_json.py keeps the two in step) and stored whole as ``bench``."""
     from common import PS_MODELS, num_params
+    from report import parse_cli_bench
 
     out = RESULTS / "cli.jsonl"
     exe = cli_binary()
@@ -298,21 +301,32 @@ def cli_job(run: Runner) -> None:
         n = num_params(PS_MODELS[size])
         for clients in (1, 4):
             cmd = [str(exe), "bench", "--params", str(n), "--clients", str(clients), "--seconds", str(PS["seconds"]),
-                   "--mode", "async", "--ops", "pull,push"]
-            res = run_bounded(cmd, 120, env={**ENV, "SPARKTORCH_LOG": "warn"}, log_path=WORK / f"{KIND}-jobs.log")
-            rec: dict[str, Any] = {"size": size, "num_params": n, "clients": clients, "cmd": "sparktorch-ps " + " ".join(cmd[1:]),
-                                   "ok": res["rc"] == 0 and not res["timed_out"], "output": res["tail"][-2000:]}
-            for line in res["tail"].splitlines():
-                parts = line.split()
-                if len(parts) == 5 and parts[0] in ("pull", "push", "push_pull"):
-                    try:
-                        rec[parts[0]] = {"ops_per_s": float(parts[1]), "ms_per_op_per_client": float(parts[2]), "mb_per_s": float(parts[3])}
-                    except ValueError:
-                        pass
+                   "--mode", "async", "--ops", "pull,push", "--json"]
+            rec: dict[str, Any] = {"size": size, "num_params": n, "clients": clients, "cmd": "sparktorch-ps " + " ".join(cmd[1:])}
+            t0 = time.perf_counter()
+            # One process, no children: a plain timeout is enough; stdout is the document alone.
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                                     env={**os.environ, **ENV, "SPARKTORCH_LOG": "warn"})
+                rc, timed_out, stdout, stderr = res.returncode, False, res.stdout, res.stderr
+            except subprocess.TimeoutExpired as e:
+                rc, timed_out = None, True
+                stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            wall = time.perf_counter() - t0
+            with open(WORK / f"{KIND}-jobs.log", "a") as f:
+                f.write(f"$ {' '.join(cmd)}\n{stdout}\n{stderr}\n[rc={rc} wall={wall:.1f}s timed_out={timed_out}]\n\n")
+            if rc == 0:
+                try:
+                    rec.update(ok=True, bench=parse_cli_bench(stdout))
+                except ValueError as e:
+                    rec.update(ok=False, error=str(e))
+            else:
+                rec.update(ok=False, error="timed out after 120 s" if timed_out else f"exit code {rc}",
+                           output=(stderr or stdout)[-2000:])
             append_jsonl(out, rec)
-            run.jobs.append({"name": f"cli {size} c={clients}", "cmd": cmd, "rc": res["rc"], "wall_s": round(res["wall_s"], 1),
-                             "timed_out": res["timed_out"]})
-
+            run.jobs.append({"name": f"cli {size} c={clients}", "cmd": cmd, "rc": rc, "wall_s": round(wall, 1),
+                             "timed_out": timed_out})
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,11 @@
 //! copying bytes on the same cores the server steps on.
 //!
 //! The medians over `--reps` repetitions are printed last, with the ratios.
+//!
+//! With `--json`, nothing but one JSON document goes to stdout, at the end: the configuration,
+//! every measured row and the medians, each value in a named field whose unit the document's
+//! `units` object spells out ([`JSON_SCHEMA`] versions its shape). `make bench`
+//! (`benchmarks/run_all.py`) reads that, not the text tables, which may change freely.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +35,11 @@ use anyhow::{anyhow, bail, Result};
 use sparktorch_optim::HyperValue;
 use sparktorch_ps::{Client, ClientOptions, Dtype, Mode, Server, ServerConfig, ServerTls};
 
-use crate::{parse_mode, random_init};
+use crate::{num, parse_mode, random_init};
+
+/// The version of the `--json` document's shape: raised whenever a field is renamed, removed or
+/// changes its meaning (adding a field does not raise it).
+pub const JSON_SCHEMA: u32 = 1;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -63,6 +72,10 @@ pub struct BenchArgs {
     /// Repetitions (baselines and operations alternate); medians are reported.
     #[arg(long, default_value_t = 1)]
     reps: u32,
+    /// Print one JSON document on stdout (configuration, every row, the medians; units named)
+    /// instead of the text tables.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A connected pair of loopback sockets and the server side's thread, which runs `serve` on
@@ -417,29 +430,54 @@ pub fn run(a: BenchArgs) -> Result<()> {
             )
         })
         .collect();
-    println!(
+    let transport = if a.tls { "TLS 1.3" } else { "plaintext" };
+    // `--json`: the text goes nowhere; the document is printed at the end.
+    let say = |line: std::fmt::Arguments| {
+        if !a.json {
+            println!("{line}");
+        }
+    };
+    say(format_args!(
         "params={} ({mb:.1} MB/tensor as f32; on the wire {}) clients={} \
-         mode={mode} seconds/op={} reps={} transport={}",
+         mode={mode} seconds/op={} reps={} transport={transport}",
         a.params,
         wire.join(", "),
         a.clients,
         a.seconds,
         a.reps,
-        if a.tls { "TLS 1.3" } else { "plaintext" }
-    );
-    println!(
+    ));
+    say(format_args!(
         "{:<4} {:<30} {:>8} {:>13} {:>8} {:>10} {:>13}",
         "rep", "what", "ops/s", "ms/op/client", "MB/s", "CPU cores", "machine busy"
-    );
-    let row = |rep: u32, what: &str, ops: Option<f64>, ms: Option<f64>, mbs: f64, m: (f64, f64)| {
+    ));
+    // Every measured row, for `--json`.
+    let json_rows = std::cell::RefCell::new(Vec::new());
+    let row = |rep: u32,
+               what: &str,
+               case: Option<&(String, Dtype)>,
+               ops: Option<f64>,
+               ms: Option<f64>,
+               mbs: f64,
+               m: (f64, f64)| {
         let opt = |v: Option<f64>, prec: usize| v.map_or(String::new(), |x| format!("{x:.prec$}"));
-        println!(
+        say(format_args!(
             "{rep:<4} {what:<30} {:>8} {:>13} {mbs:>8.0} {:>10.2} {:>12.0}%",
             opt(ops, 1),
             opt(ms, 2),
             m.0,
             m.1 * 100.0
-        );
+        ));
+        json_rows.borrow_mut().push(serde_json::json!({
+            "rep": rep,
+            "what": what,
+            "op": case.map(|c| c.0.as_str()),
+            "dtype": case.map(|c| c.1.as_str()),
+            "ops_per_s": ops.map(num),
+            "ms_per_op_per_client": ms.map(num),
+            "mb_per_s": num(mbs),
+            "cpu_cores": num(m.0),
+            "machine_busy": num(m.1),
+        }));
     };
     let (mut streams, mut cold_streams) = (Vec::new(), Vec::new());
     let (mut exchanges, mut duplexes) = (Vec::new(), Vec::new());
@@ -456,6 +494,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "raw stream",
                 None,
                 None,
+                None,
                 m.value / 1e6,
                 (m.cores, m.machine),
             );
@@ -465,6 +504,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             row(
                 rep,
                 "raw stream, model-sized buffers",
+                None,
                 None,
                 None,
                 m.value / 1e6,
@@ -480,6 +520,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 row(
                     rep,
                     what,
+                    None,
                     Some(rate),
                     Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
                     rate * 2.0 * mb,
@@ -498,6 +539,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             row(
                 rep,
                 &case_name(case),
+                Some(case),
                 Some(rate),
                 Some(1e3 * f64::from(a.clients) / rate.max(1e-9)),
                 rate * per_op_mb,
@@ -508,7 +550,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             machine[i].push(m.machine);
         }
     }
-    println!("medians over {} repetition(s):", a.reps);
+    say(format_args!("medians over {} repetition(s):", a.reps));
     let stream = median(&mut streams);
     let cold_stream = median(&mut cold_streams);
     // Exchanges per second over all clients; as the time of one (per client) in ms.
@@ -518,29 +560,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // The raw stream's time for `bytes`, in ms.
     let stream_ms = |bytes: f64| bytes / stream * 1e3;
     let op_bytes = 2.0 * tensor_bytes as f64;
+    let mut json_baselines = serde_json::Value::Null;
     if a.loopback {
-        println!(
-            "  raw stream                      {:>8.0} MB/s  ({:.2} CPU cores)",
+        let stream_cores = median(&mut stream_cores);
+        say(format_args!(
+            "  raw stream                      {:>8.0} MB/s  ({stream_cores:.2} CPU cores)",
             stream / 1e6,
-            median(&mut stream_cores)
-        );
-        println!(
+        ));
+        say(format_args!(
             "  raw stream, model-sized buffers {:>8.0} MB/s  = {:.2}x the raw stream's rate",
             cold_stream / 1e6,
             cold_stream / stream
-        );
+        ));
         for (what, rate) in [
             ("raw push+pull exchange  ", exchange_rate),
             ("raw full-duplex exchange", duplex_rate),
         ] {
-            println!(
+            say(format_args!(
                 "  {what}        {:>8.2} ms/op/client ({:.1} MB each way) = {:.2}x the raw stream's time for its bytes, aggregate {:.2}x its rate",
                 per_client_ms(rate),
                 mb,
                 per_client_ms(rate) / f64::from(a.clients) / stream_ms(op_bytes),
                 rate * op_bytes / stream
-            );
+            ));
         }
+        json_baselines = serde_json::json!({
+            "raw_stream_mb_per_s": num(stream / 1e6),
+            "raw_stream_cpu_cores": num(stream_cores),
+            "raw_stream_model_sized_mb_per_s": num(cold_stream / 1e6),
+            "raw_exchange_ops_per_s": num(exchange_rate),
+            "raw_exchange_ms_per_op_per_client": num(per_client_ms(exchange_rate)),
+            "raw_duplex_ops_per_s": num(duplex_rate),
+            "raw_duplex_ms_per_op_per_client": num(per_client_ms(duplex_rate)),
+        });
     }
     // Paired bfloat16 / float32 time ratios per operation (same repetition), before the
     // medians below sort the rates.
@@ -555,54 +607,116 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         Vec::new()
     };
+    let mut json_medians = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let op = &case.0;
         let name = case_name(case);
         let rate = median(&mut rates[i]);
         let ms = 1e3 * f64::from(a.clients) / rate.max(1e-9);
         let per_op_mb = if op == "push_pull" { 2.0 * mb } else { mb };
-        print!(
-            "  {name:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({:.2} CPU cores, machine {:.0}% busy)",
+        let (cores, busy) = (median(&mut cores[i]), median(&mut machine[i]));
+        let mut line = format!(
+            "  {name:<22}  {ms:>10.2} ms/op/client  {:>8.0} MB/s  ({cores:.2} CPU cores, machine {:.0}% busy)",
             rate * per_op_mb,
-            median(&mut cores[i]),
-            100.0 * median(&mut machine[i])
+            100.0 * busy
         );
+        let mut vs_raw = serde_json::Value::Null;
         if a.loopback && op == "push_pull" {
             // The time of one push+pull (one client: its latency; several: the aggregate's
             // time per operation) against the raw stream's time for the same bytes (the
             // issue's measure), and against the raw exchanges of the same run.
             let per_op = ms / f64::from(a.clients);
-            print!(
-                "\n    = {:.2}x the raw stream's time for its {:.0} MB (aggregate {:.2}x its rate), \
-                 {:.2}x the raw exchange's time, {:.2}x the raw full-duplex exchange's",
+            let (x_stream, x_rate) = (
                 per_op / stream_ms(op_bytes),
-                2.0 * mb,
                 rate * per_op_mb * 1e6 / stream,
-                ms / per_client_ms(exchange_rate),
-                ms / per_client_ms(duplex_rate)
             );
+            let x_exchange = ms / per_client_ms(exchange_rate);
+            let x_duplex = ms / per_client_ms(duplex_rate);
+            line += &format!(
+                "\n    = {x_stream:.2}x the raw stream's time for its {:.0} MB (aggregate {x_rate:.2}x its rate), \
+                 {x_exchange:.2}x the raw exchange's time, {x_duplex:.2}x the raw full-duplex exchange's",
+                2.0 * mb,
+            );
+            vs_raw = serde_json::json!({
+                "time_over_raw_stream": num(x_stream),
+                "rate_over_raw_stream": num(x_rate),
+                "time_over_raw_exchange": num(x_exchange),
+                "time_over_raw_duplex": num(x_duplex),
+            });
         }
-        println!();
+        say(format_args!("{line}"));
+        json_medians.push(serde_json::json!({
+            "op": op,
+            "dtype": case.1.as_str(),
+            "what": name,
+            "ops_per_s": num(rate),
+            "ms_per_op_per_client": num(ms),
+            "mb_per_s": num(rate * per_op_mb),
+            "cpu_cores": num(cores),
+            "machine_busy": num(busy),
+            "vs_raw": vs_raw,
+        }));
     }
+    let mut json_pairs = Vec::new();
     for (op, mut ratios) in paired {
         let all: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-        println!(
-            "  {op}: bfloat16 takes {:.2}x the float32 time (median of the repetitions' pairs: {})",
-            median(&mut ratios),
+        let pairs: Vec<serde_json::Value> = ratios.iter().map(|r| num(*r)).collect();
+        let med = median(&mut ratios);
+        say(format_args!(
+            "  {op}: bfloat16 takes {med:.2}x the float32 time (median of the repetitions' pairs: {})",
             all.join(", ")
-        );
+        ));
+        json_pairs.push(serde_json::json!({"op": op, "median": num(med), "pairs": pairs}));
     }
+    let mut json_servers = Vec::new();
     for (d, (server, _, stop_tx, task)) in dtypes.iter().zip(servers) {
         let st = server.stats();
-        println!(
+        say(format_args!(
             "server ({}): {} steps, {} model-size buffers allocated by steps (the first \
              bfloat16 copies, and whenever every recycled buffer was still being sent)",
             d.as_str(),
             st.updates,
             st.store_allocations
-        );
+        ));
+        json_servers.push(serde_json::json!({
+            "dtype": d.as_str(),
+            "steps": st.updates,
+            "store_allocations": st.store_allocations,
+        }));
         let _ = stop_tx.send(());
         rt.block_on(task)??;
+    }
+    if a.json {
+        let doc = serde_json::json!({
+            "schema": JSON_SCHEMA,
+            "units": {
+                "ops_per_s": "operations per second, all clients together",
+                "ms_per_op_per_client": "milliseconds per operation, as one client sees it",
+                "mb_per_s": "megabytes (10^6 bytes) per second, all clients together, as float32",
+                "cpu_cores": "CPU seconds this process used per wall-clock second",
+                "machine_busy": "share of all the machine's CPU time that was busy, 0 to 1",
+                "seconds": "seconds",
+                "tensor_mb": "megabytes (10^6 bytes)",
+            },
+            "config": {
+                "params": a.params,
+                "clients": a.clients,
+                "seconds": a.seconds,
+                "mode": mode.to_string(),
+                "ops": ops,
+                "dtypes": dtypes.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+                "loopback": a.loopback,
+                "transport": transport,
+                "reps": a.reps,
+                "tensor_mb": num(mb),
+            },
+            "rows": json_rows.into_inner(),
+            "medians": json_medians,
+            "baselines": json_baselines,
+            "bfloat16_over_float32_time": json_pairs,
+            "servers": json_servers,
+        });
+        println!("{doc}");
     }
     Ok(())
 }

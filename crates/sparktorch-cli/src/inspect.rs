@@ -4,6 +4,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use sparktorch_ps::checkpoint::{self, Checkpoint};
+
+use crate::num;
+
 /// Per-tensor statistics: min, max, mean, L2 norm (f64 accumulation), NaN/inf count.
 struct TensorStats {
     name: String,
@@ -49,15 +52,6 @@ fn tensor_stats(name: String, shape: Vec<usize>, v: &[f32]) -> TensorStats {
         },
         l2: sq.sqrt(),
         non_finite: bad,
-    }
-}
-
-/// A float for JSON output: non-finite values become null.
-fn num(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        serde_json::json!(v)
-    } else {
-        serde_json::Value::Null
     }
 }
 

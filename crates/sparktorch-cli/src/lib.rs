@@ -5,6 +5,7 @@
 //! sparktorch-ps serve --params 1000000 --mode async --workers 4      # prints its address
 //! sparktorch-ps bench --params 25000000 --clients 4 --seconds 5      # loopback throughput
 //! sparktorch-ps bench --params 25000000 --tls                        # the same over TLS
+//! sparktorch-ps bench --params 270000 --json                        # one JSON document
 //! sparktorch-ps inspect ckpt/                                        # a checkpoint's contents
 //! ```
 //! Logs go to stderr, filtered by `SPARKTORCH_LOG` (default `info`).
@@ -96,6 +97,15 @@ fn init_logging() {
 
 pub(crate) fn parse_mode(s: &str) -> Result<Mode> {
     Mode::parse(s).ok_or_else(|| anyhow!("--mode must be hogwild, async or synchronous, got {s:?}"))
+}
+
+/// A float for JSON output: non-finite values become null.
+pub(crate) fn num(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else {
+        serde_json::Value::Null
+    }
 }
 
 /// Uniform values in [-0.05, 0.05) from a xorshift generator (deterministic per seed).

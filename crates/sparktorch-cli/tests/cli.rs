@@ -143,6 +143,63 @@ fn bench_synchronous_push_pull() {
     ]);
 }
 
+/// `--json`: stdout is one JSON document and nothing else, with the configuration, a row per
+/// repetition and operation, and a median per operation, every value under a named field
+/// (`benchmarks/run_all.py` and `report.py` read exactly these fields).
+#[test]
+fn bench_json_is_one_document_with_named_fields() {
+    let stdout = bench(&[
+        "--params",
+        "1000",
+        "--clients",
+        "2",
+        "--seconds",
+        "0.1",
+        "--reps",
+        "2",
+        "--ops",
+        "pull,push",
+        "--loopback",
+        "--json",
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["schema"], sparktorch_cli::bench::JSON_SCHEMA);
+    for unit in ["ops_per_s", "ms_per_op_per_client", "mb_per_s", "cpu_cores"] {
+        assert!(v["units"][unit].is_string(), "{unit}: {v}");
+    }
+    let c = &v["config"];
+    assert_eq!(c["params"], 1000);
+    assert_eq!(c["clients"], 2);
+    assert_eq!(c["seconds"], 0.1);
+    assert_eq!(c["mode"], "async");
+    assert_eq!(c["ops"], serde_json::json!(["pull", "push"]));
+    assert_eq!(c["dtypes"], serde_json::json!(["float32"]));
+    assert_eq!(c["reps"], 2);
+    // Per repetition: 4 baselines (op null) and the 2 operations.
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 * (4 + 2), "{v}");
+    let ops: Vec<&serde_json::Value> = rows.iter().filter(|r| !r["op"].is_null()).collect();
+    assert_eq!(ops.len(), 4, "{v}");
+    for r in ops {
+        assert!(r["ops_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ms_per_op_per_client"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["mb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["dtype"], "float32");
+    }
+    let medians = v["medians"].as_array().unwrap();
+    let names: Vec<&str> = medians.iter().map(|m| m["op"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pull", "push"]);
+    for m in medians {
+        for field in ["ops_per_s", "ms_per_op_per_client", "mb_per_s"] {
+            assert!(m[field].as_f64().unwrap() > 0.0, "{field}: {m}");
+        }
+    }
+    assert!(v["baselines"]["raw_stream_mb_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["servers"][0]["dtype"], "float32");
+    assert!(v["servers"][0]["steps"].as_u64().unwrap() > 0);
+}
+
 /// A real checkpoint: an async Adam server after two steps of worker 0.
 fn write_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
     use sparktorch_optim::HyperValue;
