@@ -1,11 +1,16 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine clean
+.PHONY: setup setup-compat example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
 
 setup:
 	@scripts/setup.sh
+
+## The older PySpark lines of the compatibility suite (.venv/pyspark/<v>): `make test` needs them,
+## `make example` does not.
+setup-compat: setup
+	@scripts/setup_compat.sh
 
 ## Run the main example: the seed program on local Spark with the bundled MNIST data, once per
 ## training style (lock-free hogwild, async with locking = the seed's default, synchronous).
@@ -36,7 +41,7 @@ test-connect: setup
 
 COMPAT_PYSPARK := $(shell awk '!/^\#/ && NF {print $$1}' requirements-compat.txt)
 
-test-compat: setup
+test-compat: setup-compat
 	@for v in $(COMPAT_PYSPARK); do \
 	  echo "== compatibility suite on PySpark $$v"; \
 	  SPARKTORCH_EXPECT_PYSPARK=$$v PYTHONPATH="$(CURDIR)/.venv/pyspark/$$v" \

@@ -4,8 +4,9 @@
 #   2. the Python packages of requirements-dev.txt, installed again only when that file changes;
 #   3. the Rust extension sparktorch._native, built in release mode into the venv (cargo makes
 #      the rebuild incremental: a second run with no Rust change takes seconds);
-#   4. the older supported PySpark lines of requirements-compat.txt, each in .venv/pyspark/<v>;
-#   5. the `sparktorch-ps` command on the venv's PATH (as `pip install .` puts it there).
+#   4. the `sparktorch-ps` command on the venv's PATH (as `pip install .` puts it there).
+# The older PySpark lines of the compatibility suite are scripts/setup_compat.sh's (`make
+# test-compat`): `make example` needs none of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,19 +36,6 @@ if [ -z "$so" ] || [ -n "$(find crates Cargo.toml Cargo.lock pyproject.toml -new
   so=$(ls python/sparktorch/_native*.so 2>/dev/null | head -n1 || true)
   [ -n "$so" ] || { echo "setup: the extension did not build" >&2; exit 1; }
 fi
-
-# Older PySpark lines for the compatibility suite: no dependencies (they share the venv's), so
-# each costs its own ~400 MB only.
-grep -v '^#' requirements-compat.txt | while read -r pyspark_v py4j_v; do
-  [ -n "$pyspark_v" ] || continue
-  dir="$VENV/pyspark/$pyspark_v"
-  if [ ! -f "$dir/.complete" ]; then
-    echo "setup: installing PySpark $pyspark_v for the compatibility suite"
-    rm -rf "$dir"
-    "$VENV/bin/python" -m pip install -q --no-deps --target "$dir" "pyspark==$pyspark_v" "py4j==$py4j_v"
-    touch "$dir/.complete"
-  fi
-done
 
 # The package itself is found through a .pth file pointing at python/ (an editable install
 # without pip's overhead); written once.
