@@ -434,7 +434,7 @@ def fit_colocated(
     """
     from . import _native
     from ._driver import reshuffled, translate_job_error, _warn_clamped_batches
-    from ._progress import Progress
+    from ._progress import Progress, progress_total
     from ._shards import shard_layout, split_ranges
     from ._spill import BUFFER_BYTES
     from ._driver import BUFFER_CONF
@@ -450,7 +450,7 @@ def fit_colocated(
     history: list[tuple[int, int, float, float]] = []
     assembler: StateAssembler | None = None
     watcher = _StatsAtEnd()
-    total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None
+    total, unit = progress_total(plan, num_parts)  # synchronous: rounds, else pushes; None with epochs: known to the tasks
     resume_files: tuple[str, ...] | None = None
     init_file: str | None = None
     if not plan.resume_from:
@@ -458,7 +458,7 @@ def fit_colocated(
     if hasattr(fs, "watch_progress"):
         fs.watch_progress()
     try:
-        with Progress(watcher, total, plan.verbose, num_parts, session=fs, barrier=True, live_steps=False) as progress:
+        with Progress(watcher, total, plan.verbose, num_parts, session=fs, barrier=True, live_steps=False, unit=unit) as progress:
             offset = 0
             base = frame
             for shuffle in range(plan.shuffles):

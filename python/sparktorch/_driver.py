@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._progress import Progress
+from ._progress import Progress, progress_total
 from ._session import FIT_TAG_PREFIX, ClassicSession, FitSession, session_of  # noqa: F401 - FIT_TAG_PREFIX: re-exported
 from ._shards import ShardedServer
 from ._state import StateLayout, buffer_change_scale, buffer_momentum
@@ -811,9 +811,9 @@ def _fit_driver_hosted(
             ) from e
         host, port = server.address
         log.info("parameter server (%s, %s) listening on %s:%d for %d workers", plan.engine_mode, "TLS" if tls else "plaintext", host, port, num_parts)
-    total = plan.iters * num_parts * plan.shuffles if plan.epochs <= 0 else None  # with epochs: known to the tasks
+    total, unit = progress_total(plan, num_parts)  # synchronous: rounds, else pushes; None with epochs: known to the tasks
     try:
-        with Progress(server, total, plan.verbose, num_parts, session=fs, barrier=est.getUseBarrier()) as progress:
+        with Progress(server, total, plan.verbose, num_parts, session=fs, barrier=est.getUseBarrier(), unit=unit) as progress:
             results = _run_jobs(
                 est, plan, frame, label_kind, server, connect, secret, num_parts, progress=progress, buffer_scale=scale, fs=fs
             )

@@ -11,13 +11,22 @@ that phase instead of sitting at 0%:
     training tasks run, but fewer than N have reached the server (``workers_live``) and no step
     has been applied;
 ``training``
-    steps are being applied (``updates`` out of the fit's total);
+    steps are being applied (out of the fit's total, counted in the display's unit: see below);
 ``finishing``
     every step is applied; the job is collecting the tasks' results.
 ``training N workers in the cluster``
     the parameter servers run inside the training stage (Spark Connect, or
     ``psPlacement='tasks'``): the client cannot see steps while they happen, only Spark's own
     progress (tasks in flight); the closing line gives the steps applied.
+
+What it counts (``unit``):
+
+- ``rounds`` in synchronous mode: a round is every worker's push averaged into one step, so the
+  total is the ``iters`` the user asked for (per partition shuffle), however many workers; read
+  from the server's ``version`` (steps applied), counted from where the fit started (a resumed
+  fit starts at its checkpoint's version);
+- ``pushes`` in the asynchronous styles (hogwild, async): every worker's step is applied on its
+  own, so the total is ``iters`` times the workers; read from the server's ``updates``.
 
 Where it goes:
 
@@ -51,11 +60,29 @@ TRAINING = "training"
 FINISHING = "finishing"
 IN_CLUSTER = "training {n} workers in the cluster"
 
+#: the display's unit in synchronous mode: rounds (one averaged step of every worker's push)
+ROUNDS = "round"
+#: the display's unit in the asynchronous styles: pushes (each worker's step, applied alone)
+PUSHES = "push"
+_PLURAL = {ROUNDS: "rounds", PUSHES: "pushes"}
+
 #: plain (non-interactive) output: a line every this share of the steps
 LINE_EVERY = 0.10
 #: far-future ``lastFinishTime`` of Spark's ConsoleProgressBar: its refresh() draws nothing
 #: until a job ends (``finishAll`` resets it to now)
 _HOLD_MS = 1 << 62
+
+
+def progress_total(plan: Any, num_workers: int) -> tuple[int | None, str]:
+    """``(total, unit)`` of a fit's display, from its plan (``engine_mode``, ``iters``,
+    ``shuffles``, ``epochs``): synchronous, ``iters`` rounds per partition shuffle; otherwise
+    ``iters`` pushes per worker per shuffle. The total is None when the fit runs ``epochs``
+    (only the tasks know their batches)."""
+    unit = ROUNDS if plan.engine_mode == "synchronous" else PUSHES
+    if plan.epochs > 0:
+        return None, unit
+    per_shuffle = plan.iters if unit == ROUNDS else plan.iters * num_workers
+    return per_shuffle * plan.shuffles, unit
 
 
 def _interactive(stream: Any) -> bool:
@@ -130,7 +157,8 @@ class Progress:
     progress; None: from the server alone). ``barrier``: the training stage ends in a shuffle
     (the job's last stage is after it). ``live_steps=False``: the servers run inside the
     training stage, out of the client's reach (Spark Connect): steps are known only when the
-    stage ends, so the display shows the phase, then the final count.
+    stage ends, so the display shows the phase, then the final count. ``unit``: :data:`ROUNDS`
+    (synchronous; ``total`` is rounds) or :data:`PUSHES` (asynchronous; ``total`` is pushes).
     """
 
     POLL_S = 0.5
@@ -145,7 +173,13 @@ class Progress:
         barrier: bool = False,
         stream: Any = None,
         live_steps: bool = True,
+        unit: str = PUSHES,
     ) -> None:
+        if unit not in _PLURAL:
+            raise ValueError(f"unit must be {ROUNDS!r} or {PUSHES!r}, got {unit!r}")
+        self._unit = unit
+        #: the server's version when the display started (rounds are counted from there)
+        self._base = 0
         self._server = server
         self._total = max(1, total) if total is not None else None  # None: epochs (the tasks know)
         self._verbose = verbose
@@ -169,6 +203,11 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self._verbose >= 1:
+            if self._unit == ROUNDS:
+                try:
+                    self._base = int(self._server.stats().get("version", 0))
+                except Exception:  # noqa: BLE001 - not up yet: count from zero
+                    self._base = 0
             if self._stream is None:
                 self._stream = sys.stderr
             self._interactive = _interactive(self._stream)
@@ -218,9 +257,16 @@ class Progress:
             return None
         return self._session.training_stage_started(self._tag, self._barrier)
 
+    def done(self, stats: dict[str, Any]) -> int:
+        """The rounds (synchronous) or pushes (asynchronous) applied so far, from the server's
+        stats."""
+        if self._unit == ROUNDS:
+            return max(0, int(stats.get("version", 0)) - self._base)
+        return int(stats.get("updates", 0))
+
     def phase(self, stats: dict[str, Any]) -> str:
         """The phase the fit is in, from the server's stats and Spark's status tracker."""
-        done = int(stats.get("updates", 0))
+        done = self.done(stats)
         if self._total is not None and done >= self._total:
             return FINISHING
         if done > 0:
@@ -241,7 +287,7 @@ class Progress:
         if self._interactive:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self._total, desc=f"sparktorch [{PREPARING}]", unit="step", leave=True, file=self._stream)
+            bar = tqdm(total=self._total, desc=f"sparktorch [{PREPARING}]", unit=self._unit, leave=True, file=self._stream)
         seen: set[str] = set()
         next_mark = LINE_EVERY
         last_phase = ""
@@ -256,7 +302,7 @@ class Progress:
                     break
                 for worker, step, loss, val_loss in history:
                     log.info("worker %d step %d: loss %.5f, validation loss %.5f", worker, step, loss, val_loss)
-                done = int(st.get("updates", 0))
+                done = self.done(st)
                 if self._total is not None:
                     done = min(done, self._total)
                 phase = self.phase(st)
@@ -284,8 +330,8 @@ class Progress:
                         line = phase
                     if line is not None:
                         progress_log.info(
-                            "sparktorch [%s] %d/%s steps (%s), loss %s, %.1f s",
-                            line, done, self._total if self._total is not None else "?",
+                            "sparktorch [%s] %d/%s %s (%s), loss %s, %.1f s",
+                            line, done, self._total if self._total is not None else "?", _PLURAL[self._unit],
                             f"{100 * done // self._total}%" if self._total is not None else "epochs", loss_text, elapsed,
                         )
                 if phase != last_phase or not self.reported or self.reported[-1][1] != done:
@@ -299,4 +345,7 @@ class Progress:
                 bar.close()
             elif last_phase:
                 done = self.reported[-1][1] if self.reported else 0
-                progress_log.info("sparktorch [end] %d/%s steps, %.1f s", done, self._total if self._total is not None else "?", time.monotonic() - t0)
+                progress_log.info(
+                    "sparktorch [end] %d/%s %s, %.1f s", done, self._total if self._total is not None else "?",
+                    _PLURAL[self._unit], time.monotonic() - t0,
+                )
