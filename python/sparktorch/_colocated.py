@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ._shards import ShardAddress, ShardRange
+from ._shards import ShardAddress, ShardRange, read_init_range
 from ._task import TaskConfig
 from .errors import EngineError
 
@@ -123,10 +123,7 @@ def _start_shard(plan: ColocatedPlan, index: int, secret: bytes, num_workers: in
         init = np.zeros(rng.size, dtype=np.float32)  # the length only: the checkpoint has the values
     else:
         assert plan.init_file is not None
-        path = SparkFiles.get(plan.init_file)
-        init = np.fromfile(path, dtype=np.float32, count=rng.size, offset=rng.lo * 4)
-        if init.size != rng.size:
-            raise EngineError(f"parameter server shard {index}: the initial values file {path} is short ({init.size} of {rng.size} values)")
+        init = read_init_range(plan.init_file, rng, index)
     server = _native.ParameterServer(
         init,
         [(n, list(s)) for n, s in plan.layouts[index]],

@@ -290,7 +290,7 @@ class _Channel:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """Everything a shard task needs, but its initial values (pickled into the shard job)."""
+    """Everything a shard task needs (pickled into the shard job; the initial values follow in a file)."""
 
     fit_id: str
     registry_host: str
@@ -316,6 +316,21 @@ class ShardSpec:
     checkpoint_interval: int = 0
     resume_parts: tuple[str, ...] | None = None
     """Per shard, the part file to resume from (absolute paths; from the manifest)."""
+    init_file: str | None = None
+    """``SparkFiles`` name of the flat float32 initial values of every shard (each reads its
+    own range): the values travel as a file, never inside a task, so no task nears
+    ``spark.rpc.message.maxSize`` whatever the model's size."""
+
+
+def read_init_range(name: str, rng: ShardRange, index: int) -> np.ndarray:
+    """Shard ``index``'s initial values: its range of the shipped file ``name``."""
+    from pyspark import SparkFiles
+
+    path = SparkFiles.get(name)
+    init = np.fromfile(path, dtype=np.float32, count=rng.size, offset=rng.lo * 4)
+    if init.size != rng.size:
+        raise EngineError(f"parameter server shard {index}: the initial values file {path} is short ({init.size} of {rng.size} values)")
+    return init
 
 
 def _shard_host(registry_host: str, registry_port: int) -> str:
@@ -331,7 +346,7 @@ def _shard_host(registry_host: str, registry_port: int) -> str:
         return str(s.getsockname()[0])
 
 
-def serve_shard(spec: ShardSpec, index: int, init: np.ndarray, attempt: int = 0) -> dict[str, Any]:
+def serve_shard(spec: ShardSpec, index: int, init: np.ndarray | None = None, attempt: int = 0) -> dict[str, Any]:
     """The body of shard task ``index``: serve ``[lo, hi)`` until the driver says stop.
 
     Binds this executor's address (see :func:`_shard_host`), registers with the driver's
@@ -349,6 +364,13 @@ def serve_shard(spec: ShardSpec, index: int, init: np.ndarray, attempt: int = 0)
             "(its parameters and optimizer state were lost with it), the fit fails instead"
         )
     rng = spec.ranges[index]
+    if init is None:
+        if spec.resume_parts:
+            init = np.zeros(rng.size, dtype=np.float32)  # the length only: the part has the values
+        elif spec.init_file is not None:
+            init = read_init_range(spec.init_file, rng, index)
+        else:
+            raise EngineError(f"parameter server shard {index}: no initial values (neither a file nor a resume part)")
     bind = _shard_host(spec.registry_host, spec.registry_port)
     conf = {"spark.network.crypto.enabled": "true" if spec.spark_rpc_encrypted else "false"}
     tls = use_tls(spec.ps_encryption, conf, bind)
@@ -584,8 +606,8 @@ def _shard_task(spec: ShardSpec) -> Callable[[int, Iterator[Any]], Iterator[Any]
 
         ctx = TaskContext.get()
         attempt = ctx.attemptNumber() if ctx is not None else 0
-        for shard, init in rows:
-            yield serve_shard(spec, int(shard), init, attempt)
+        for row in rows:
+            yield serve_shard(spec, int(row[0]), row[1] if len(row) > 1 else None, attempt)
 
     return run
 
@@ -676,6 +698,7 @@ class ShardedServer:
         self._final_history: list[tuple[int, int, float, float]] | None = None
         self.tag = f"{SHARD_TAG_PREFIX}{uuid.uuid4().hex[:12]}"
         self._manifest_lock = threading.Lock()
+        self._workdir: str | None = None
         resume_parts = self._resume_parts(plan.resume_from)
         if plan.checkpoint_path:
             os.makedirs(plan.checkpoint_path, exist_ok=True)
@@ -711,6 +734,7 @@ class ShardedServer:
             checkpoint_path=os.path.abspath(plan.checkpoint_path) if plan.checkpoint_path else None,
             checkpoint_interval=plan.checkpoint_interval,
             resume_parts=resume_parts,
+            init_file=None if resume_parts else self._ship_init(spark, state),
         )
         self._spec_checkpoint_path = spec.checkpoint_path
         self._manifest_base = self._manifest_skeleton(state, plan) if plan.checkpoint_path else None
@@ -718,8 +742,7 @@ class ShardedServer:
         log.info("parameter server: %d shards of ~%d values; registry on %s:%d", k, self._n // k, bind, reg_port)
         self._acceptor = threading.Thread(target=self._accept_loop, name="sparktorch-shard-registry", daemon=True)
         self._acceptor.start()
-        flat = state.flatten()
-        rows = [(r.index, flat[r.lo : r.hi].copy()) for r in self.ranges]
+        rows = [(r.index,) for r in self.ranges]  # the values follow in the shipped file
         self._job = threading.Thread(target=self._run_job, args=(rows, spec), name="sparktorch-shard-job", daemon=True)
         self._job.start()
         self._watchdog: threading.Thread | None = None
@@ -730,6 +753,18 @@ class ShardedServer:
             raise
         self._watchdog = threading.Thread(target=self._watch, name="sparktorch-shard-watchdog", daemon=True)
         self._watchdog.start()
+
+    def _ship_init(self, spark: Any, state: Any) -> str:
+        """Write the flat initial values to a file and ship it to the executors (``addFile``);
+        returns its ``SparkFiles`` name. The local copy goes when the fit stops."""
+        import tempfile
+
+        from ._session import ClassicSession
+
+        self._workdir = tempfile.mkdtemp(prefix="sparktorch-shards-")
+        path = os.path.join(self._workdir, f"sparktorch-init-{self.fit_id}.f32")
+        state.flatten().tofile(path)
+        return ClassicSession(spark).ship_file(path)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -1138,6 +1173,10 @@ class ShardedServer:
             self._listener.close()
         except OSError:
             pass
+        if self._workdir is not None:
+            import shutil
+
+            shutil.rmtree(self._workdir, ignore_errors=True)
         _LIVE.pop(self.fit_id, None)
 
 
