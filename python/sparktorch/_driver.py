@@ -677,6 +677,8 @@ def fit(est: Any, dataset: Any) -> Any:
                 "(or coalesce the DataFrame)"
             )
 
+    check_result_size(fs, placement, plan.ps_shards, state_bytes(opt_name, dict(hyper), state.num_trainable, state.num_buffers))
+
     tracker = _mlflow.start(
         est.getMlflowLogging(),
         est,
@@ -781,6 +783,61 @@ def check_colocated_slots(k: int, num_parts: int, slots: int | None, num_values:
             f"partitions: {num_parts} partitions but the cluster runs only {slots} tasks at once, and the training "
             f"stage (a barrier stage: its tasks host the parameter servers) needs every one running together. Set "
             f"partitions<={slots} (or coalesce the DataFrame), or add executor cores"
+        )
+
+
+_STATE_SLOTS: dict[str, tuple[int, tuple[tuple[str, Any], ...]]] = {
+    # optimizer -> (per-value state buffers, (hyperparameter, value that adds one more) ...)
+    "SGD": (0, (("momentum", "nonzero"),)),
+    "Adam": (2, (("amsgrad", True),)),
+    "AdamW": (2, (("amsgrad", True),)),
+    "Adamax": (2, ()),
+    "NAdam": (2, ()),
+    "RAdam": (2, ()),
+    "Adagrad": (1, ()),
+    "RMSprop": (1, (("momentum", "nonzero"), ("centered", True))),
+    "Adadelta": (2, ()),
+}
+
+
+def state_bytes(opt_name: str, hyper: dict[str, Any], num_trainable: int, num_buffers: int) -> int:
+    """Bytes of a fit's whole float32 state: the values (trainable + model buffers) and the
+    optimizer's per-value state buffers (Adam: two; an unknown optimizer counts three)."""
+    base, extra = _STATE_SLOTS.get(opt_name, (3, ()))
+    slots = base + sum(1 for key, when in extra if (bool(hyper.get(key)) if when == "nonzero" else hyper.get(key) is when))
+    return 4 * (num_trainable + num_buffers) + 4 * slots * num_trainable
+
+
+def parse_spark_bytes(text: str) -> int:
+    """A Spark size string (``1g``, ``512m``, ``1024k``, ``2048``: bytes by default) in bytes."""
+    value = text.strip().lower()
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    for suffix in ("kb", "mb", "gb", "tb", "pb"):
+        if value.endswith(suffix):
+            value = value[:-1]
+    if value and value[-1] in units:
+        return int(float(value[:-1]) * units[value[-1]])
+    return int(float(value.rstrip("b") or 0))
+
+
+def check_result_size(fs: FitSession, placement: str, k: int, total_bytes: int) -> None:
+    """Where the final state comes back as one Spark job's result (shards on executors, or
+    servers inside the training stage), check it against ``spark.driver.maxResultSize`` before
+    any job starts: past it Spark aborts the job only after training has finished."""
+    if placement != "tasks" and k <= 1:
+        return  # one server in this process: the state never leaves it
+    raw = fs.conf("spark.driver.maxResultSize", "1g") or "1g"
+    try:
+        limit = parse_spark_bytes(raw)
+    except ValueError:
+        return
+    need = int(total_bytes * 1.05) + (1 << 20)  # the rows' framing and pickling, with room
+    if limit > 0 and need > limit:
+        where = "the servers inside the training stage" if placement == "tasks" else f"the {k} parameter server shards"
+        raise ClusterError(
+            f"the fit's final state ({total_bytes / 2**20:,.0f} MiB: values and optimizer state) comes back from {where} "
+            f"as one Spark job's result, over spark.driver.maxResultSize={raw}; set spark.driver.maxResultSize to at "
+            f"least {need / 2**20:,.0f}m (or 0: no limit) when the session starts, or use an optimizer with less state"
         )
 
 

@@ -98,3 +98,28 @@ def test_non_vector_features_column(spark):
     df = spark.createDataFrame([("x", 1.0)], ["features", "label"])
     with pytest.raises(DataError, match="inputCol: column 'features' has type string"):
         _fit(df)
+
+
+@pytest.mark.parametrize("placement,shards", [("tasks", 1), ("driver", 2)])
+def test_state_over_max_result_size_is_refused_before_any_job(spark, placement, shards):
+    """A model whose values + Adam state (~6.2 MB) cannot come back under
+    spark.driver.maxResultSize=1m: a ClusterError naming the setting and the size to set, and no
+    Spark job has started. (A start-up setting: set here on the running context's configuration
+    for the test, and removed after it.)"""
+    from sparktorch.errors import ClusterError
+
+    df = spark.sparkContext.parallelize(_rows(20), 2).toDF(["features", "label"])
+    obj = serialize_torch_obj(TwoLayer(5, 60_000, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+    tracker = spark.sparkContext.statusTracker()
+    jconf = spark.sparkContext._jsc.sc().conf()
+    jconf.set("spark.driver.maxResultSize", "1m")
+    try:
+        before = set(tracker.getJobIdsForGroup(None))
+        with pytest.raises(ClusterError, match=r"spark\.driver\.maxResultSize=1m; set spark\.driver\.maxResultSize to at least 7m"):
+            SparkTorch(
+                inputCol="features", labelCol="label", torchObj=obj, iters=1, partitions=2,
+                psPlacement=placement, psShards=shards,
+            ).fit(df)
+        assert set(tracker.getJobIdsForGroup(None)) == before
+    finally:
+        jconf.remove("spark.driver.maxResultSize")
