@@ -821,11 +821,14 @@ def parse_spark_bytes(text: str) -> int:
 
 
 def check_result_size(fs: FitSession, placement: str, k: int, total_bytes: int) -> None:
-    """Where the final state comes back as one Spark job's result (shards on executors, or
-    servers inside the training stage), check it against ``spark.driver.maxResultSize`` before
-    any job starts: past it Spark aborts the job only after training has finished."""
+    """Where the final state comes back as a Spark job's result, check the largest such result
+    against ``spark.driver.maxResultSize`` before any job starts (past it Spark aborts the job
+    only after training has finished): the whole state from the servers inside the training
+    stage (one job), or one shard's range from each shard's own job."""
     if placement != "tasks" and k <= 1:
         return  # one server in this process: the state never leaves it
+    if placement != "tasks":
+        total_bytes = -(-total_bytes // k)  # ranges of (almost) equal length
     raw = fs.conf("spark.driver.maxResultSize", "1g") or "1g"
     try:
         limit = parse_spark_bytes(raw)
@@ -833,11 +836,17 @@ def check_result_size(fs: FitSession, placement: str, k: int, total_bytes: int) 
         return
     need = int(total_bytes * 1.05) + (1 << 20)  # the rows' framing and pickling, with room
     if limit > 0 and need > limit:
-        where = "the servers inside the training stage" if placement == "tasks" else f"the {k} parameter server shards"
+        what = (
+            f"the fit's final state ({total_bytes / 2**20:,.0f} MiB: values and optimizer state) comes back from the servers "
+            "inside the training stage as one Spark job's result"
+            if placement == "tasks"
+            else f"each of the {k} parameter server shards returns its final state ({total_bytes / 2**20:,.0f} MiB: its "
+            "range's values and optimizer state) as its own Spark job's result"
+        )
+        more = "" if placement == "tasks" else ", or raise psShards"
         raise ClusterError(
-            f"the fit's final state ({total_bytes / 2**20:,.0f} MiB: values and optimizer state) comes back from {where} "
-            f"as one Spark job's result, over spark.driver.maxResultSize={raw}; set spark.driver.maxResultSize to at "
-            f"least {need / 2**20:,.0f}m (or 0: no limit) when the session starts, or use an optimizer with less state"
+            f"{what}, over spark.driver.maxResultSize={raw}; set spark.driver.maxResultSize to at least "
+            f"{need / 2**20:,.0f}m (or 0: no limit) when the session starts{more}, or use an optimizer with less state"
         )
 
 

@@ -828,30 +828,56 @@ class ShardedServer:
 
     # ---------------------------------------------------------------- start-up
 
-    def _run_job(self, rows: list[tuple[int, np.ndarray]], spec: ShardSpec) -> None:
-        sc = self._sc
-        sc.addJobTag(self.tag)
-        sc.setLocalProperty("spark.job.description", f"sparktorch parameter server: {self.k} shards")
-        try:
-            self._results = sc.parallelize(rows, self.k).mapPartitionsWithIndex(_shard_task(spec)).collect()
-            if not self._stopping:
-                self._lost(None, "the shard job ended before the fit did")
-        except Exception as e:  # noqa: BLE001 - recorded as the fit's error
-            if not self._stopping:
-                with self._cond:
-                    registered = sorted(self._handles.items())
-                for i, h in registered:  # names the shard that is gone, when one is
-                    try:
-                        h.request({"cmd": "stats"}, timeout_s=5.0)
-                    except (OSError, ValueError) as probe:
-                        self._lost(i, f"lost ({type(probe).__name__}: {probe}); a lost shard is not restarted, the fit fails")
-            if not self._stopping:
-                lines = [ln.strip(" :\t") for ln in str(e).splitlines()]
-                useful = [ln for ln in lines if ln and not ln.startswith("at ") and ("Error" in ln or "Exception" in ln)]
-                detail = next((ln for ln in useful if "sparktorch.errors" in ln), useful[0] if useful else repr(e))
-                self._lost(None, f"the shard job failed: {detail[:500]}")
-        finally:
-            sc.removeJobTag(self.tag)
+    def _run_job(self, rows: list[tuple[int]], spec: ShardSpec) -> None:
+        """Run the shards: one single-task Spark job per shard, all at once (one thread each),
+        all under the fit's shard tag. One job per shard, not one job of K tasks, because a
+        job's task results together are bounded by ``spark.driver.maxResultSize``: each shard's
+        final state (its range's values and optimizer state) is its own job's result, so the
+        bound applies to one range, not to the whole model."""
+        results: list[dict[str, Any] | None] = [None] * len(rows)
+        errors: list[tuple[int, BaseException]] = []
+
+        def one(slot: int, row: tuple[int]) -> None:
+            sc = self._sc
+            sc.addJobTag(self.tag)  # job tags and descriptions are per thread
+            sc.setLocalProperty("spark.job.description", f"sparktorch parameter server: shard {row[0]} of {self.k}")
+            try:
+                got = sc.parallelize([row], 1).mapPartitionsWithIndex(_shard_task(spec)).collect()
+                results[slot] = got[0] if got else None
+                if not self._stopping:
+                    self._lost(int(row[0]), "its job ended before the fit did")
+            except Exception as e:  # noqa: BLE001 - recorded as the fit's error below
+                errors.append((int(row[0]), e))
+                if not self._stopping:
+                    self._shard_job_failed(e)
+            finally:
+                sc.removeJobTag(self.tag)
+
+        threads = [
+            threading.Thread(target=one, args=(slot, row), name=f"sparktorch-shard-job-{row[0]}", daemon=True)
+            for slot, row in enumerate(rows)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if not errors and all(r is not None for r in results):
+            self._results = [r for r in results if r is not None]
+
+    def _shard_job_failed(self, e: BaseException) -> None:
+        """A shard's job failed while the fit ran: name the lost shard(s), then the cause."""
+        with self._cond:
+            registered = sorted(self._handles.items())
+        for i, h in registered:  # names the shard that is gone, when one is
+            try:
+                h.request({"cmd": "stats"}, timeout_s=5.0)
+            except (OSError, ValueError) as probe:
+                self._lost(i, f"lost ({type(probe).__name__}: {probe}); a lost shard is not restarted, the fit fails")
+        if not self._stopping:
+            lines = [ln.strip(" :\t") for ln in str(e).splitlines()]
+            useful = [ln for ln in lines if ln and not ln.startswith("at ") and ("Error" in ln or "Exception" in ln)]
+            detail = next((ln for ln in useful if "sparktorch.errors" in ln), useful[0] if useful else repr(e))
+            self._lost(None, f"the shard job failed: {detail[:500]}")
 
     def _accept_loop(self) -> None:
         """Accept registry connections; at most :data:`REGISTRY_MAX_PENDING` are handshaken at

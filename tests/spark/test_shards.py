@@ -369,3 +369,27 @@ def test_tls_shards_with_step_logging(spark, caplog):
     step_lines = [r for r in caplog.records if r.getMessage().startswith("worker ") and " step " in r.getMessage()]
     assert step_lines  # per-step lines from shard 0's history
     assert _accuracy(fitted, x, y) >= 0.9
+
+
+def test_each_shard_returns_its_state_in_a_job_of_its_own(spark):
+    """spark.driver.maxResultSize bounds one shard's final state, not the whole model's: with the
+    limit at 5 MiB, a model whose values + Adam state are ~6.2 MB (over it) fits with
+    psShards=2 (each shard's ~3.1 MB under it), and equals the same fit with one server."""
+    x, y = blobs(64, seed=6)
+    df = frame(spark, x, y, 2)
+    states = {}
+    jconf = spark.sparkContext._jsc.sc().conf()
+    jconf.set("spark.driver.maxResultSize", "5m")
+    try:
+        for k in (1, 2):
+            torch.manual_seed(0)
+            obj = serialize_torch_obj(TwoLayer(5, 60_000, 3), nn.CrossEntropyLoss(), torch.optim.Adam, lr=0.01)
+            fitted = SparkTorch(
+                inputCol="features", labelCol="label", torchObj=obj, iters=3, partitions=2,
+                mode="synchronous", lostWorkerPolicy="fail", psShards=k,
+            ).fit(df)
+            states[k] = _state(fitted)
+    finally:
+        jconf.remove("spark.driver.maxResultSize")
+    for name in states[1]:
+        assert float((states[1][name] - states[2][name]).abs().max()) <= 1e-6, name
