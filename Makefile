@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup setup-compat example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine clean
+.PHONY: setup setup-compat wheel test-wheel example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,6 +12,11 @@ setup:
 setup-compat: setup
 	@scripts/setup_compat.sh
 
+## The one wheel (abi3: every CPython >= 3.11 of this platform; no Rust needed to install it),
+## into target/wheels/.
+wheel:
+	@scripts/wheel.sh
+
 ## Run the main example: the seed program on local Spark with the bundled MNIST data, once per
 ## training style (lock-free hogwild, async with locking = the seed's default, synchronous).
 example: setup
@@ -20,9 +25,9 @@ example: setup
 	$(PY) examples/simple_dnn.py --mode synchronous --out examples/out/simple_dnn_synchronous
 
 ## Run every test: Rust (fmt, clippy -D warnings, nextest), Python (pytest on local Spark, with
-## the venv's PySpark), the Spark Connect suite, then the compatibility suite on each older
-## supported PySpark line.
-test: setup test-rust test-python test-connect test-compat
+## the venv's PySpark), the Spark Connect suite, the compatibility suite on each older
+## supported PySpark line, then the wheel installed without Rust.
+test: setup test-rust test-python test-connect test-compat test-wheel
 
 lint:
 	cargo fmt --all -- --check
@@ -38,6 +43,11 @@ test-python: setup
 ## process of its own (a process holding a classic session cannot start one).
 test-connect: setup
 	SPARKTORCH_CONNECT_TESTS=1 $(PY) -m pytest -q -ra -p no:cacheprovider tests/connect
+
+## The wheel installed into a fresh venv whose PATH has no cargo or rustc: `sparktorch-ps --help`
+## and a seed fit on local Spark from it (scripts/wheel_smoke.sh; ~3 minutes).
+test-wheel: setup
+	scripts/wheel_smoke.sh
 
 COMPAT_PYSPARK := $(shell awk '!/^\#/ && NF {print $$1}' requirements-compat.txt)
 

@@ -27,15 +27,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Build the extension only when a Rust or build file is newer than the installed module.
-so=$(ls python/sparktorch/_native*.so 2>/dev/null | head -n1 || true)
-if [ -z "$so" ] || [ -n "$(find crates Cargo.toml Cargo.lock pyproject.toml -newer "$so" -type f 2>/dev/null | head -n1)" ]; then
+# Build the extension only when a Rust or build file is newer than the installed module. It is
+# built against the stable ABI (PyO3's abi3-py311), so its file is _native.abi3.so; a
+# version-tagged _native.cpython-*.so left by an older build would shadow it (Python tries that
+# suffix first), so it is removed.
+so=python/sparktorch/_native.abi3.so
+if [ ! -f "$so" ] || [ -n "$(find crates Cargo.toml Cargo.lock pyproject.toml -newer "$so" -type f 2>/dev/null | head -n1)" ]; then
   echo "setup: building the Rust extension (release)"
   VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" \
     "$VENV/bin/maturin" develop --release -q --skip-install 2>&1 | grep -v '^📦\|^🔗\|^🐍\|^⚠️  Warning: .* use-pep517' || true
-  so=$(ls python/sparktorch/_native*.so 2>/dev/null | head -n1 || true)
-  [ -n "$so" ] || { echo "setup: the extension did not build" >&2; exit 1; }
+  [ -f "$so" ] || { echo "setup: the extension did not build ($so is missing)" >&2; exit 1; }
+  touch "$so"
 fi
+rm -f python/sparktorch/_native.cpython-*.so
 
 # The package itself is found through a .pth file pointing at python/ (an editable install
 # without pip's overhead); written once.
