@@ -7,15 +7,20 @@ wrote the directory therefore chooses a module to import (its top level runs) an
 call. :func:`load_pipeline` does the same loading after two passes over the metadata alone:
 
 1. every ``metadata/`` in the tree (the pipeline's, each stage's, nested pipelines') is read
-   as JSON and checked: each stage's class against an allow-list (Spark ML's own stages,
-   ``pyspark.ml.*`` and their JVM names ``org.apache.spark.ml.*``; sparktorch's stages; the
-   classes the caller passes) and every UID against :data:`UID_PATTERN` (no ``*``, ``/``,
-   ``..``: a UID becomes part of a path, and Hadoop expands glob characters);
+   as JSON and checked: each stage's class against an allow-list (Spark ML's own stages:
+   the classes of the modules in :data:`SPARK_ML_STAGE_MODULES`, by their ``pyspark.ml`` or
+   JVM ``org.apache.spark.ml`` names, never ``pyspark.ml.connect`` / ``torch`` / ``deepspeed``
+   / ``tests``; sparktorch's stages; the classes the caller passes) and every UID against
+   :data:`UID_PATTERN` (no ``*``, ``/``, ``..``: a UID becomes part of a path, and Hadoop
+   expands glob characters);
 2. only then are the stages loaded, ours with the caller's ``allowed_classes`` and
-   ``allow_pickle`` (see :mod:`sparktorch._persist`), Spark ML's with their own readers. A
-   Spark ML stage whose reader loads nested stages by the name in their metadata (tuning,
-   ``OneVsRest``) has each of those checked the same way before pyspark imports it
-   (:func:`_guarded_load_params_instance`).
+   ``allow_pickle`` (see :mod:`sparktorch._persist`), Spark ML's with their own readers, each
+   Spark ML class checked after its import to be a stage read by the JVM's reader,
+   ``DefaultParamsReader`` or pyspark's tuning / ``OneVsRest`` reader (:func:`_check_spark_ml_class`).
+   A Spark ML stage whose reader loads nested stages by the name in their metadata (tuning,
+   ``OneVsRest``) has each of those checked the same way before pyspark imports it: during
+   :func:`load_pipeline`, ``DefaultParamsReader.loadParamsInstance`` is wrapped
+   (:func:`_install_guard`).
 
 Works on a classic session and on Spark Connect: metadata is read through the session.
 """
@@ -46,6 +51,30 @@ _OURS = {
     "sparktorch.estimator.SparkTorch": ("sparktorch.estimator", "SparkTorch"),
 }
 _PIPELINES = {"pyspark.ml.pipeline.Pipeline", "pyspark.ml.pipeline.PipelineModel", "pyspark.ml.Pipeline", "pyspark.ml.PipelineModel"}
+SPARK_ML_STAGE_MODULES = (
+    "feature",
+    "classification",
+    "regression",
+    "clustering",
+    "recommendation",
+    "fpm",
+    "tuning",
+    "evaluation",
+    "pipeline",
+)
+"""The ``pyspark.ml`` modules whose stage classes :func:`load_pipeline` loads (with their JVM
+names ``org.apache.spark.ml.<module>.<Class>``). Not ``pyspark.ml.connect`` (its reader imports
+and calls whatever its own metadata names), ``torch``, ``deepspeed`` or ``tests``."""
+
+_PYSPARK_READERS = {
+    # Spark ML stages whose ``load`` is a pyspark reader (not the JVM's, not DefaultParamsReader)
+    "pyspark.ml.classification.OneVsRest",
+    "pyspark.ml.classification.OneVsRestModel",
+    "pyspark.ml.tuning.CrossValidator",
+    "pyspark.ml.tuning.CrossValidatorModel",
+    "pyspark.ml.tuning.TrainValidationSplit",
+    "pyspark.ml.tuning.TrainValidationSplitModel",
+}
 _MAX_DEPTH = 16
 _MAX_STAGES = 10_000
 
@@ -79,20 +108,31 @@ def _check_uid(uid: Any, where: str) -> str:
 
 
 def _allowed(class_name: str, caller: dict[str, type], where: str) -> None:
-    """Refuse ``class_name`` unless it is Spark ML's, ours or the caller's (checked as text)."""
+    """Refuse ``class_name`` unless it is Spark ML's, ours or the caller's (checked as text).
+
+    Spark ML's are the classes named ``pyspark.ml.<module>.<Class>`` (or the JVM's
+    ``org.apache.spark.ml.<module>.<Class>``) for a module of :data:`SPARK_ML_STAGE_MODULES`,
+    and the two pipeline classes; nothing else under ``pyspark.ml`` (``pyspark.ml.connect``,
+    ``pyspark.ml.torch``, ``pyspark.ml.deepspeed``, ``pyspark.ml.tests``, ...)."""
     parts = class_name.split(".")
     if not all(p.isidentifier() for p in parts) or "__main__" in parts:
         raise PersistenceError(f"{where}: invalid stage class {class_name!r}; nothing was imported")
-    if class_name in caller or class_name in _OURS:
+    if class_name in caller or class_name in _OURS or class_name in _PIPELINES:
         return
-    if class_name.startswith("pyspark.ml.") and not any(p.startswith("_") for p in parts):
+    if (
+        len(parts) == 4
+        and parts[:2] == ["pyspark", "ml"]
+        and parts[2] in SPARK_ML_STAGE_MODULES
+        and not parts[3].startswith("_")
+    ):
         return
     names = ", ".join(sorted(caller)) or "none"
+    modules = ", ".join(f"pyspark.ml.{m}" for m in SPARK_ML_STAGE_MODULES)
     raise PersistenceError(
         f"{where}: stage class {class_name!r} is not allowed: load_pipeline loads Spark ML's own stages "
-        f"(pyspark.ml.*), sparktorch's, and the classes passed in allowed_classes (here: {names}); "
-        "nothing was imported. If you trust this directory and that class, pass it: "
-        "load_pipeline(path, allowed_classes=[TheClass])"
+        f"(classes of {modules}, or their org.apache.spark.ml names), sparktorch's, and the classes "
+        f"passed in allowed_classes (here: {names}); nothing was imported. If you trust this directory "
+        "and that class, pass it: load_pipeline(path, allowed_classes=[TheClass])"
     )
 
 
@@ -152,12 +192,34 @@ def _class_of(class_name: str, caller: dict[str, type], where: str) -> type:
         obj = getattr(importlib.import_module(module_name), attr)
     except BaseException as exc:  # noqa: BLE001 - SystemExit from an import too
         raise PersistenceError(f"{where}: cannot import {class_name!r} ({type(exc).__name__}: {exc})") from exc
-    home = getattr(obj, "__module__", "") or ""
-    if not isinstance(obj, type) or not (home.startswith("pyspark.ml") or home.startswith("sparktorch.")):
+    if not isinstance(obj, type):
         raise PersistenceError(f"{where}: {class_name!r} is not a Spark ML stage class; refusing to call it")
+    if class_name not in _OURS:
+        _check_spark_ml_class(obj, class_name, where)
     if not callable(getattr(obj, "load", None)):
         raise PersistenceError(f"{where}: {class_name!r} cannot be loaded (no load method)")
     return obj
+
+
+def _check_spark_ml_class(obj: type, class_name: str, where: str) -> None:
+    """After the import: ``obj`` must be defined in the module its name names (no re-export),
+    be a Spark ML stage (``Params``) read by the JVM's reader (``JavaMLReadable``),
+    ``DefaultParamsReader`` (``DefaultParamsReadable``) or one of pyspark's own stage readers
+    (tuning, ``OneVsRest``), and owe nothing to ``pyspark.ml.connect`` (whose ``ParamsReadWrite``
+    reader imports and calls the classes its metadata names)."""
+    from pyspark.ml.param import Params
+    from pyspark.ml.util import DefaultParamsReadable, JavaMLReadable
+
+    module_name = class_name.rpartition(".")[0]
+    refused = f"{where}: {class_name!r} is not a Spark ML stage class that load_pipeline reads; refusing to call it"
+    if obj.__module__ != module_name or obj.__qualname__ != class_name.rpartition(".")[2]:
+        raise PersistenceError(refused)
+    if any((getattr(base, "__module__", "") or "").startswith("pyspark.ml.connect") for base in obj.__mro__):
+        raise PersistenceError(refused)
+    if not issubclass(obj, Params):
+        raise PersistenceError(refused)
+    if not (issubclass(obj, (JavaMLReadable, DefaultParamsReadable)) or class_name in _PYSPARK_READERS):
+        raise PersistenceError(refused)
 
 
 def _load_node(node: _Node, caller: dict[str, type]) -> Any:
@@ -234,9 +296,11 @@ def load_pipeline(
     chooses code to run. This function first reads every ``metadata/`` of the tree and
     refuses, before anything is imported:
 
-    * a stage whose class is not Spark ML's own (``pyspark.ml.*`` or its JVM name
-      ``org.apache.spark.ml.*``), sparktorch's (``SparkTorch``, ``SparkTorchModel``) or in
-      ``allowed_classes``;
+    * a stage whose class is not Spark ML's own (a class of ``pyspark.ml.feature``,
+      ``classification``, ``regression``, ``clustering``, ``recommendation``, ``fpm``,
+      ``tuning``, ``evaluation`` or ``pipeline``, or its JVM name ``org.apache.spark.ml.*``;
+      not ``pyspark.ml.connect``, whose readers import whatever their own metadata names),
+      sparktorch's (``SparkTorch``, ``SparkTorchModel``) or in ``allowed_classes``;
     * a stage UID that is not a plain name (:data:`UID_PATTERN`: no ``*``, ``/`` or ``..``).
 
     Then it loads the stages: sparktorch's with ``allowed_classes`` and ``allow_pickle``

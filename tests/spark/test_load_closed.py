@@ -368,3 +368,32 @@ def test_load_pipeline_refuses_a_stage_it_did_not_check(tmp_path) -> None:
     path = _saved_model(tmp_path, "single")
     with pytest.raises(PersistenceError, match="not a Pipeline or PipelineModel"):
         sparktorch.load_pipeline(path)
+
+
+def test_load_pipeline_refuses_spark_connect_ml_and_other_pyspark_ml_modules(tmp_path) -> None:
+    """pyspark.ml.connect's readers import and call every class their own metadata.json names:
+    a stage naming one is refused before anything is imported (so is any pyspark.ml module
+    outside Spark ML's stage modules)."""
+    cases: dict[str, str] = {}
+    for case, name in {
+        "connect": "pyspark.ml.connect.pipeline.PipelineModel",
+        "connect-jvm": "org.apache.spark.ml.connect.pipeline.PipelineModel",
+        "torch": "pyspark.ml.torch.distributor.TorchDistributor",
+        "util": "pyspark.ml.util.DefaultParamsReadable",
+    }.items():
+        path = _pipeline(tmp_path, f"ml_{case}")
+        stage = os.path.join(path, "stages", sorted(os.listdir(os.path.join(path, "stages")))[0])
+        _rewrite_metadata(os.path.join(stage, "metadata"), lambda m, name=name: m.__setitem__("class", name))
+        with open(os.path.join(stage, "metadata.json"), "w") as fh:  # what the Connect-ML reader reads
+            json.dump({"type": "spark_connect", "class": name, "uid": "p1", "paramMap": {}, "defaultParamMap": {},
+                       "stages": [{"type": "spark_connect", "class": "this.Zen", "uid": "s", "paramMap": {},
+                                   "defaultParamMap": {}}]}, fh)
+        cases[case] = path
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    got = _fresh(json.dumps(cases), workdir)
+    for case in cases:
+        kind, msg, this_imported = got[case]
+        assert kind == "PersistenceError", got[case]
+        assert "is not allowed" in msg and "nothing was imported" in msg, msg
+        assert not this_imported, f"{case}: `this` was imported"
