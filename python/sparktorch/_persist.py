@@ -56,6 +56,7 @@ from pyspark.ml.util import (
 from pyspark.sql import SparkSession
 
 from sparktorch._serialize import (
+    MAX_SPEC_PARAMS,
     ClassPolicy,
     build_from_spec,
     check_import_origin,
@@ -310,19 +311,30 @@ class LoadOptions:
             ``torch.optim`` and the caller's ``allowed_classes``).
         allow_pickle: unpickle a stored pickle (a model of a class without a spec, a pickle
             ``torchObj``) in this load only.
+        max_params: the most parameter values that a stored ``torchObj`` model without
+            weights may describe (counted on the ``meta`` device; see ``MAX_SPEC_PARAMS``).
     """
 
     policy: ClassPolicy
     allow_pickle: bool = False
+    max_params: int = MAX_SPEC_PARAMS
 
     @classmethod
-    def of(cls, allowed_classes: Any = None, allow_pickle: bool = False) -> LoadOptions:
+    def of(
+        cls, allowed_classes: Any = None, allow_pickle: bool = False, max_params: int | None = None
+    ) -> LoadOptions:
         """Options from the keyword arguments of a ``load`` (checked: ParamError if wrong)."""
         from sparktorch.errors import ParamError
 
         if not isinstance(allow_pickle, bool):
             raise ParamError(f"allow_pickle must be True or False, got {allow_pickle!r}")
-        return cls(policy=ClassPolicy.from_storage(allowed_classes), allow_pickle=allow_pickle)
+        if max_params is None:
+            max_params = MAX_SPEC_PARAMS
+        if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
+            raise ParamError(f"max_params must be a positive int, got {max_params!r}")
+        return cls(
+            policy=ClassPolicy.from_storage(allowed_classes), allow_pickle=allow_pickle, max_params=max_params
+        )
 
 
 _LOAD_OPTIONS: contextvars.ContextVar[LoadOptions | None] = contextvars.ContextVar(
@@ -798,7 +810,9 @@ class SparkTorchParamsReader(MLReader[R], Generic[R]):
                 raise _unsafe(meta, "the param torchObj")
             return
         try:
-            check_stored_torch_obj(value, policy=self.options.policy, what=f"torchObj in {meta}")
+            check_stored_torch_obj(
+                value, policy=self.options.policy, what=f"torchObj in {meta}", max_params=self.options.max_params
+            )
         except SerializationError as exc:
             raise PersistenceError(f"cannot load {meta}: {exc}") from exc
         root = _untrusted_root(self.sparkSession, qualified)
@@ -829,7 +843,9 @@ class SparkTorchParamsReadable(MLReadable[R], Generic[R]):
         return SparkTorchParamsReader(cls)
 
     @classmethod
-    def load(cls, path: str, *, allowed_classes: Any = None, allow_pickle: bool = False) -> R:
+    def load(
+        cls, path: str, *, allowed_classes: Any = None, allow_pickle: bool = False, max_params: int | None = None
+    ) -> R:
         """Load a stage saved with ``save(path)``.
 
         Args:
@@ -838,10 +854,13 @@ class SparkTorchParamsReadable(MLReadable[R], Generic[R]):
                 ``torchObj`` may name besides ``torch.nn`` layers and losses and
                 ``torch.optim`` optimizers; nothing outside these is imported.
             allow_pickle: unpickle a pickle ``torchObj`` (this load only; it can run code).
+            max_params: the most parameter values that a saved ``torchObj`` model without
+                weights may describe (default 2**31, ``MAX_SPEC_PARAMS``): it is built on the
+                ``meta`` device and counted before it is accepted.
 
         Raises:
             PersistenceError: unreadable, corrupt or refused content (UnsafeModelError for a
                 pickle without the opt-in).
         """
-        with load_options(LoadOptions.of(allowed_classes, allow_pickle)):
+        with load_options(LoadOptions.of(allowed_classes, allow_pickle, max_params)):
             return cls.read().load(path)

@@ -287,6 +287,7 @@ def load_pipeline(
     allowed_classes: Any = None,
     allow_pickle: bool = False,
     spark: Any = None,
+    max_params: int | None = None,
 ) -> Any:
     """Load a ``PipelineModel`` (or ``Pipeline``) saved with ``save(path)``, reading the
     directory as data: the way to load a pipeline you did not write.
@@ -313,6 +314,9 @@ def load_pipeline(
             stages, and your ``nn.Module`` classes named by a saved model or ``torchObj``.
         allow_pickle: unpickle sparktorch models stored as pickles, in this call only.
         spark: the session to read with (default: the active one; classic or Spark Connect).
+        max_params: the most parameter values that a saved ``SparkTorch`` estimator's
+            ``torchObj`` without weights may describe (default 2**31; see
+            :meth:`SparkTorch.load <sparktorch._persist.SparkTorchParamsReadable.load>`).
 
     Returns:
         The ``PipelineModel`` (or ``Pipeline``), with the saved UID.
@@ -322,7 +326,7 @@ def load_pipeline(
             (:class:`~sparktorch.errors.UnsafeModelError` for a pickle without the opt-in).
         ParamError: ``allowed_classes`` is not a list of classes.
     """
-    options = LoadOptions.of(allowed_classes, allow_pickle)
+    options = LoadOptions.of(allowed_classes, allow_pickle, max_params)
     caller = {f"{c.__module__}.{c.__qualname__}": c for c in options.policy.allowed.values()}
     if spark is None:
         from pyspark.sql import SparkSession

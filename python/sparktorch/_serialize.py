@@ -89,6 +89,11 @@ TORCHOBJ_VERSION = 2  # highest version read; writers stamp the lowest one that 
 MODEL_PREFIX = "sparktorch-model/"
 MODEL_VERSION = 2  # likewise
 _MAX_SPEC_DEPTH = 64  # nesting of container specs
+
+MAX_SPEC_PARAMS = 1 << 31
+"""The most values (parameters and buffers, counted on the ``meta`` device) that a model spec
+read from storage *without weights* may describe: 2**31 values, 8 GiB in float32. A spec
+with weights is checked against them instead. Raise it per load with ``max_params=``."""
 _CONTAINER_MAGIC = b"STMD"
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -1032,11 +1037,55 @@ def check_torch_obj_names(doc: Any, *, policy: ClassPolicy) -> None:
         check_class_name(node.get("class"), what=f"torchObj {key}", base=base, policy=policy)
 
 
-def check_stored_torch_obj(torch_obj: str, *, policy: ClassPolicy, what: str) -> None:
+def check_stored_criterion(node: Any, *, policy: ClassPolicy, what: str) -> type:
+    """The criterion class of a ``torchObj`` read under ``policy``, checked before it is built:
+    under a storage policy a ``torch.nn`` name must resolve to a loss class (a subclass of
+    ``torch.nn.modules.loss._Loss``, which holds no parameters: never, say, a 40 GB
+    ``Linear``); a class the caller allowed is the caller's. Raises SerializationError."""
+    if not isinstance(node, dict):
+        raise SerializationError(f"{what}: corrupt torchObj JSON (no criterion)")
+    cls = import_class(node.get("class"), what=what, base=nn.Module, policy=policy)
+    if policy.trusted or cls in policy.allowed.values():
+        return cls
+    if not issubclass(cls, nn.modules.loss._Loss):
+        raise SerializationError(
+            f"{what}: {node.get('class')!r} is not a loss class (torch.nn.modules.loss): a criterion "
+            "loaded from storage may name only torch.nn losses and the classes passed in allowed_classes"
+        )
+    return cls
+
+
+def spec_value_count(module: nn.Module) -> int:
+    """Parameters plus buffers of ``module`` (built on ``meta``: nothing allocated), in values."""
+    return sum(int(t.numel()) for t in module.parameters()) + sum(int(t.numel()) for t in module.buffers())
+
+
+def check_spec_size(doc: Any, *, what: str, policy: ClassPolicy, max_params: int = MAX_SPEC_PARAMS) -> None:
+    """Refuse a model spec read from storage without weights that describes more than
+    ``max_params`` values: it is built on the ``meta`` device (no memory) and counted. A class
+    of the caller that cannot be built on ``meta`` is not counted (the caller allowed it).
+    Raises SerializationError."""
+    probe = probe_spec(doc, what=what, policy=policy)
+    if probe is None:
+        return
+    count = spec_value_count(probe)
+    if count > max_params:
+        raise SerializationError(
+            f"{what}: the model spec describes {count:,} parameter values, more than the {max_params:,} "
+            "that a spec without weights may describe when loaded from storage; nothing was allocated. "
+            "If you trust it, pass a larger max_params to the load"
+        )
+
+
+def check_stored_torch_obj(
+    torch_obj: str, *, policy: ClassPolicy, what: str, max_params: int = MAX_SPEC_PARAMS
+) -> None:
     """Vet a JSON ``torchObj`` read from storage without building anything for real: every
-    class name under ``policy``, and for one that carries weights, the model built on the
-    ``meta`` device against their header (size, shapes, dtypes). The strings that pass are
-    then built at ``fit`` like the caller's own. Raises SerializationError."""
+    class name under ``policy``; the criterion a loss class (:func:`check_stored_criterion`);
+    for one that carries weights, the model built on the ``meta`` device against their header
+    (size, shapes, dtypes), and for one without, its size on ``meta`` against ``max_params``
+    (:func:`check_spec_size`). The strings that pass are then built at ``fit`` like the
+    caller's own. Raises SerializationError."""
     if torch_obj_encoding(torch_obj) != "json":
         return
     try:
@@ -1044,6 +1093,7 @@ def check_stored_torch_obj(torch_obj: str, *, policy: ClassPolicy, what: str) ->
     except (ValueError, IndexError) as exc:
         raise SerializationError(f"{what}: corrupt torchObj JSON ({exc})") from exc
     check_torch_obj_names(doc, policy=policy)
+    check_stored_criterion(doc.get("criterion"), policy=policy, what=f"{what} criterion")
     weights = doc.get("weights")
     if isinstance(weights, str):
         try:
@@ -1054,6 +1104,8 @@ def check_stored_torch_obj(torch_obj: str, *, policy: ClassPolicy, what: str) ->
         probe = probe_spec(doc["model"], what=what, policy=policy)
         if probe is not None:
             check_weights_fit(probe, manifest, what=what)
+    else:
+        check_spec_size(doc.get("model"), what=what, policy=policy, max_params=max_params)
 
 
 def torch_obj_class_paths(torch_obj: str) -> list[str]:
@@ -1107,7 +1159,7 @@ def _pickle_refused(what: str) -> SerializationError:
 
 
 def load_torch_obj(
-    torch_obj: str, *, allow_pickle: bool = True, allowed_classes: Any = None
+    torch_obj: str, *, allow_pickle: bool = True, allowed_classes: Any = None, max_params: int = MAX_SPEC_PARAMS
 ) -> TorchObj:
     """Read a ``torchObj`` string made by :func:`serialize_torch_obj` or its lazy variant.
 
@@ -1126,7 +1178,11 @@ def load_torch_obj(
             data from storage: only ``torch.nn`` classes, ``torch.optim`` optimizers and the
             listed classes are accepted, each checked on its name before anything is imported
             (see :class:`ClassPolicy`), and the model's size and dtypes are checked against
-            its weights before it is built.
+            its weights before it is built (without weights: against ``max_params``); the
+            criterion must be a ``torch.nn`` loss class (or a listed class).
+        max_params: under ``allowed_classes``, the most parameter values a model without
+            weights may describe (counted on the ``meta`` device before it is built);
+            default :data:`MAX_SPEC_PARAMS`.
 
     Raises:
         SerializationError: a string not made by sparktorch (including sparktorch 0.2.0's dill
@@ -1144,9 +1200,7 @@ def load_torch_obj(
             model_doc = doc["model"]
             weights = doc.get("weights")
             check_torch_obj_names(doc, policy=policy)
-            crit_cls = import_class(
-                doc["criterion"]["class"], what="torchObj criterion", base=nn.Module, policy=policy
-            )
+            crit_cls = check_stored_criterion(doc["criterion"], policy=policy, what="torchObj criterion")
             crit_kwargs = _from_json_value(doc["criterion"]["kwargs"] or {})
             opt_cls = import_class(
                 doc["optimizer"]["class"],
@@ -1174,6 +1228,8 @@ def load_torch_obj(
             else:
                 model = build_checked(model_doc, raw, what="torchObj model", policy=policy)
         else:
+            if not policy.trusted:
+                check_spec_size(model_doc, what="torchObj model", policy=policy, max_params=max_params)
             model = build_from_spec(model_doc, what="torchObj model", policy=policy)
         model_spec = None
         if not _spec_has_children(model_doc):

@@ -397,3 +397,90 @@ def test_load_pipeline_refuses_spark_connect_ml_and_other_pyspark_ml_modules(tmp
         assert kind == "PersistenceError", got[case]
         assert "is not allowed" in msg and "nothing was imported" in msg, msg
         assert not this_imported, f"{case}: `this` was imported"
+
+
+# ------------------------------------------------------------------ a stored torchObj's size without weights, its criterion
+
+_HUGE = {"class": "torch.nn.modules.linear:Linear", "kwargs": {"in_features": 100000, "out_features": 100000}}
+_SGD = {"class": "torch.optim.sgd:SGD", "kwargs": {"lr": 0.1}}
+_MSE = {"class": "torch.nn.modules.loss:MSELoss", "kwargs": {}}
+
+
+def _torch_obj(model: dict, criterion: dict) -> str:
+    return "sparktorch-torchobj/1;json;" + json.dumps({"model": model, "criterion": criterion, "optimizer": _SGD})
+
+
+_FRESH_TORCHOBJ = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pyspark.sql import SparkSession
+    spark = (SparkSession.builder.master("local[1]").appName("load-closed-torchobj")
+             .config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1").getOrCreate())
+    from sparktorch import SparkTorch, load_torch_obj
+    vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (6 << 30), resource.RLIM_INFINITY))
+    out = {}
+    cases = json.loads(sys.argv[1])
+    for case, (path, torch_obj) in cases.items():
+        for how in ("SparkTorch.load", "load_torch_obj"):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            try:
+                if how == "SparkTorch.load":
+                    SparkTorch.load(path)
+                else:
+                    load_torch_obj(torch_obj, allowed_classes=[])
+                result = ["loaded", ""]
+            except BaseException as exc:  # noqa: BLE001
+                result = [type(exc).__name__, str(exc)]
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out[case + " " + how] = result + [after - before]
+    print("RESULT " + json.dumps(out))
+    spark.stop()
+    """
+)
+
+
+def test_stored_torch_obj_without_weights_or_with_a_parameterised_criterion_allocates_nothing(tmp_path) -> None:
+    """A lazy torchObj (no weights) describing Linear(100000, 100000) (40 GB), and a criterion
+    naming that Linear, are refused at load (SparkTorch.load) and by load_torch_obj under a
+    storage policy, before anything is built."""
+    cases = {}
+    for case, obj in {
+        "lazy-huge-model": _torch_obj(_HUGE, _MSE),
+        "huge-criterion": _torch_obj({"class": "torch.nn.modules.linear:Linear", "kwargs": {"in_features": 4, "out_features": 3}}, _HUGE),
+    }.items():
+        path = str(tmp_path / case)
+        SparkTorch(torchObj=obj).save(path)
+        cases[case] = [path, obj]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH_TORCHOBJ, json.dumps(cases)],
+        cwd=workdir, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = json.loads(line[len("RESULT "):])
+    for key, (kind, msg, grew_kib) in got.items():
+        assert kind in ("PersistenceError", "SerializationError"), (key, got[key])
+        if key.startswith("lazy"):
+            assert "10,000,100,000 parameter values" in msg and "max_params" in msg, msg
+        else:
+            assert "'torch.nn.modules.linear:Linear' is not a loss class" in msg, msg
+        assert grew_kib < 256 * 1024, f"{key}: peak RSS grew by {grew_kib} KiB while refusing"
+
+
+def test_max_params_is_per_load(tmp_path) -> None:
+    path = str(tmp_path / "lazy")
+    SparkTorch(torchObj=_torch_obj(_HUGE, _MSE)).save(path)
+    with pytest.raises(PersistenceError, match="max_params"):
+        SparkTorch.load(path)
+    assert SparkTorch.load(path, max_params=10**11).getOrDefault("torchObj")  # checked on meta: nothing built
+    small = str(tmp_path / "small")
+    SparkTorch(torchObj=_torch_obj({"class": "torch.nn:Linear", "kwargs": {"in_features": 4, "out_features": 3}}, _MSE)).save(small)
+    SparkTorch.load(small)
+    with pytest.raises(PersistenceError, match="15 parameter values, more than the 10"):
+        SparkTorch.load(small, max_params=10)
+    with pytest.raises(ParamError, match="max_params"):
+        SparkTorch.load(small, max_params=0)
