@@ -89,13 +89,17 @@ MAX_PREAUTH_HEADER = 16 << 10
 registration is a few hundred bytes, so an unauthenticated peer makes the registry hold at
 most this much."""
 REGISTRY_MAX_PENDING = 64
-"""Registry connections being handshaken at once; one more is closed as soon as it is
-accepted (the parameter server caps its connections the same way). Only K shards ever need
-one, once."""
+"""Registry connections being handshaken at once. When all are taken, a new connection evicts
+the oldest one that has not yet sent its registration frame (it is closed), so a peer that
+holds connections open cannot keep a shard out: a shard answers the registry's nonce at once,
+the flood's connections are older. Only K shards ever need one, once."""
 REGISTRY_BACKLOG = 1024
-"""Listen backlog of the registry: a burst of connections waits for the acceptor (which closes
-those over :data:`REGISTRY_MAX_PENDING` at once) rather than being refused by the kernel
-before a shard's own connection gets in."""
+"""Listen backlog of the registry: a burst of connections waits for the acceptor rather than
+being refused by the kernel before a shard's own connection gets in."""
+REGISTRY_RETRY_MAX_DELAY_S = 2.0
+"""A shard whose registration connection is dropped or times out (an evicted or refused
+handshake, a flood at the registry) tries again, backing off from 50 ms to this, until the
+driver's registration wait (``max(60 s, ioTimeout)``) has passed."""
 REGISTRY_HANDSHAKE_TIMEOUT_S = 10.0
 """Deadline of a whole registry handshake (all its reads together), so that a peer that
 connects and sends nothing, or trickles bytes, holds a slot at most this long."""
@@ -398,10 +402,8 @@ def serve_shard(spec: ShardSpec, index: int, init: np.ndarray | None = None, att
     try:
         host, port = server.address
         log.info("parameter server shard %d [%d, %d) listening on %s:%d (%s)", index, rng.lo, rng.hi, host, port, "TLS" if tls else "plaintext")
-        sock = socket.create_connection((spec.registry_host, spec.registry_port), timeout=spec.io_timeout_s)
+        sock, channel = _register_with_retry(spec, index, attempt, host, port, server.tls_fingerprint)
         try:
-            sock.settimeout(spec.io_timeout_s)
-            channel = _register(sock, spec, index, attempt, host, port, server.tls_fingerprint)
             return _serve_control(channel, spec, index, server, parts)
         finally:
             sock.close()
@@ -536,6 +538,45 @@ def read_manifest(root: str) -> dict[str, Any]:
         if not os.path.isfile(os.path.join(root, part)):
             raise ParamError(f"resumeFrom={root!r}: part {i} ({part}) named by {MANIFEST} is missing")
     return m
+
+
+def _register_with_retry(
+    spec: ShardSpec, index: int, attempt: int, host: str, port: int, fp: bytes | None
+) -> tuple[socket.socket, _Channel]:
+    """Connect to the driver's registry and register; a connection that fails, is dropped or
+    times out before the registry answers (an evicted handshake, a flood) is tried again with
+    backoff until the driver's own registration wait, ``max(60 s, ioTimeout)``, has passed. A
+    registry that answers and refuses (bad MAC, shard not expected) is not retried."""
+    deadline = time.monotonic() + max(60.0, spec.io_timeout_s)
+    delay = 0.05
+    tries = 0
+    while True:
+        tries += 1
+        sock: socket.socket | None = None
+        try:
+            left = max(0.1, deadline - time.monotonic())
+            sock = socket.create_connection((spec.registry_host, spec.registry_port), timeout=min(spec.io_timeout_s, left))
+            sock.settimeout(min(spec.io_timeout_s, left))
+            channel = _register(sock, spec, index, attempt, host, port, fp)
+            sock.settimeout(spec.io_timeout_s)
+            if tries > 1:
+                log.info("parameter server shard %d: registered at try %d", index, tries)
+            return sock, channel
+        except OSError as e:  # ConnectionError, TimeoutError: dropped or no answer
+            if sock is not None:
+                sock.close()
+            if time.monotonic() + delay >= deadline:
+                raise EngineError(
+                    f"parameter server shard {index}: could not register with the driver's registry at "
+                    f"{spec.registry_host}:{spec.registry_port} in {tries} tries ({type(e).__name__}: {e})"
+                ) from e
+            log.info("parameter server shard %d: registration try %d failed (%s); retrying", index, tries, e)
+            time.sleep(delay)
+            delay = min(delay * 2, REGISTRY_RETRY_MAX_DELAY_S)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
 
 
 def _register(sock: socket.socket, spec: ShardSpec, index: int, attempt: int, host: str, port: int, fp: bytes | None) -> _Channel:
@@ -881,10 +922,15 @@ class ShardedServer:
 
     def _accept_loop(self) -> None:
         """Accept registry connections; at most :data:`REGISTRY_MAX_PENDING` are handshaken at
-        once (each in a thread, for at most :data:`REGISTRY_HANDSHAKE_TIMEOUT_S`), any more is
-        closed at once."""
+        once (each in a thread, for at most :data:`REGISTRY_HANDSHAKE_TIMEOUT_S`). When all are
+        taken, the oldest connection that has not sent its registration frame yet is closed
+        (its thread ends, its slot is the new one's): silent connections age out first, and a
+        shard, which answers at once, gets in (and retries if it is ever evicted)."""
         slots = threading.BoundedSemaphore(REGISTRY_MAX_PENDING)
-        refused = 0
+        pending: dict[int, socket.socket] = {}  # insertion order: oldest first
+        lock = threading.Lock()
+        evicted = 0
+        serial = 0
         while not self._stopped:
             try:
                 sock, peer = self._listener.accept()
@@ -893,31 +939,53 @@ class ShardedServer:
             except OSError:
                 return
             if not slots.acquire(blocking=False):
-                refused += 1
-                if refused == 1 or refused % 1000 == 0:
-                    log.warning(
-                        "shard registry: %d connection(s) refused, %d handshakes already pending (latest from %s)",
-                        refused, REGISTRY_MAX_PENDING, peer,
-                    )
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-                continue
+                with lock:
+                    oldest = next(iter(pending), None)
+                    if oldest is not None:
+                        victim = pending.pop(oldest)
+                        try:
+                            victim.shutdown(socket.SHUT_RDWR)  # its thread's read returns: it ends
+                        except OSError:
+                            pass
+                if oldest is not None:
+                    evicted += 1
+                    if evicted == 1 or evicted % 1000 == 0:
+                        log.warning(
+                            "shard registry: %d unauthenticated connection(s) evicted, %d handshakes were "
+                            "pending (latest from %s)", evicted, REGISTRY_MAX_PENDING, peer,
+                        )
+                if not slots.acquire(timeout=2.0):  # the evicted thread frees its slot at once
+                    try:
+                        sock.close()
+                    except OSError:
+                        pass
+                    continue
+            serial += 1
+            key = serial
+            with lock:
+                pending[key] = sock
 
-            def run(sock: socket.socket = sock, peer: Any = peer) -> None:
+            def unpend(key: int = key) -> None:
+                with lock:
+                    pending.pop(key, None)
+
+            def run(sock: socket.socket = sock, peer: Any = peer, unpend: Callable[[], None] = unpend) -> None:
                 try:
-                    self._handshake(sock, peer)
+                    self._handshake(sock, peer, unpend)
                 finally:
+                    unpend()
                     slots.release()
 
             try:
                 threading.Thread(target=run, name="sparktorch-shard-handshake", daemon=True).start()
             except RuntimeError:  # no thread to be had: refuse this one
+                unpend()
                 slots.release()
                 sock.close()
 
-    def _handshake(self, sock: socket.socket, peer: Any) -> None:
+    def _handshake(self, sock: socket.socket, peer: Any, unpend: Callable[[], None] = lambda: None) -> None:
+        """One registration. ``unpend`` takes the connection off the evictable list: called
+        once its registration frame is read, and before it is closed on an error."""
         try:
             timeout = min(REGISTRY_HANDSHAKE_TIMEOUT_S, self._io_timeout)
             deadline = time.monotonic() + timeout
@@ -926,6 +994,7 @@ class ShardedServer:
             _send(sock, {"nonce": nonce.hex()})
             # unauthenticated until the MAC is checked: a small header, one deadline
             msg, _ = _recv(sock, 0, max_header=MAX_PREAUTH_HEADER, deadline=deadline)
+            unpend()  # a whole frame: checked now, no longer evictable
             sock.settimeout(min(30.0, self._io_timeout))
             mac = str(msg.pop("mac", ""))
             if not hmac.compare_digest(mac, _mac(self._secret, b"shard-register", nonce, _canonical(msg))):
@@ -954,6 +1023,7 @@ class ShardedServer:
                 self._cond.notify_all()
             log.info("parameter server shard %d [%d, %d) registered from %s:%d", index, r.lo, r.hi, handle.address.host, handle.address.port)
         except Exception as e:  # noqa: BLE001 - one bad connection never stops the registry
+            unpend()  # before the close: the acceptor never shuts down a closed socket
             log.info("shard registry: connection from %s failed: %s", peer, e)
             try:
                 sock.close()

@@ -121,3 +121,92 @@ def test_a_thousand_registry_connections_leave_the_fit_working(spark):
     assert len(history) == 200  # every push of both workers, as without the flood
     losses = [h["loss"] for h in history]
     assert np.isfinite(losses).all() and np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_a_flood_before_the_shards_register_does_not_keep_them_out(spark, monkeypatch):
+    """The flood starts before the shard jobs do: more than REGISTRY_MAX_PENDING silent
+    connections are held, each one the registry closes is renewed at once, until both shards
+    have registered. The oldest unauthenticated handshake is evicted for a new connection, and a
+    shard whose try is dropped tries again: the fit completes."""
+    from sparktorch import _shards
+
+    x, y = blobs(60, seed=3)
+    df = frame(spark, x, y, 2)
+    torch.manual_seed(0)
+    obj = serialize_torch_obj(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), nn.CrossEntropyLoss(),
+                              torch.optim.Adam, lr=0.05)
+    report: dict = {"renewed": 0, "renewed_after_start": 0, "held_at_start": 0, "peak": 0}
+    stop = threading.Event()
+    full = threading.Event()
+    jobs_started = threading.Event()
+    original = _shards.ShardedServer._run_job
+
+    def flood(host: str, port: int) -> None:
+        import select
+
+        want = REGISTRY_MAX_PENDING + 32
+        held: list[socket.socket] = []
+        deadline = time.monotonic() + 50
+        while not stop.is_set() and time.monotonic() < deadline:
+            while len(held) < want:
+                try:
+                    held.append(socket.create_connection((host, port), timeout=5))
+                except OSError:
+                    break
+                report["renewed"] += 1
+                if jobs_started.is_set():
+                    report["renewed_after_start"] += 1
+            report["peak"] = max(report["peak"], _handshake_threads())
+            if report["renewed"] >= want and sum(1 for s in held if s.fileno() >= 0) >= REGISTRY_MAX_PENDING:
+                full.set()
+            readable, _, _ = select.select(held, [], [], 0.01)
+            for s in readable:  # closed by the registry (refused, evicted or timed out): renew it
+                try:
+                    if s.recv(65536):
+                        continue
+                except OSError:
+                    pass
+                s.close()
+                held.remove(s)
+        for s in held:
+            s.close()
+
+    def run_job(self, rows, spec):
+        t = threading.Thread(target=flood, args=(spec.registry_host, spec.registry_port), daemon=True)
+        t.start()
+        report["flood"] = t
+        assert full.wait(20), "the flood did not fill the registry"
+        report["held_at_start"] = REGISTRY_MAX_PENDING
+        jobs_started.set()
+        try:
+            return original(self, rows, spec)
+        finally:
+            stop.set()
+
+    def registered(port: int) -> int:
+        return sum(1 for s in live_shards() if s["registry"][1] == port)
+
+    monkeypatch.setattr(_shards.ShardedServer, "_run_job", run_job)
+    # stop the flood once both shards are in (the fit itself then runs without it)
+    real_wait = _shards.ShardedServer._wait_registered
+
+    def wait_registered(self, timeout_s):
+        try:
+            real_wait(self, timeout_s)
+            report["registered"] = registered(self._listener.getsockname()[1])
+        finally:
+            stop.set()
+
+    monkeypatch.setattr(_shards.ShardedServer, "_wait_registered", wait_registered)
+    start = time.monotonic()
+    fitted = SparkTorch(
+        inputCol="features", labelCol="label", torchObj=obj, iters=15, partitions=2, psShards=2,
+        mode="synchronous", lostWorkerPolicy="fail",
+    ).fit(df)
+    report["fit_s"] = time.monotonic() - start
+    report["flood"].join(10)
+    assert report["registered"] == 2, report
+    assert report["renewed_after_start"] > 0, report  # the flood was on while the shards registered
+    assert report["peak"] <= REGISTRY_MAX_PENDING, report
+    assert len(fitted.getTrainingHistory()) == 30, report
+    assert report["fit_s"] < 60, report
