@@ -484,3 +484,43 @@ def test_max_params_is_per_load(tmp_path) -> None:
         SparkTorch.load(small, max_params=10)
     with pytest.raises(ParamError, match="max_params"):
         SparkTorch.load(small, max_params=0)
+
+
+def test_load_pipeline_checks_the_stages_that_tuning_loads_itself(tmp_path) -> None:
+    """A CrossValidatorModel's reader loads its evaluator, estimator and bestModel by the class
+    names in their own metadata (DefaultParamsReader.loadParamsInstance): during load_pipeline
+    each is checked like a pipeline stage, before pyspark imports it."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.tuning import CrossValidatorModel
+
+    def saved(name: str) -> tuple[str, str]:
+        assembler = VectorAssembler(inputCols=COLS, outputCol="features")
+        cvm = CrossValidatorModel(PipelineModel(stages=[assembler]), avgMetrics=[0.0])
+        cvm.set(cvm.estimator, Pipeline(stages=[assembler]))
+        cvm.set(cvm.estimatorParamMaps, [{}])
+        cvm.set(cvm.evaluator, RegressionEvaluator())
+        path = str(tmp_path / name)
+        PipelineModel(stages=[cvm]).save(path)
+        stages = os.path.join(path, "stages")
+        return path, os.path.join(stages, os.listdir(stages)[0])
+
+    cases = {}
+    path, _ = saved("cv_ok")
+    cases["ok"] = path
+    path, cv = saved("cv_evaluator")
+    _rewrite_metadata(os.path.join(cv, "evaluator", "metadata"), lambda m: m.__setitem__("class", "this.Zen"))
+    cases["evaluator"] = path
+    path, cv = saved("cv_best")
+    inner = os.path.join(cv, "bestModel", "stages")
+    _rewrite_metadata(os.path.join(inner, os.listdir(inner)[0], "metadata"), lambda m: m.__setitem__("class", "this.Zen"))
+    cases["bestModel-stage"] = path
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    got = _fresh(json.dumps(cases), workdir)
+    assert got["ok"][0] == "loaded", got["ok"]
+    for case in ("evaluator", "bestModel-stage"):
+        kind, msg, this_imported = got[case]
+        assert kind == "PersistenceError", got[case]
+        assert "'this.Zen' is not allowed" in msg and "nothing was imported" in msg, msg
+        assert not this_imported, f"{case}: `this` was imported"
