@@ -482,9 +482,16 @@ def _inside_dir(spark: Any, target: str, root_qualified: str) -> bool:
     """Whether ``target`` (a param's path) lies inside the saved directory ``root_qualified``."""
     from urllib.parse import urlparse
 
-    if urlparse(target).scheme:
-        root = root_qualified.rstrip("/")
-        return target.rstrip("/") == root or target.startswith(root + "/")
+    parsed = urlparse(target)
+    if parsed.scheme:
+        import posixpath
+
+        root = urlparse(root_qualified)
+        if (parsed.scheme.lower(), parsed.netloc) != (root.scheme.lower(), root.netloc):
+            return False  # another filesystem (or the same one spelled differently): outside
+        # normalised: "hdfs://nn/saved/../elsewhere" is not inside "hdfs://nn/saved"
+        got, base = posixpath.normpath(parsed.path or "/"), posixpath.normpath(root.path or "/")
+        return got == base or got.startswith(base.rstrip("/") + "/")
     local = _local_path(spark, root_qualified)
     if local is None:
         return False

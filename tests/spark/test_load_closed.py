@@ -524,3 +524,15 @@ def test_load_pipeline_checks_the_stages_that_tuning_loads_itself(tmp_path) -> N
         assert kind == "PersistenceError", got[case]
         assert "'this.Zen' is not allowed" in msg and "nothing was imported" in msg, msg
         assert not this_imported, f"{case}: `this` was imported"
+
+
+def test_checkpoint_path_with_a_scheme_is_compared_normalised() -> None:
+    from sparktorch._persist import _inside_dir
+
+    root = "hdfs://nn:8020/models/est"
+    assert _inside_dir(None, "hdfs://nn:8020/models/est/checkpoints", root)
+    assert _inside_dir(None, "hdfs://nn:8020/models/est", root)
+    assert not _inside_dir(None, "hdfs://nn:8020/models/est/../elsewhere", root)
+    assert not _inside_dir(None, "hdfs://nn:8020/models/estimator2", root)
+    assert not _inside_dir(None, "hdfs://other:8020/models/est/checkpoints", root)
+    assert not _inside_dir(None, "s3a://nn:8020/models/est/checkpoints", root)
