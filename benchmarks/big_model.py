@@ -170,9 +170,11 @@ def main() -> None:
         sampler.join()
     result = next((json.loads(line[len("RESULT "):]) for line in stdout.splitlines() if line.startswith("RESULT ")), None)
     if proc.returncode != 0 or result is None:
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "sparktorch-big-model.log"
+        log_path.write_text(stdout + "\n--- stderr ---\n" + stderr)
         print(stdout[-3000:])
         print(stderr[-6000:], file=sys.stderr)
-        raise SystemExit(f"the run failed (rc {proc.returncode})")
+        raise SystemExit(f"the run failed (rc {proc.returncode}); its whole output: {log_path}")
     by_role: dict[str, list[float]] = {}
     for entry in peaks.values():
         by_role.setdefault(entry["role"], []).append(round(entry["peak_pss_mib"], 1))
