@@ -2,7 +2,7 @@
 
 `make test` runs this file on the venv's PySpark (the latest supported) with the rest of the
 suite, then once more for each older supported line (3.5.x, 4.0.x) with that PySpark first on
-``PYTHONPATH`` (see ``scripts/setup.sh``); ``SPARKTORCH_EXPECT_PYSPARK`` says which version the
+``PYTHONPATH`` (see ``scripts/setup_compat.sh``); ``SPARKTORCH_EXPECT_PYSPARK`` says which version the
 run is meant to exercise, so a broken ``PYTHONPATH`` cannot pass silently.
 """
 
