@@ -163,15 +163,10 @@ def predict_array(
     else:
         out = np.zeros((0, 0), dtype=np.float64)
     if vector_out:
-        width = out.shape[1]
+        offsets = list_offsets(n, out.shape[1], valid, column)
         if valid is None:
-            offsets = np.arange(n + 1, dtype=np.int32) * width
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(out.ravel()))
-        counts = valid.astype(np.int32) * width
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        return pa.ListArray.from_arrays(
-            pa.array(offsets), pa.array(out.ravel()), mask=pa.array(~valid)
-        )
+            return pa.ListArray.from_arrays(offsets, pa.array(out.ravel()))
+        return pa.ListArray.from_arrays(offsets, pa.array(out.ravel()), mask=pa.array(~valid))
     if out.shape[1] > 1:
         pred = np.argmax(out, axis=1).astype(np.float64)
     elif out.shape[1] == 1:
@@ -183,6 +178,26 @@ def predict_array(
     full = np.zeros(n, dtype=np.float64)
     full[valid] = pred
     return pa.array(full, type=pa.float64(), mask=~valid)
+
+
+_MAX_LIST_VALUES = (1 << 31) - 1
+"""Values one Arrow ``list`` array (Spark's ``array`` column in a batch) can hold: int32 offsets."""
+
+
+def list_offsets(n: int, width: int, valid: np.ndarray | None, column: str) -> pa.Array:
+    """The int32 offsets of ``n`` output rows of ``width`` values each (null rows empty),
+    computed in int64 and refused, not wrapped, past what int32 offsets can address."""
+    counts = np.full(n, width, dtype=np.int64) if valid is None else valid.astype(np.int64) * width
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1] > _MAX_LIST_VALUES:
+        rows = max(1, _MAX_LIST_VALUES // max(1, width))
+        raise DataError(
+            f"{column}: {n} rows x {width} output values = {int(offsets[-1]):,} values in one Arrow batch, over the "
+            f"{_MAX_LIST_VALUES:,} a Spark array column's batch can hold; set "
+            f"spark.sql.execution.arrow.maxRecordsPerBatch to at most {rows:,}"
+        )
+    return pa.array(offsets.astype(np.int32), type=pa.int32())
 
 
 def make_predict_fn(**kwargs: Any) -> Any:

@@ -55,3 +55,17 @@ def test_ragged_rows_are_a_data_error() -> None:
     arr = pa.array([[1.0, 2.0, 3.0], [1.0]], type=pa.list_(pa.float32()))
     with pytest.raises(DataError, match="'f'.*different vector sizes"):
         _inference.predict_array(arr, vector_out=False, **kw)
+
+
+def test_output_offsets_past_int32_are_refused_not_wrapped() -> None:
+    """A batch whose rows x output width pass 2^31 - 1 values: a DataError naming the Arrow
+    batch setting (int32 offsets would wrap to negative or small values silently)."""
+    from sparktorch.errors import DataError
+
+    with pytest.raises(DataError, match=r"spark\.sql\.execution\.arrow\.maxRecordsPerBatch to at most 1\b"):
+        _inference.list_offsets(3, 1 << 30, None, "predictions")
+    with pytest.raises(DataError, match="maxRecordsPerBatch"):
+        _inference.list_offsets(5, 1 << 30, np.array([True, False, True, True, False]), "predictions")
+    ok = _inference.list_offsets(3, 4, np.array([True, False, True]), "predictions").to_pylist()
+    assert ok == [0, 4, 4, 8]
+    assert _inference.list_offsets(2, (1 << 30) - 1, None, "p").to_pylist() == [0, (1 << 30) - 1, (1 << 31) - 2]
