@@ -3,8 +3,8 @@
 The flat parameter vector (trainable head, then the model-buffer tail; see :mod:`._state`) is
 split into K contiguous ranges ``[lo, hi)`` of (almost) equal length. Each range is served by a
 full :class:`sparktorch._native.ParameterServer` (its own store, optimizer state, versions,
-rounds) that runs inside one long-lived Spark task of a *shard job* the driver starts before the
-training job. A shard's trainable/buffer split is the overlap of its range with the global head
+rounds) that runs inside one long-lived Spark task, each the only task of its own *shard job*
+(the driver starts the K jobs at once, under one job tag, before the training job). A shard's trainable/buffer split is the overlap of its range with the global head
 and tail (the tail is the end of the vector, so it is always the end of a shard's range).
 
 Pieces, in the order a fit uses them:
@@ -36,7 +36,9 @@ After that, every control frame carries an HMAC under a per-connection key (see
 answers cannot be forged, altered or replayed by a peer without the secret. They are not
 encrypted: they carry counters and losses, never parameters. A shard's final parameters and
 optimizer state are its Spark task's *result* (through Spark's own result channel, protected as
-the task closure that carries the secret is, and bounded by ``spark.driver.maxResultSize``).
+the task closure that carries the secret is, and bounded by ``spark.driver.maxResultSize``, per
+shard: each shard's result is its own job's). The initial values reach the shards as one shipped
+file (``addFile``), each shard reading its own range: no task carries model values.
 
 The per-fit secret is the one the data connections use (it travels in the Spark closure); the
 shard's TLS certificate fingerprint reaches the training tasks inside their closure, and the
