@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ._shards import ShardAddress, ShardRange, read_init_range
+from ._shards import ShardAddress, ShardRange, bind_override, read_init_range
 from ._task import TaskConfig
 from .errors import EngineError
 
@@ -103,6 +103,11 @@ def _executor_host(address: str) -> str:
     return host.strip("[]")
 
 
+def _resolve(host: str) -> str:
+    """An address of ``host`` to bind (IPv4 or IPv6, as the resolver gives it first)."""
+    return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+
+
 def _start_shard(plan: ColocatedPlan, index: int, secret: bytes, num_workers: int, address: str) -> Any:
     """Start shard ``index``'s server in this task."""
     from pyspark import SparkFiles
@@ -111,7 +116,7 @@ def _start_shard(plan: ColocatedPlan, index: int, secret: bytes, num_workers: in
     from ._driver import use_tls
 
     rng = plan.ranges[index]
-    bind = "127.0.0.1" if plan.loopback else socket.gethostbyname(_executor_host(address))
+    bind = bind_override() or ("127.0.0.1" if plan.loopback else _resolve(_executor_host(address)))
     conf = {"spark.network.crypto.enabled": "true" if plan.spark_rpc_encrypted else "false"}
     tls = use_tls(plan.ps_encryption, conf, bind)
     resume = None

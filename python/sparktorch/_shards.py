@@ -339,16 +339,33 @@ def read_init_range(name: str, rng: ShardRange, index: int) -> np.ndarray:
     return init
 
 
+BIND_ENV = "SPARK_LOCAL_IP"
+"""Spark's own per-host bind setting: where it is set on an executor's host, the servers that
+executor hosts (shards, in-stage servers) bind that address instead of the one picked by route."""
+
+
+def bind_override() -> str | None:
+    """The executor host's ``SPARK_LOCAL_IP``, when set (an IPv4 or IPv6 address)."""
+    value = os.environ.get(BIND_ENV, "").strip().strip("[]")
+    return value or None
+
+
 def _shard_host(registry_host: str, registry_port: int) -> str:
-    """The address this executor reaches the driver from (the interface the route to the
-    driver's registry leaves by): loopback when the driver is on loopback."""
+    """The address a shard binds: ``SPARK_LOCAL_IP`` when the executor's host sets it, else the
+    address this executor reaches the driver from (the interface the route to the driver's
+    registry leaves by): loopback, of the registry's address family, when the driver is on
+    loopback. IPv6 addresses work throughout (the engine binds and dials either family)."""
     from ._driver import _is_loopback
 
+    override = bind_override()
+    if override is not None:
+        return override
+    v6 = ":" in registry_host
     if _is_loopback(registry_host):
-        return "127.0.0.1"
-    family = socket.AF_INET6 if ":" in registry_host else socket.AF_INET
+        return "::1" if v6 else "127.0.0.1"
+    family = socket.AF_INET6 if v6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.connect((registry_host, registry_port))  # UDP: no packet is sent, only a route chosen
+        s.connect((registry_host.strip("[]"), registry_port))  # UDP: no packet is sent, only a route chosen
         return str(s.getsockname()[0])
 
 
