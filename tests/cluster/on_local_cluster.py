@@ -51,6 +51,63 @@ def torch_reference(x: np.ndarray, y: np.ndarray, steps: int) -> np.ndarray:
     return np.concatenate([p.detach().reshape(-1).numpy() for p in model.parameters()])
 
 
+def executor_pids() -> list[int]:
+    """The executor JVMs of this machine's local-cluster (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if b"CoarseGrainedExecutorBackend" in fh.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return sorted(pids)
+
+
+def killed_executor(spark, df, out: str) -> None:
+    """A sharded hogwild fit whose executor JVMs are both killed once training runs: the fit
+    must fail with an EngineError naming a lost shard, in bounded time (no hang)."""
+    import signal
+    import threading
+    import time
+
+    from sparktorch.errors import EngineError
+
+    obj = serialize_torch_obj(network(), nn.CrossEntropyLoss(), torch.optim.Adam, lr=1e-3)
+    est = SparkTorch(
+        inputCol="features", labelCol="label", torchObj=obj, iters=100_000, partitions=2, mode="hogwild",
+        psShards=2, verbose=0, ioTimeout=30.0,
+    )
+    killed: list[int] = []
+
+    def kill_when_training() -> None:
+        from sparktorch._shards import live_shards
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not live_shards():
+            time.sleep(0.2)
+        time.sleep(3.0)  # training under way
+        for pid in executor_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    threading.Thread(target=kill_when_training, daemon=True).start()
+    t0 = time.monotonic()
+    outcome = {"error": None}
+    try:
+        est.fit(df)
+    except EngineError as e:
+        outcome["error"] = str(e)
+    except Exception as e:  # noqa: BLE001 - recorded: the test asserts the kind
+        outcome["error"] = f"{type(e).__name__}: {e}"
+        outcome["not_engine_error"] = True
+    outcome["seconds"] = time.monotonic() - t0
+    outcome["killed"] = killed
+    with open(os.path.join(out, "killed.json"), "w") as f:
+        json.dump(outcome, f)
+
+
 def main(out: str) -> None:
     spark = (
         SparkSession.builder.master("local-cluster[2,2,1024]")
@@ -90,6 +147,7 @@ def main(out: str) -> None:
         fits.append(record)
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({"driver_pid": os.getpid(), "executor_pids": pids, "num_params": n_params, "fits": fits}, f)
+    killed_executor(spark, df, out)
     spark.stop()
 
 

@@ -23,7 +23,7 @@ def test_sharded_fits_whose_shards_exceed_the_rpc_limit(tmp_path):
     """psShards=2 on two executor JVMs with spark.rpc.message.maxSize=1 MiB and shard ranges of
     2.2 MB each: every style fits (the initial values reach the shards as a file, not inside
     their tasks), the synchronous fit equals single-process torch, and save/load keeps the
-    predictions."""
+    predictions; then killed executors fail a fit with an EngineError, in bounded time."""
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
     proc = subprocess.run(
         [sys.executable, str(HERE / "on_local_cluster.py"), str(tmp_path)],
@@ -39,3 +39,10 @@ def test_sharded_fits_whose_shards_exceed_the_rpc_limit(tmp_path):
     sync = result["fits"][-1]
     assert sync["max_diff_vs_torch"] <= 1e-5, sync
     assert sync["same_predictions_after_load"], sync
+    # Then both executor JVMs are killed (SIGKILL) while a sharded hogwild fit trains: the
+    # documented outcome is an EngineError naming the lost shard, not a hang.
+    killed = json.loads((tmp_path / "killed.json").read_text())
+    assert len(killed["killed"]) == 2, killed
+    assert not killed.get("not_engine_error"), killed
+    assert killed["error"] and "shard" in killed["error"], killed
+    assert killed["seconds"] < 240, killed
