@@ -1,5 +1,5 @@
 # The README's commands. Each target sets itself up first (scripts/setup.sh is idempotent).
-.PHONY: setup setup-compat wheel test-wheel example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine clean
+.PHONY: setup setup-compat wheel test-wheel example test test-rust test-python test-connect test-compat lint bench bench-connect bench-data bench-engine bench-peer clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -71,6 +71,13 @@ bench-connect: setup
 ## Spark's no-op mapInArrow (docs/benchmarks.md, "Data path"; a few minutes).
 bench-data: setup
 	$(PY) benchmarks/data_memory.py --full-batch --reps 5 --json benchmarks/results/data/data_memory.json
+
+## Beside Spark's own TorchDistributor (docs/benchmarks.md, "Versus Spark's TorchDistributor";
+## ~20 minutes on 2 cores): the seed program and a 5M-value MLP, TorchDistributor (DDP over gloo,
+## local_mode=False) against our three styles and plain torch, each in a fresh process, alternating;
+## then a rank that crashes at step 5. Results: benchmarks/results/peer/.
+bench-peer: setup
+	$(PY) benchmarks/vs_torch_distributor.py --reps 2 --big-reps 1
 
 ## The engine's push+pull against raw loopback TCP in the same run: 25M parameters, 1 and 4
 ## clients, float32 and bfloat16 (docs/benchmarks.md, "Parameter server: hot path"; ~5 minutes).
