@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ._history import TrainingHistory
 from ._progress import Progress, progress_total
 from ._session import FIT_TAG_PREFIX, ClassicSession, FitSession, session_of  # noqa: F401 - FIT_TAG_PREFIX: re-exported
 from ._shards import ShardedServer
@@ -707,10 +708,7 @@ def fit(est: Any, dataset: Any) -> Any:
             fs, est, plan, frame, info.label_kind, state, opt_name, hyper, num_parts, scale
         )
 
-    history = [
-        {"worker": int(w), "step": int(s), "loss": float(loss), "val_loss": None if vl != vl else float(vl)}
-        for (w, s, loss, vl) in raw_history
-    ]
+    history = TrainingHistory.from_entries(raw_history)  # by column: 24 bytes a record
     state.load(np.asarray(final))
     log.info("fit done: %d steps over %d workers", len(history), num_parts)
     out = SparkTorchModel._from_module(

@@ -55,6 +55,7 @@ from pyspark.ml.util import (
 )
 from pyspark.sql import SparkSession
 
+from sparktorch._history import TrainingHistory
 from sparktorch._serialize import (
     MAX_SPEC_PARAMS,
     ClassPolicy,
@@ -605,8 +606,8 @@ class SparkTorchModelWriter(_ConnectOverwrite, MLWriter):
                 if weights is not None:
                     files[_WEIGHTS] = weights
             files[_MODEL_JSON] = json.dumps(doc, sort_keys=True, indent=1).encode("utf-8")
-        history = getattr(inst, "_training_history", []) or []
-        files[_HISTORY] = json.dumps(history).encode("utf-8")
+        history = TrainingHistory.of(getattr(inst, "_training_history", None))
+        files[_HISTORY] = json.dumps(history.records()).encode("utf-8")
         params = {
             p.name: v for p, v in inst._paramMap.items() if p.name != "modStr"
         }
@@ -689,10 +690,11 @@ class SparkTorchModelReader(MLReader[R], Generic[R]):
             )
         raw = self._side_file(path, _HISTORY, section)
         try:
-            history = json.loads(raw)
-            if not isinstance(history, list):
-                raise ValueError("not a list")
-        except ValueError as exc:
+            records = json.loads(raw)
+            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                raise ValueError("not a list of records")
+            history = TrainingHistory.from_records(records)
+        except (ValueError, TypeError, KeyError) as exc:
             raise PersistenceError(f"corrupt {_join(path, _HISTORY)}: {exc}") from exc
         instance._training_history = history
         return instance

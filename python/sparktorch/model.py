@@ -9,7 +9,6 @@ content hash of ``modStr``) runs under ``torch.inference_mode()`` in chunks of
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DoubleType, NumericType
 
+from sparktorch._history import TrainingHistory
 from sparktorch._params import _SparkTorchModelParams
 from sparktorch._serialize import (
     deserialize_model,
@@ -94,7 +94,7 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
         device: str | None = None,
     ) -> None:
         super().__init__()
-        self._training_history: list[dict[str, Any]] = []
+        self._training_history: TrainingHistory = TrainingHistory.empty()
         kwargs = self._input_kwargs
         self.setParams(**kwargs)
 
@@ -145,7 +145,7 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
         predictionCol: str = "predicted",
         useVectorOut: bool = False,
         device: str = "cpu",
-        history: list[dict[str, Any]] | None = None,
+        history: TrainingHistory | list[dict[str, Any]] | None = None,
     ) -> SparkTorchModel:
         """Build a model from a trained module (used by the estimator and the helpers).
 
@@ -154,7 +154,8 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
             model_spec: ``(import path or class, constructor kwargs)`` that rebuilds the
                 architecture (``TorchObj.model_spec`` of a lazy torchObj); the model then saves
                 and loads without pickle.
-            history: training records ``{"worker", "step", "loss", "val_loss"}``.
+            history: the training records (a :class:`~sparktorch._history.TrainingHistory`, or
+                ``{"worker", "step", "loss", "val_loss"}`` dicts).
         """
         model = cls(
             inputCol=inputCol,
@@ -163,13 +164,13 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
             useVectorOut=useVectorOut,
             device=device,
         )
-        model._training_history = [dict(r) for r in (history or [])]
+        model._training_history = TrainingHistory.of(history)
         return model
 
     def copy(self, extra: Any = None) -> SparkTorchModel:
         """A copy with the same params (plus ``extra``) and training history."""
         that = super().copy(extra)
-        that._training_history = copy.deepcopy(getattr(self, "_training_history", []))
+        that._training_history = TrainingHistory.of(getattr(self, "_training_history", None))  # immutable: shared
         return that
 
     # ------------------------------------------------------------------ model access
@@ -209,12 +210,10 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
         Args:
             as_pandas: return a ``pandas.DataFrame`` (columns worker, step, loss, val_loss).
         """
-        records = [dict(r) for r in getattr(self, "_training_history", [])]
+        history = TrainingHistory.of(getattr(self, "_training_history", None))
         if as_pandas:
-            import pandas as pd
-
-            return pd.DataFrame(records, columns=["worker", "step", "loss", "val_loss"])
-        return records
+            return history.to_pandas()
+        return history.records()
 
     def plotTrainingHistory(self, path: str) -> str:
         """Plot loss (and validation loss) per worker against step into a PNG at ``path``.
@@ -225,7 +224,7 @@ class SparkTorchModel(Model, _SparkTorchModelParams, MLReadable["SparkTorchModel
         Raises:
             DataError: the model has no training history (it was not fitted by ``SparkTorch``).
         """
-        records = getattr(self, "_training_history", [])
+        records = TrainingHistory.of(getattr(self, "_training_history", None)).records()
         if not records:
             raise DataError("this SparkTorchModel has no training history to plot")
         import matplotlib

@@ -213,7 +213,7 @@ def test_validation_and_early_stopping(connect):
     obj = serialize_torch_obj(NoisyInTraining(5, 3), nn.CrossEntropyLoss(), torch.optim.SGD, lr=0.0)
     model = SparkTorch(inputCol="features", labelCol="label", torchObj=obj, iters=200, partitions=2, mode="synchronous",
                        validationPct=0.25, earlyStopPatience=3).fit(df)
-    history = model._training_history
+    history = model.getTrainingHistory()
     assert all(h["val_loss"] is not None for h in history)
     assert len(history) < 2 * 200  # lr=0: the validation loss never improves, the fit stops early
 
