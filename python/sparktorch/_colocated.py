@@ -104,8 +104,11 @@ def _executor_host(address: str) -> str:
 
 
 def _resolve(host: str) -> str:
-    """An address of ``host`` to bind (IPv4 or IPv6, as the resolver gives it first)."""
-    return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+    """An address of ``host`` to bind: the literal itself, else its IPv4 address when it has
+    one (as Spark's JVM prefers), else its IPv6 one."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    v4 = [i for i in infos if i[0] == socket.AF_INET]
+    return str((v4 or infos)[0][4][0])
 
 
 def _start_shard(plan: ColocatedPlan, index: int, secret: bytes, num_workers: int, address: str) -> Any:
@@ -280,7 +283,7 @@ def colocated_partition(plan: ColocatedPlan, batches: Iterator[pa.RecordBatch]) 
 
 def _await_workers(server: Any, index: int, num_workers: int, idle_timeout_s: float) -> None:
     """Wait until every one of the stage's ``num_workers`` training tasks has said goodbye to
-    this shard (or has been declared lost by it). The deadline moves with the server's
+    this shard. The deadline moves with the server's
     traffic: a fit still training is never cut short; one silent for ``idle_timeout_s`` is an
     :class:`EngineError` (which fails the stage)."""
     import time
@@ -290,7 +293,10 @@ def _await_workers(server: Any, index: int, num_workers: int, idle_timeout_s: fl
     pause = 0.005
     while True:
         stats = server.stats()
-        if int(stats.get("workers_done", 0)) + int(stats.get("workers_lost", 0)) >= num_workers:
+        # Goodbyes only: a synchronous server marks a late worker "lost" and takes it back at
+        # its next push, so a lost worker may still need this server. One that is really gone
+        # fails the barrier stage (Spark kills every task of it), or falls silent (below).
+        if int(stats.get("workers_done", 0)) >= num_workers:
             return
         if stats.get("error"):
             return  # reported with the state; the workers have failed or will

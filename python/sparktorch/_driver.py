@@ -678,7 +678,11 @@ def fit(est: Any, dataset: Any) -> Any:
                 "(or coalesce the DataFrame)"
             )
 
-    check_result_size(fs, placement, plan.ps_shards, state_bytes(opt_name, dict(hyper), state.num_trainable, state.num_buffers))
+    check_result_size(
+        fs, placement, plan.ps_shards, state_bytes(opt_name, dict(hyper), state.num_trainable, state.num_buffers),
+        largest_shard_bytes(opt_name, dict(hyper), state.num_trainable, state.num_buffers, plan.ps_shards)
+        if plan.ps_shards <= state.num_trainable + state.num_buffers else None,
+    )
 
     tracker = _mlflow.start(
         est.getMlflowLogging(),
@@ -708,7 +712,7 @@ def fit(est: Any, dataset: Any) -> Any:
             fs, est, plan, frame, info.label_kind, state, opt_name, hyper, num_parts, scale
         )
 
-    history = TrainingHistory.from_entries(raw_history)  # by column: 24 bytes a record
+    history = TrainingHistory.from_entries(raw_history)  # by column: 28 bytes a record
     state.load(np.asarray(final))
     log.info("fit done: %d steps over %d workers", len(history), num_parts)
     out = SparkTorchModel._from_module(
@@ -818,7 +822,15 @@ def parse_spark_bytes(text: str) -> int:
     return int(float(value.rstrip("b") or 0))
 
 
-def check_result_size(fs: FitSession, placement: str, k: int, total_bytes: int) -> None:
+def largest_shard_bytes(opt_name: str, hyper: dict[str, Any], num_trainable: int, num_buffers: int, k: int) -> int:
+    """Bytes of the largest shard's state: the ranges have (almost) equal lengths, but only
+    their trainable part carries optimizer state (the buffer tail ends the last ranges)."""
+    from ._shards import split_ranges
+
+    return max(state_bytes(opt_name, hyper, r.trainable, r.buffers) for r in split_ranges(num_trainable, num_buffers, k))
+
+
+def check_result_size(fs: FitSession, placement: str, k: int, total_bytes: int, shard_bytes: int | None = None) -> None:
     """Where the final state comes back as a Spark job's result, check the largest such result
     against ``spark.driver.maxResultSize`` before any job starts (past it Spark aborts the job
     only after training has finished): the whole state from the servers inside the training
@@ -826,17 +838,20 @@ def check_result_size(fs: FitSession, placement: str, k: int, total_bytes: int) 
     if placement != "tasks" and k <= 1:
         return  # one server in this process: the state never leaves it
     if placement != "tasks":
-        total_bytes = -(-total_bytes // k)  # ranges of (almost) equal length
+        total_bytes = shard_bytes if shard_bytes is not None else -(-total_bytes // k)
+
     raw = fs.conf("spark.driver.maxResultSize", "1g") or "1g"
     try:
         limit = parse_spark_bytes(raw)
     except ValueError:
         return
     need = int(total_bytes * 1.05) + (1 << 20)  # the rows' framing and pickling, with room
+    if placement == "tasks":
+        need += 32 << 20  # shard 0 also returns the history: up to 2^20 entries of 32 bytes
     if limit > 0 and need > limit:
         what = (
-            f"the fit's final state ({total_bytes / 2**20:,.0f} MiB: values and optimizer state) comes back from the servers "
-            "inside the training stage as one Spark job's result"
+            f"the fit's final state ({total_bytes / 2**20:,.0f} MiB: values and optimizer state, and up to 32 MiB of training "
+            "history) comes back from the servers inside the training stage as one Spark job's result"
             if placement == "tasks"
             else f"each of the {k} parameter server shards returns its final state ({total_bytes / 2**20:,.0f} MiB: its "
             "range's values and optimizer state) as its own Spark job's result"

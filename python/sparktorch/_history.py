@@ -2,7 +2,7 @@
 
 A fit records every applied push as ``(worker, step, loss, val_loss)``; the server keeps up to
 2^20 of them. Held as one Python dict per record, that is some 400 MB in the driver; held as
-four numpy columns it is 24 bytes a record (24 MiB at 2^20). :class:`TrainingHistory` is that
+four numpy columns it is 28 bytes a record (28 MiB at 2^20). :class:`TrainingHistory` is that
 columnar form. It reads as a sequence of the ``{"worker", "step", "loss", "val_loss"}`` dicts
 ``getTrainingHistory`` has always returned, built one at a time when asked for; a missing
 validation loss is NaN in the column and ``None`` in a record.
@@ -110,7 +110,7 @@ class TrainingHistory(Sequence[dict[str, Any]]):
             return (
                 np.array_equal(self.worker, other.worker)
                 and np.array_equal(self.step, other.step)
-                and np.array_equal(self.loss, other.loss)
+                and np.array_equal(self.loss, other.loss, equal_nan=True)
                 and np.array_equal(self.val_loss, other.val_loss, equal_nan=True)
             )
         if isinstance(other, Sequence):

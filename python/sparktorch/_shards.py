@@ -62,7 +62,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -173,7 +173,7 @@ class ShardAddress:
     lo: int
     hi: int
     tls_fingerprint: bytes | None
-    secret: bytes | None = None
+    secret: bytes | None = field(default=None, repr=False)
     """This shard's own secret, where each shard has one (servers inside the training stage);
     None: the fit's one secret."""
 
@@ -326,6 +326,14 @@ class ShardSpec:
     """``SparkFiles`` name of the flat float32 initial values of every shard (each reads its
     own range): the values travel as a file, never inside a task, so no task nears
     ``spark.rpc.message.maxSize`` whatever the model's size."""
+
+
+def _job_error_detail(e: BaseException) -> str:
+    """The line of a failed Spark job's error that says what went wrong (a sparktorch error
+    when there is one), at most 500 characters."""
+    lines = [ln.strip(" :\t") for ln in str(e).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith("at ") and ("Error" in ln or "Exception" in ln)]
+    return next((ln for ln in useful if "sparktorch.errors" in ln), useful[0] if useful else repr(e))[:500]
 
 
 def read_init_range(name: str, rng: ShardRange, index: int) -> np.ndarray:
@@ -753,6 +761,7 @@ class ShardedServer:
         self._stopping = False
         self._guarded: set[str] = set()
         self._results: list[dict[str, Any]] | None = None
+        self._job_error: str | None = None  # a shard job that failed after the fit ended
         self._final: tuple[np.ndarray, dict[str, Any]] | None = None
         self._final_stats: dict[str, Any] | None = None
         self._final_history: list[tuple[int, int, float, float]] | None = None
@@ -923,6 +932,9 @@ class ShardedServer:
             t.join()
         if not errors and all(r is not None for r in results):
             self._results = [r for r in results if r is not None]
+        elif errors:
+            index, e = errors[0]
+            self._job_error = f"parameter server shard {index}'s job failed: {_job_error_detail(e)}"
 
     def _shard_job_failed(self, e: BaseException) -> None:
         """A shard's job failed while the fit ran: name the lost shard(s), then the cause."""
@@ -934,10 +946,7 @@ class ShardedServer:
             except (OSError, ValueError) as probe:
                 self._lost(i, f"lost ({type(probe).__name__}: {probe}); a lost shard is not restarted, the fit fails")
         if not self._stopping:
-            lines = [ln.strip(" :\t") for ln in str(e).splitlines()]
-            useful = [ln for ln in lines if ln and not ln.startswith("at ") and ("Error" in ln or "Exception" in ln)]
-            detail = next((ln for ln in useful if "sparktorch.errors" in ln), useful[0] if useful else repr(e))
-            self._lost(None, f"the shard job failed: {detail[:500]}")
+            self._lost(None, f"the shard job failed: {_job_error_detail(e)}")
 
     def _accept_loop(self) -> None:
         """Accept registry connections; at most :data:`REGISTRY_MAX_PENDING` are handshaken at
@@ -1210,6 +1219,8 @@ class ShardedServer:
         self._final_checkpoint(replies)
         wait_s = max(60.0, self._io_timeout)
         self._job.join(timeout=wait_s)
+        if self._job_error is not None:
+            raise EngineError(f"training finished, but collecting its final state failed: {self._job_error}")
         if self._job.is_alive() or self._results is None:
             raise EngineError(f"psShards={self.k}: the shard job did not return the final parameters within {wait_s:.0f} s")
         flat = np.empty(self._n, dtype=np.float32)

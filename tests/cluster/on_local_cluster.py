@@ -51,17 +51,19 @@ def torch_reference(x: np.ndarray, y: np.ndarray, steps: int) -> np.ndarray:
     return np.concatenate([p.detach().reshape(-1).numpy() for p in model.parameters()])
 
 
-def executor_pids() -> list[int]:
-    """The executor JVMs of this machine's local-cluster (from /proc)."""
+def executor_pids(app_id: str) -> list[int]:
+    """The executor JVMs of application ``app_id`` on this machine (from /proc): only this
+    run's, never another application's."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    if b"CoarseGrainedExecutorBackend" in fh.read():
-                        pids.append(int(entry))
+                    args = fh.read().split(b"\0")
             except OSError:
-                pass
+                continue
+            if b"org.apache.spark.executor.CoarseGrainedExecutorBackend" in args and app_id.encode() in args:
+                pids.append(int(entry))
     return sorted(pids)
 
 
@@ -88,7 +90,7 @@ def killed_executor(spark, df, out: str) -> None:
         while time.monotonic() < deadline and not live_shards():
             time.sleep(0.2)
         time.sleep(3.0)  # training under way
-        for pid in executor_pids():
+        for pid in executor_pids(spark.sparkContext.applicationId):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 

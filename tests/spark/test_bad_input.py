@@ -115,7 +115,7 @@ def test_state_over_max_result_size_is_refused_before_any_job(spark, placement, 
     jconf.set("spark.driver.maxResultSize", "1m")
     try:
         before = set(tracker.getJobIdsForGroup(None))
-        need = "7m" if placement == "tasks" else "4m"  # the whole state, or one of the 2 shards' halves
+        need = "39m" if placement == "tasks" else "4m"  # the whole state and the history bound, or one shard's
         with pytest.raises(ClusterError, match=rf"spark\.driver\.maxResultSize=1m; set spark\.driver\.maxResultSize to at least {need}"):
             SparkTorch(
                 inputCol="features", labelCol="label", torchObj=obj, iters=1, partitions=2,

@@ -42,8 +42,13 @@ def test_a_million_records_take_columns_not_dicts():
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(copied._training_history) == n
-    # 4 columns: 28 bytes a record with the float64 staging table; dicts would be ~400 bytes.
+    # 4 columns: 28 bytes a record (the float64 table is the caller's); dicts would be ~400 bytes.
     assert peak < 40 * n, peak
+
+
+def test_a_diverged_fit_equals_itself():
+    h = TrainingHistory.from_entries([(0, 0, math.nan, math.nan)])
+    assert h == TrainingHistory.from_entries([(0, 0, math.nan, math.nan)])
 
 
 def test_bad_records_are_refused():

@@ -50,3 +50,17 @@ def test_state_bytes_equals_what_the_engine_holds(name, kwargs):
 @pytest.mark.parametrize("text,value", [("1g", 1 << 30), ("512m", 512 << 20), ("1024k", 1 << 20), ("2048", 2048), ("0", 0), ("2GB", 2 << 30), ("1.5g", 3 << 29)])
 def test_spark_byte_strings(text, value):
     assert parse_spark_bytes(text) == value
+
+
+def test_the_largest_shard_carries_the_optimizer_state():
+    """Ranges have equal lengths but only trainable values carry Adam's moments: with a large
+    buffer tail, shard 0 is the largest result, not the average."""
+    import torch
+
+    from sparktorch._driver import largest_shard_bytes
+
+    opt_name, hyper = resolve_optimizer(torch.optim.Adam, {"lr": 0.01})
+    trainable, buffers = 600, 400
+    # shard 0: 500 trainable values x (4 + 8) bytes; shard 1: 100 trainable x 12 + 400 buffers x 4
+    assert largest_shard_bytes(opt_name, hyper, trainable, buffers, 2) == 500 * 12
+    assert largest_shard_bytes(opt_name, hyper, trainable, buffers, 2) > state_bytes(opt_name, hyper, trainable, buffers) // 2
