@@ -233,6 +233,16 @@ def test_driver_placement_is_refused_on_connect(connect):
         cases.estimator(psPlacement="driver").fit(df)
 
 
+def _running_tasks_after(tracker, timeout_s: float) -> int:
+    """Tasks the server still runs once they have had ``timeout_s`` to end (0 as soon as none)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = sum((tracker.getStageInfo(s).numActiveTasks if tracker.getStageInfo(s) else 0) for s in tracker.getActiveStageIds())
+        if running == 0 or time.monotonic() > deadline:
+            return running
+        time.sleep(0.5)
+
+
 def test_a_cancelled_fit_leaves_no_running_task(connect, server_context):
     """``interruptAll`` (the Connect user's cancel) mid-training: the fit fails, and no task of
     it (training or server host) is left running."""
@@ -265,13 +275,7 @@ def test_a_cancelled_fit_leaves_no_running_task(connect, server_context):
     thread.join(timeout=120)
     assert not thread.is_alive(), "fit did not return after the interrupt"
     assert "error" in outcome
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        running = sum((tracker.getStageInfo(s).numActiveTasks if tracker.getStageInfo(s) else 0) for s in tracker.getActiveStageIds())
-        if running == 0:
-            break
-        time.sleep(0.5)
-    assert running == 0
+    assert _running_tasks_after(tracker, 60.0) == 0
 
 
 def test_ctrl_c_cancels_the_fit_and_leaves_no_running_task(connect, server_context):
@@ -306,10 +310,4 @@ def test_ctrl_c_cancels_the_fit_and_leaves_no_running_task(connect, server_conte
         est.fit(df)
     assert seen.is_set(), "the training stage never ran its 2 tasks"
     assert time.monotonic() - started < 150
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        running = sum((tracker.getStageInfo(s).numActiveTasks if tracker.getStageInfo(s) else 0) for s in tracker.getActiveStageIds())
-        if running == 0:
-            break
-        time.sleep(0.5)
-    assert running == 0
+    assert _running_tasks_after(tracker, 60.0) == 0
