@@ -422,13 +422,6 @@ class _StatsAtEnd:
         return since, []
 
 
-def _ship(fs: Any, directory: str, name: str, write: Any) -> str:
-    """Write a file with ``write(path)`` and ship it to the tasks under ``name``."""
-    path = os.path.join(directory, name)
-    write(path)
-    return str(fs.ship_file(path))
-
-
 def fit_colocated(
     fs: Any, est: Any, plan: Any, frame: Any, label_kind: str, state: Any, opt_name: str, hyper: Any, num_parts: int, scale: float
 ) -> Outcome:
@@ -462,7 +455,7 @@ def fit_colocated(
     resume_files: tuple[str, ...] | None = None
     init_file: str | None = None
     if not plan.resume_from:
-        init_file = _ship(fs, workdir, f"sparktorch-init-{fit_id}.f32", lambda p: state.flatten().tofile(p))
+        init_file = fs.ship_new_file(workdir, f"sparktorch-init-{fit_id}.f32", lambda p: state.flatten().tofile(p))
     if hasattr(fs, "watch_progress"):
         fs.watch_progress()
     try:
@@ -528,7 +521,7 @@ def fit_colocated(
                     carried = []
                     for i in range(k):
                         src = assembler.checkpoint_file(i)
-                        carried.append(_ship(fs, workdir, f"sparktorch-state-{fit_id}-{shuffle}-{i}.safetensors", lambda p, s=src: os.replace(s, p)))
+                        carried.append(fs.ship_new_file(workdir, f"sparktorch-state-{fit_id}-{shuffle}-{i}.safetensors", lambda p, s=src: os.replace(s, p)))
                     resume_files = tuple(carried)
             assert assembler is not None
             per = [assembler.stats(i) for i in range(k)]

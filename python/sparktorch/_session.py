@@ -136,6 +136,12 @@ class FitSession:
         the name. The caller may delete ``path`` once the fit's jobs have ended."""
         raise NotImplementedError
 
+    def ship_new_file(self, directory: str, name: str, write: Any) -> str:
+        """Write ``directory/name`` with ``write(path)``, then :meth:`ship_file` it."""
+        path = os.path.join(directory, name)
+        write(path)
+        return self.ship_file(path)
+
     def training_stage_started(self, tag: str, barrier: bool) -> bool | None:
         """Whether a task of the training stage of the job tagged ``tag`` has started (None:
         this session cannot tell)."""

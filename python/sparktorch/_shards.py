@@ -831,9 +831,7 @@ class ShardedServer:
         from ._session import ClassicSession
 
         self._workdir = tempfile.mkdtemp(prefix="sparktorch-shards-")
-        path = os.path.join(self._workdir, f"sparktorch-init-{self.fit_id}.f32")
-        state.flatten().tofile(path)
-        return ClassicSession(spark).ship_file(path)
+        return ClassicSession(spark).ship_new_file(self._workdir, f"sparktorch-init-{self.fit_id}.f32", lambda p: state.flatten().tofile(p))
 
     # ---------------------------------------------------------------- checkpoints
 
